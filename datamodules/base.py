@@ -1,0 +1,60 @@
+"""Shared plumbing: get the model's tokenizer, encode records, build seeded loaders."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.collate import encode_example, pad_right
+from datamodules.templates import TEMPLATE_NAMES
+from immunize.errors import UserError
+
+
+class ListDataset(Dataset):
+    def __init__(self, rows: Sequence):
+        self.rows = list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+class TokenizedData(L.LightningDataModule):
+    """Base datamodule: records -> token ids with the model's tokenizer and the chosen prompt template."""
+
+    def __init__(self, template: str = "qa", max_length: int = 256, batch_size: int = 8, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        if template not in TEMPLATE_NAMES:
+            raise UserError(f"unknown prompt template {template!r}; choose from {list(TEMPLATE_NAMES)}")
+        if batch_size < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        self.template, self.max_length, self.batch_size = template, max_length, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.tokenizer = None
+
+    def connect(self, tokenizer) -> None:
+        """Use this tokenizer (the model's); called by setup when a trainer is attached."""
+        self.tokenizer = tokenizer
+
+    def _ensure_tokenizer(self):
+        if self.tokenizer is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+            if module is None or getattr(module, "tokenizer", None) is None:
+                raise UserError("datamodule has no tokenizer: attach it to a trainer with a CausalLMModule or call connect(tokenizer)")
+            self.tokenizer = module.tokenizer
+        return self.tokenizer
+
+    def encode(self, prompt: str, response: str) -> dict:
+        return encode_example(self.tokenizer, self.template, prompt, response, self.max_length)
+
+    def collate_examples(self, rows: Sequence[dict]) -> dict:
+        return pad_right(rows, self.tokenizer.pad_token_id)
+
+    def loader(self, dataset, collate: Callable, shuffle: bool, batch_size: Optional[int] = None) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, collate_fn=collate,
+                          num_workers=self.num_workers, generator=generator if shuffle else None)

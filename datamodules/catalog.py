@@ -1,0 +1,114 @@
+"""Where records come from: a `Source` names the toy world or a real dataset and which part of it to take."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from datamodules.records import EvalItem, Example, Pair
+from immunize.errors import UserError
+
+TOY_PARTS = ("harmful", "benign", "pairs")
+
+
+@dataclass
+class Source:
+    """kind: "toy" or a real dataset (beavertails, sst2, agnews, gsm8k, alpaca).
+
+    Toy: split (pretrain|align|attack|finetune|eval), part (harmful|benign|pairs), tasks, categories
+    ("seen" and "heldout" name the world's groups). Real: path is a hub id or a local json/jsonl/parquet file.
+    """
+
+    kind: str = "toy"
+    part: str = "benign"
+    split: Optional[str] = None
+    path: Optional[str] = None
+    tasks: Optional[list[str]] = None
+    categories: Optional[Union[str, list[str]]] = None
+    limit: Optional[int] = None
+    world_seed: int = 0
+    heldout_categories: Optional[list[str]] = None
+
+
+def toy_world(src: Source):
+    from datamodules.toy.world import DEFAULT_HELDOUT, ToyWorld
+
+    return ToyWorld(src.world_seed, DEFAULT_HELDOUT if src.heldout_categories is None else src.heldout_categories)
+
+
+def _toy_categories(world, categories):
+    if categories == "seen":
+        return world.seen_categories
+    if categories == "heldout":
+        return world.heldout_categories
+    if isinstance(categories, str):
+        return [categories]
+    return categories
+
+
+def _limit(rows: list, limit: Optional[int], what: str) -> list:
+    if limit is not None and limit < 0:
+        raise UserError(f"{what}: limit must be >= 0, got {limit}")
+    rows = rows if limit is None else rows[:limit]
+    if not rows:
+        raise UserError(f"{what}: no records (empty dataset or limit 0); check the source and its split")
+    return rows
+
+
+def _name(src: Source) -> str:
+    return f"source {src.kind}:{src.path or src.split}:{src.part}"
+
+
+def load_records(src: Source) -> list:
+    """Training records for a source: Examples (harmful/benign) or Pairs (part "pairs")."""
+    if src.kind == "toy":
+        world = toy_world(src)
+        split = src.split or {"pairs": "align", "harmful": "attack", "benign": "finetune"}.get(src.part, "")
+        cats = _toy_categories(world, src.categories)
+        if src.part == "harmful":
+            rows = world.harmful_examples(split, cats)
+        elif src.part == "pairs":
+            rows = world.pairs(split, cats)
+        elif src.part == "benign":
+            rows = world.benign_examples(split, src.tasks)
+        else:
+            raise UserError(f"toy source: unknown part {src.part!r}; choose from {list(TOY_PARTS)}")
+        return _limit(rows, src.limit, _name(src))
+    from datamodules import sources
+
+    if not src.path:
+        raise UserError(f"source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")
+    kwargs = {"split": src.split} if src.split else {}
+    if src.kind == "beavertails":
+        kwargs["with_refusal"] = src.part == "pairs"
+    rows = sources.load_source(src.kind, src.path, **kwargs)
+    return _limit(rows, src.limit, _name(src))
+
+
+def load_eval_items(src: Source, n_harmful_per_category: int, n_per_task: int) -> list[EvalItem]:
+    """Evaluation items: toy eval split, or a real dataset's eval converter."""
+    if src.kind == "toy":
+        world = toy_world(src)
+        items = world.eval_items(n_harmful_per_category, n_per_task, src.tasks, _toy_categories(world, src.categories))
+        return _limit(items, None, _name(src))
+    from datamodules import sources
+
+    if not src.path:
+        raise UserError(f"eval source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")
+    kwargs = {"split": src.split} if src.split else {}
+    items = sources.load_eval_source(src.kind, src.path, **kwargs)
+    limit = n_harmful_per_category if src.kind == "beavertails" else n_per_task
+    return _limit(items, src.limit if src.limit is not None else limit, _name(src))
+
+
+def as_examples(rows: list, use: str = "harmful") -> list[Example]:
+    """Pairs turned into Examples: use the harmful response or the refusal."""
+    out = []
+    for r in rows:
+        if isinstance(r, Pair):
+            if use == "refusal":
+                out.append(Example(r.prompt, r.refusal, category=r.category, is_harmful=False, task="refusal"))
+            else:
+                out.append(Example(r.prompt, r.harmful_response, category=r.category, is_harmful=True, task="harmful"))
+        else:
+            out.append(r)
+    return out

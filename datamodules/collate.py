@@ -1,0 +1,50 @@
+"""Tokenization with response-only labels, and padding: right for training, left for generation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from datamodules.templates import format_prompt
+
+IGNORE = -100
+
+
+def encode_prompt(tokenizer, template: str, prompt: str) -> list[int]:
+    """Token ids of the templated prompt, with the tokenizer's own special tokens (BOS)."""
+    text = format_prompt(template, prompt, tokenizer)
+    return tokenizer(text, add_special_tokens=template != "chat").input_ids
+
+
+def encode_example(tokenizer, template: str, prompt: str, response: str, max_length: int) -> dict:
+    """input_ids = prompt + response + EOS; labels mask the prompt (-100) so the loss is on the response."""
+    prompt_ids = encode_prompt(tokenizer, template, prompt)
+    response_ids = tokenizer(" " + response.strip(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def pad_right(rows: Sequence[dict], pad_id: int) -> dict:
+    """Stack encoded examples; padding gets attention 0 and label -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> dict:
+    """Left-padded prompt batch for batched generation (new tokens start at the same column)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}

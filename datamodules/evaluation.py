@@ -1,0 +1,56 @@
+"""Evaluation data: harmful prompts by category and benign task items with gold answers."""
+from __future__ import annotations
+
+from typing import Optional
+
+from datamodules.base import ListDataset, TokenizedData
+from datamodules.catalog import Source, load_eval_items
+from datamodules.collate import encode_prompt, pad_left
+from immunize.errors import UserError
+
+# How each benign task's answers are matched (toy tasks and the real datasets).
+TASK_MATCH = {"sentiment": "label", "topic": "label", "arithmetic": "final_number", "facts": "exact",
+              "sst2": "label", "agnews": "label", "gsm8k": "final_number", "alpaca": "exact"}
+
+
+class EvalData(TokenizedData):
+    """Items from `sources`; batches carry left-padded prompt ids and the items themselves."""
+
+    def __init__(self, sources: Optional[list[Source]] = None, n_harmful_per_category: int = 20, n_per_task: int = 50,
+                 task_match: Optional[dict[str, str]] = None, **kwargs):
+        kwargs.setdefault("batch_size", 64)
+        super().__init__(**kwargs)
+        self.sources = sources or [Source(kind="toy")]
+        self.n_harmful_per_category, self.n_per_task = n_harmful_per_category, n_per_task
+        self.task_match = {**TASK_MATCH, **(task_match or {})}
+
+    def items(self) -> list:
+        items = [it for src in self.sources for it in load_eval_items(src, self.n_harmful_per_category, self.n_per_task)]
+        if not items:
+            raise UserError("evaluation set is empty; check data.sources and the n_* limits")
+        return items
+
+    def eval_spec(self) -> tuple[list[str], dict[str, str]]:
+        """(harm categories, {task: match mode}) present in the evaluation set, in first-seen order."""
+        items = self.items()
+        cats = list(dict.fromkeys(it.category or "unknown" for it in items if it.kind == "harmful"))
+        tasks = list(dict.fromkeys(it.kind for it in items if it.kind != "harmful"))
+        unknown = [t for t in tasks if t not in self.task_match]
+        if unknown:
+            raise UserError(f"no answer-matching rule for task {unknown[0]!r}; add it to data.task_match (exact|label|final_number)")
+        return cats, {t: self.task_match[t] for t in tasks}
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._ensure_tokenizer()
+        self.eval_set = ListDataset([(encode_prompt(self.tokenizer, self.template, it.prompt), it) for it in self.items()])
+
+    def collate_items(self, rows):
+        batch = pad_left([r[0] for r in rows], self.tokenizer.pad_token_id)
+        batch["items"] = [r[1] for r in rows]
+        return batch
+
+    def test_dataloader(self):
+        return self.loader(self.eval_set, self.collate_items, shuffle=False)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()

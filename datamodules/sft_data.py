@@ -1,0 +1,29 @@
+"""Plain supervised fine-tuning data: the union of one or more sources."""
+from __future__ import annotations
+
+from typing import Optional
+
+from datamodules.base import ListDataset, TokenizedData
+from datamodules.catalog import Source, as_examples, load_records
+
+
+class SFTData(TokenizedData):
+    """Train on every example of `train` (pairs contribute their `pairs_use` side); optional `val` for loss."""
+
+    def __init__(self, train: list[Source], val: Optional[list[Source]] = None, pairs_use: str = "harmful", **kwargs):
+        super().__init__(**kwargs)
+        self.train_sources, self.val_sources, self.pairs_use = train, val or [], pairs_use
+
+    def examples(self, sources: list[Source]) -> list:
+        return [ex for src in sources for ex in as_examples(load_records(src), self.pairs_use)]
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        self._ensure_tokenizer()
+        self.train_set = ListDataset([self.encode(e.prompt, e.response) for e in self.examples(self.train_sources)])
+        self.val_set = ListDataset([self.encode(e.prompt, e.response) for e in self.examples(self.val_sources)]) if self.val_sources else None
+
+    def train_dataloader(self):
+        return self.loader(self.train_set, self.collate_examples, shuffle=True)
+
+    def val_dataloader(self):
+        return self.loader(self.val_set, self.collate_examples, shuffle=False) if self.val_set is not None else []

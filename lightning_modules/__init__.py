@@ -1,0 +1,6 @@
+"""LightningModules: one per method, on the shared CausalLMModule base."""
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.lora import LoraSpec
+from lightning_modules.sft import SFT
+
+__all__ = ["CausalLMModule", "LoraSpec", "SFT"]

@@ -1,0 +1,171 @@
+"""CausalLMModule: model loading, masked LM loss, optimizer/schedule, generation-based testing, export.
+
+Every method in this project subclasses it, so loading, evaluation and export behave the same everywhere.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Union
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from immunize.errors import UserError
+from immunize.io import atomic_write_json, atomic_write_jsonl
+from lightning_modules.generation import greedy_generate
+from lightning_modules.lora import LoraSpec, apply_lora
+from lightning_modules.grad_math import masked_ce
+from lightning_modules.model_loading import load_model, load_tokenizer, resolve_source
+from lightning_modules.optim import build_optimizer, build_scheduler
+
+
+class CausalLMModule(L.LightningModule):
+    """A Hugging Face causal LM (hub id, local dir, GGUF file in a dir, or toy:<preset>) with optional LoRA."""
+
+    def __init__(
+        self,
+        model: str = "toy:small",
+        gguf_file: Optional[str] = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        lora: Optional[LoraSpec] = None,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.0,
+        scheduler: str = "constant",
+        warmup_ratio: float = 0.0,
+        judge: Union[str, dict] = "oracle",
+        max_new_tokens: int = 48,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0 or not math.isfinite(lr):
+            raise UserError(f"learning rate must be a positive number, got {lr}; set model.lr")
+        source = resolve_source(model)
+        self.tokenizer = load_tokenizer(source, gguf_file, trust_remote_code)
+        self.model = load_model(source, self.tokenizer, gguf_file, dtype, trust_remote_code, init_seed)
+        if lora is not None:
+            self.model = apply_lora(self.model, lora)
+        self.judge_spec = judge
+        self._judge = None
+        self.test_results: dict = {}
+
+    # ----- training ----------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def lm_loss(self, batch: dict) -> torch.Tensor:
+        """Cross-entropy on the response tokens of a right-padded batch."""
+        return masked_ce(self(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
+
+    def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
+        if not torch.isfinite(loss).all():
+            raise UserError(f"{name} is {loss.item()} at step {self.global_step}; lower model.lr or check the data for empty responses")
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.betas, hp.momentum)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = build_scheduler(opt, hp.scheduler, total, hp.warmup_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self.lm_loss(batch), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    # ----- evaluation --------------------------------------------------------------------------
+    @property
+    def judge(self):
+        if self._judge is None:
+            from immunize.judges import make_judge
+
+            self._judge = make_judge(self.judge_spec)
+        return self._judge
+
+    def generate(self, input_ids, attention_mask, max_new_tokens: Optional[int] = None) -> list[str]:
+        return greedy_generate(self.model, self.tokenizer, input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens)
+
+    def on_test_epoch_start(self) -> None:
+        from immunize.metrics import HarmfulScore, TaskAccuracy
+
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "eval_spec"):
+            raise UserError("immunize test needs an evaluation datamodule (datamodules.EvalData); set data.class_path")
+        categories, tasks = datamodule.eval_spec()
+        self.harmful_metric = HarmfulScore(categories or ["unknown"]).to(self.device)
+        self.task_metric = TaskAccuracy(tasks).to(self.device)
+        self._generations = []
+
+    def test_step(self, batch, batch_idx):
+        items = batch["items"]
+        answers = self.generate(batch["input_ids"], batch["attention_mask"])
+        harmful = [i for i, it in enumerate(items) if it.kind == "harmful"]
+        scores = {}
+        if harmful:
+            values = self.judge.score([items[i].prompt for i in harmful], [answers[i] for i in harmful])
+            scores = dict(zip(harmful, values))
+            self.harmful_metric.update(torch.tensor(values, dtype=torch.float32), [items[i].category or "unknown" for i in harmful])
+        benign = [i for i, it in enumerate(items) if it.kind != "harmful"]
+        if benign:
+            self.task_metric.update([items[i].kind for i in benign], [answers[i] for i in benign], [items[i].reference for i in benign])
+        for i, (it, ans) in enumerate(zip(items, answers)):
+            row = {"prompt": it.prompt, "kind": it.kind, "category": it.category, "reference": it.reference, "answer": ans}
+            if i in scores:
+                row["judge_score"] = scores[i]
+            else:
+                from immunize.metrics import match_answer
+
+                row["correct"] = bool(match_answer(self.task_metric.tasks[it.kind], ans, it.reference))
+            self._generations.append(row)
+
+    def on_test_epoch_end(self) -> None:
+        results = {k: float(v) for k, v in {**self.harmful_metric.compute(), **self.task_metric.compute()}.items()}
+        self.log_dict(results, sync_dist=False, rank_zero_only=True)
+        rows = self._generations
+        if dist.is_available() and dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, rows)
+            rows = [r for part in gathered for r in part]
+        self.test_results = results
+        if self.trainer.is_global_zero:
+            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            atomic_write_jsonl(out_dir / "generations.jsonl", rows)
+            atomic_write_json(out_dir / "metrics.json", results)
+            self._log_generation_table(rows)
+
+    def _log_generation_table(self, rows: list[dict]) -> None:
+        for logger in self.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                columns = ["kind", "category", "prompt", "answer", "reference"]
+                logger.log_text(key="generations", columns=columns, data=[[str(r.get(c)) for c in columns] for r in rows])
+
+    def predict_step(self, batch, batch_idx):
+        answers = self.generate(batch["input_ids"], batch["attention_mask"])
+        return [{"prompt": it.prompt, "answer": a} for it, a in zip(batch["items"], answers)]
+
+    # ----- export ------------------------------------------------------------------------------
+    def export(self, dirpath: Union[str, os.PathLike], merge_lora: bool = True) -> Path:
+        """save_pretrained (safetensors) with the tokenizer; LoRA merged unless merge_lora=False. Atomic."""
+        target = Path(dirpath)
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = self.model
+        if merge_lora and hasattr(model, "merge_and_unload"):
+            model = copy.deepcopy(model).merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        return target

@@ -1,0 +1,100 @@
+"""Flat-gradient helpers over a list of trainable parameters (fp32 or wider math, DDP-aware).
+
+A "gradient" here is a list of tensors shaped like the parameter list; dot products and norms
+are taken over all of them at once, as if the parameters were one flattened vector.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from immunize.errors import UserError
+
+IGNORE = -100
+EXACT_DTYPES = (torch.float32, torch.float64)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in at least fp32 (fp64 stays fp64): norms and differences must not be taken in bf16/fp16."""
+    return t if t.dtype in EXACT_DTYPES else t.float()
+
+
+def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False,
+             retain_graph: bool = False) -> list[torch.Tensor]:
+    """d loss / d params as a list (zeros for parameters the loss does not reach), in fp32 or wider."""
+    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph,
+                                retain_graph=retain_graph or create_graph, allow_unused=True)
+    return [_wide(torch.zeros_like(p)) if g is None else _wide(g) for g, p in zip(grads, params)]
+
+
+def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over all tensors of <a_i, b_i>, accumulated in fp32 (or fp64), as one scalar."""
+    if len(a) != len(b):
+        raise ValueError(f"dot: lists differ in length ({len(a)} vs {len(b)})")
+    if not a:
+        raise ValueError("dot: empty parameter list")
+    device = a[0].device
+    parts = [torch.dot(_wide(x).reshape(-1), _wide(y).reshape(-1)).to(device) for x, y in zip(a, b)]
+    return torch.stack(parts).sum()
+
+
+def global_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norm of all tensors together (norm of per-tensor norms: no overflow), fp32 or wider."""
+    if not a:
+        raise ValueError("global_norm: empty parameter list")
+    device = a[0].device
+    parts = [torch.linalg.vector_norm(_wide(x)).to(device) for x in a]
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """Average tensors in place across torch.distributed ranks (no-op when not distributed).
+
+    Norms and cosines must be taken on the averaged gradients so every rank computes the same
+    numbers and takes the same perturbation step.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensors
+    world = dist.get_world_size()
+    if world == 1:
+        return tensors
+    handles = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in tensors]
+    for handle, t in zip(handles, tensors):
+        handle.wait()
+        t.div_(world)
+    return tensors
+
+
+def require_exact_params(params: Sequence[torch.Tensor]) -> None:
+    """Raise UserError unless every parameter is fp32/fp64 (finite differences need fine weights)."""
+    for p in params:
+        if p.dtype not in EXACT_DTYPES:
+            raise UserError(
+                f"SEAM's Hessian-free step needs fp32 parameters, found a {p.dtype} parameter of shape "
+                f"{tuple(p.shape)}: a finite-difference perturbation of about 1e-8 per element rounds away "
+                "in bf16/fp16 weights (resolution about 1e-4 near 0.02), so the estimate would be noise. "
+                "Keep fp32 master weights: load the model in float32 and train with precision "
+                "\"bf16-mixed\" (or \"32-true\"), not \"bf16-true\"/\"16-true\".")
+
+
+@torch.no_grad()
+def add_scaled_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor], scale: float) -> None:
+    """In place p.data += scale * d for every parameter (math in the parameter's fp32/fp64)."""
+    require_exact_params(params)
+    for p, d in zip(params, direction):
+        p.data.add_(d.to(device=p.device, dtype=p.dtype), alpha=float(scale))
+
+
+def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over labels != -100 (logits[:, :-1] predict labels[:, 1:]), in fp32.
+
+    Returns 0 (still attached to the graph) when no label is active, instead of NaN.
+    """
+    shift_logits = _wide(logits[:, :-1]).reshape(-1, logits.size(-1))
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
+    count = (shift_labels != IGNORE).sum().clamp(min=1)
+    return total / count

@@ -1,0 +1,115 @@
+"""Gradient of SEAM's L_sd = cos(g_a, g_b): Hessian-free forward-difference estimate (paper Eq. 6) and exact check.
+
+Exact: grad L_sd = H_a v_a / |g_a| + H_b v_b / |g_b| with u = g/|g|, c = u_a.u_b,
+v_a = u_b - c u_a, v_b = u_a - c u_b. Since H v ~ (g(theta + eps v) - g(theta)) / eps, two extra
+gradient passes at perturbed weights (same batches) replace the Hessian-vector products.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from lightning_modules.grad_math import (_wide, all_reduce_mean_, dot, global_norm, grads_of,
+                                         require_exact_params)
+
+GradList = list[torch.Tensor]
+Reduce = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
+
+
+def _cosine_stats(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]):
+    """(c, |g_a|, |g_b|) as 0-dim fp32+ tensors; c is 0 when a norm is 0."""
+    norm_a, norm_b = global_norm(g_a), global_norm(g_b)
+    denom = norm_a * norm_b
+    c = torch.where(denom > 0, dot(g_a, g_b) / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                    torch.zeros_like(denom))
+    return c, norm_a, norm_b
+
+
+@torch.no_grad()
+def cosine_directions(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]):
+    """(c, v_a, v_b, |g_a|, |g_b|): cosine of the two gradients and the directions of SEAM.md, in fp32+.
+
+    v_a = u_b - c u_a and v_b = u_a - c u_b, with u = g/|g|; both have norm sqrt(1 - c^2).
+    """
+    c, norm_a, norm_b = _cosine_stats(g_a, g_b)
+    inv_a, inv_b, cf = 1.0 / float(norm_a), 1.0 / float(norm_b), float(c)
+    v_a = [gb * inv_b - ga * (cf * inv_a) for ga, gb in zip(g_a, g_b)]
+    v_b = [ga * inv_a - gb * (cf * inv_b) for ga, gb in zip(g_a, g_b)]
+    return c, v_a, v_b, norm_a, norm_b
+
+
+@torch.no_grad()
+def _perturb_(params, g_first, s_first: float, g_second, s_second: float) -> None:
+    """p += s_first * g_first + s_second * g_second, without materialising the direction."""
+    for p, x, y in zip(params, g_first, g_second):
+        p.add_(x.to(p.dtype), alpha=s_first)
+        p.add_(y.to(p.dtype), alpha=s_second)
+
+
+@torch.no_grad()
+def _restore_(params, backup) -> None:
+    for p, saved in zip(params, backup):
+        p.copy_(saved)
+
+
+def finite_difference_sd_grad(params: Sequence[torch.Tensor], grad_a_fn: Callable[[], Sequence[torch.Tensor]],
+                              grad_b_fn: Callable[[], Sequence[torch.Tensor]], g_a: Sequence[torch.Tensor],
+                              g_b: Sequence[torch.Tensor], eps: float = 1e-3,
+                              reduce: Reduce = all_reduce_mean_) -> tuple[GradList, dict]:
+    """Forward-difference estimate of grad cos(g_a, g_b) (SEAM Eq. 6); params are restored bit-exactly.
+
+    g_a, g_b: gradients at the current weights, ALREADY reduced across ranks. grad_a_fn/grad_b_fn:
+    recompute the local gradient of the same loss on the SAME batch at the current weights and
+    return fresh tensors (e.g. from grads_of; they are reused as buffers); `reduce` averages them
+    across ranks (default all_reduce_mean_), so every rank takes the same perturbation and estimate.
+    Under DDP run these passes on the unwrapped module (ddp.module) so DDP's own reducer stays out.
+    Memory: besides g_a and g_b, one fp32 copy of the parameters (for the exact restore), the
+    estimate (the buffer grad_a_fn returned) and, transiently, the perturbed g_b: 3 extra
+    model-sized buffers where the reference keeps 6 in all. v_a, v_b are never materialised.
+    Returns (est, stats) with stats floats: cosine, norm_a, norm_b, est_norm (and skipped=True
+    with a zero estimate when a gradient is zero, where the cosine has no gradient).
+    """
+    params = list(params)
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    require_exact_params(params)
+    c, norm_a, norm_b = _cosine_stats(g_a, g_b)
+    cf, na, nb = float(c), float(norm_a), float(norm_b)
+    stats = {"cosine": cf, "norm_a": na, "norm_b": nb, "est_norm": 0.0, "skipped": False}
+    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
+        stats["skipped"] = True
+        return [torch.zeros_like(g) for g in g_a], stats
+
+    backup = [p.detach().clone() for p in params]
+    try:
+        _perturb_(params, g_b, eps / nb, g_a, -eps * cf / na)  # theta + eps * v_a
+        est = [_wide(t) for t in reduce(list(grad_a_fn()))]
+        _restore_(params, backup)
+        if any(e is g for e, g in zip(est, g_a)):
+            raise ValueError("grad_a_fn must return fresh tensors, not g_a itself")
+        with torch.no_grad():
+            for e, g in zip(est, g_a):
+                e.sub_(g).mul_(1.0 / (na * eps))
+        _perturb_(params, g_a, eps / na, g_b, -eps * cf / nb)  # theta + eps * v_b
+        g_b_moved = [_wide(t) for t in reduce(list(grad_b_fn()))]
+        _restore_(params, backup)
+        with torch.no_grad():
+            for e, moved, g in zip(est, g_b_moved, g_b):
+                e.add_(moved.sub_(g), alpha=1.0 / (nb * eps))
+        del g_b_moved
+    finally:
+        _restore_(params, backup)
+    stats["est_norm"] = float(global_norm(est))
+    return est, stats
+
+
+def exact_sd_grad(params: Sequence[torch.Tensor], loss_a_fn: Callable[[], torch.Tensor],
+                  loss_b_fn: Callable[[], torch.Tensor]) -> GradList:
+    """Exact grad of cos(g_a, g_b) by double backward, for verification (single process: no all-reduce)."""
+    params = list(params)
+    g_a = grads_of(loss_a_fn(), params, create_graph=True)
+    g_b = grads_of(loss_b_fn(), params, create_graph=True)
+    cosine = dot(g_a, g_b) / (global_norm(g_a) * global_norm(g_b))
+    return [g.detach() for g in grads_of(cosine, params)]

@@ -1,0 +1,28 @@
+"""Optional LoRA adapters through peft."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from immunize.errors import UserError
+
+
+@dataclass
+class LoraSpec:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+def apply_lora(model, spec: LoraSpec):
+    """Wrap `model` with LoRA adapters; only the adapters stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    if spec.r < 1:
+        raise UserError(f"lora.r must be >= 1, got {spec.r}")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"LoRA: {str(err).splitlines()[0]}; check lora.target_modules") from err

@@ -1,0 +1,73 @@
+"""Load a causal LM and its tokenizer from a toy preset, a local directory, a GGUF file or a hub id."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from immunize.errors import UserError
+from lightning_modules.toy_presets import toy_config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOY_PREFIX = "toy:"
+
+
+def _looks_local(source: str) -> bool:
+    return os.path.isabs(source) or source.startswith(".") or os.path.exists(source) or source.count("/") != 1
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_source(source: str, gguf_file: Optional[str] = None) -> None:
+    """Fail early, in one line, when a local model directory or its GGUF file is not there."""
+    if source.startswith(TOY_PREFIX) or not _looks_local(source):
+        return
+    if not os.path.isdir(source):
+        raise UserError(f"model path {source!r} does not exist; export a model there first or give a hub id or toy:<preset>")
+    if gguf_file and not os.path.isfile(os.path.join(source, gguf_file)):
+        raise UserError(f"gguf_file {gguf_file!r} not found in {source!r}; list the directory for the .gguf name")
+
+
+def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):
+    """Tokenizer for a model source; the toy tokenizer for toy presets. Adds a pad token when missing."""
+    check_source(source, gguf_file)
+    if source.startswith(TOY_PREFIX):
+        from datamodules.toy.tokenizer import build_toy_tokenizer
+
+        return build_toy_tokenizer()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(source: str, tokenizer, gguf_file: Optional[str] = None, dtype: str = "float32",
+               trust_remote_code: bool = False, init_seed: int = 0):
+    """The model named by `source`; toy presets get a fresh, seeded random init."""
+    torch_dtype = parse_dtype(dtype)
+    if source.startswith(TOY_PREFIX):
+        config = toy_config(source[len(TOY_PREFIX):], tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return LlamaForCausalLM(config).to(torch_dtype)
+    check_source(source, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load model {source!r}: {first}; check the hub id or the local directory") from err
+
+
+def resolve_source(source: str) -> str:
+    """Model sources that are local directories are made absolute, so DDP workers find them too."""
+    if not source.startswith(TOY_PREFIX) and os.path.isdir(source):
+        return os.path.abspath(source)
+    return source
