@@ -1,0 +1,5 @@
+"""Callbacks that hook a fit: fine-tuning-stage defenses applied at fit end."""
+from callbacks.panacea import Panacea
+from callbacks.random_perturbation import RandomPerturbation
+
+__all__ = ["Panacea", "RandomPerturbation"]

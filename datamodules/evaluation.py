@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
 from datamodules.base import ListDataset, TokenizedData
 from datamodules.catalog import Source, load_eval_items
 from datamodules.collate import encode_prompt, pad_left
@@ -50,6 +53,13 @@ class EvalData(TokenizedData):
         return batch
 
     def test_dataloader(self):
+        """Under DDP each rank gets a disjoint shard with no padded repeats, so every item counts once."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(self.eval_set, shuffle=False)
+            return DataLoader(self.eval_set, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_items,
+                              num_workers=self.num_workers)
         return self.loader(self.eval_set, self.collate_items, shuffle=False)
 
     def predict_dataloader(self):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI
@@ -63,6 +64,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
         return bench_main(argv[1:])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
     try:
         ImmunizeCLI(
             args=args,

@@ -138,8 +138,8 @@ class CausalLMModule(L.LightningModule):
             dist.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
         self.test_results = results
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is a collective: all ranks
         if self.trainer.is_global_zero:
-            out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
             atomic_write_jsonl(out_dir / "generations.jsonl", rows)
             atomic_write_json(out_dir / "metrics.json", results)
             self._log_generation_table(rows)

@@ -1,0 +1,383 @@
+"""Panacea: learn a perturbation eps during a user's fine-tune and add it to the weights at fit end.
+
+Objective (reference/PANACEA.md): max_w lambda * (h(w + eps*) - h(w)) - g(w) with the one-step
+eps* = rho * grad h(w) / |grad h(w)|, g the user's task loss and h the loss on harmful
+(prompt -> harmful answer) data. Per optimizer step, after the task gradient is in p.grad:
+
+    grad h(w) -> eps -> w += eps -> grad h(w + eps) (h clamped at loss_clamp) -> w restored
+    p.grad += -lam * (grad h(w + eps) - grad h(w))
+
+At fit end the last eps is added to the trainable weights once, so `immunize fit --export_dir`
+exports the perturbed model, and eps alone is written to log_dir/eps_file (safetensors).
+
+Modes
+- "in_training": the above, during the user's fine-tune (the paper's method).
+- "post_hoc": no change to training; at fit end eps alone is optimised for post_hoc_steps
+  normalised-gradient steps on h(w + eps) - task_weight * g(w + eps) (harmful batches and batches
+  of the trainer's train dataloader; h clamped as above), projected to |eps| <= rho, then added.
+  Meant for a provider holding an already fine-tuned checkpoint: run `immunize fit` on it with
+  `--trainer.max_steps 0` so the weights themselves are not trained (Lightning still calls
+  on_fit_end then; the fit loop is skipped).
+
+Distributed (DDP): each rank draws a different harmful batch (batch size harmful_batch_size per
+rank, like data.batch_size), and the harmful gradients and losses are all-reduced (mean) before
+anything depends on them, so every rank holds the same eps, the same clamp decision and the same
+gradient correction: the global harmful batch is world_size * harmful_batch_size, as the task batch.
+
+Where eps lives: on the tensors that train (pl_module.trainable_parameters()): every weight for
+full fine-tuning, only the LoRA A/B matrices with LoRA. The eps file holds those tensors under their
+parameter names in pl_module.model and, for LoRA, also the change eps makes to each merged weight
+under the exported model's parameter names (what immunize.affinity reads); metadata "space" says which.
+
+Resume: eps and the harmful-draw counter are in the callback's state_dict; harmful batches are a pure
+function of (seed, draw, rank, world size), so a resumed fit draws what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from datamodules.catalog import Source, as_examples, load_records
+from datamodules.collate import encode_example, pad_right
+from immunize.errors import UserError
+from immunize.io import atomic_write_json
+from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of
+
+MODES = ("in_training", "post_hoc")
+NORM_EPS = 1e-7  # as in the reference: eps = rho * g / (|g| + 1e-7)
+EPS_FORMAT = "immunize.panacea_eps/1"
+
+
+# ----- plain functions (unit-tested alone) --------------------------------------------------------
+def draw_indices(n: int, batch_size: int, draw: int, rank: int, world: int, seed: int) -> list[int]:
+    """Row indices of harmful batch `draw` on `rank`: an endless stream of seeded permutations of
+    range(n), cut into consecutive batches, rank r taking the r-th batch of each group of `world`."""
+    start = (draw * world + rank) * batch_size
+    out, cache = [], {}
+    for pos in range(start, start + batch_size):
+        cycle = pos // n
+        if cycle not in cache:
+            cache[cycle] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + cycle)).tolist()
+        out.append(cache[cycle][pos % n])
+    return out
+
+
+def normalized(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
+    """rho * g / (|g| + 1e-7), one global fp32 norm over all tensors; new tensors (never aliases)."""
+    scale = rho / (global_norm(grads) + NORM_EPS)
+    return [g.float() * scale for g in grads]
+
+
+def reduced_scalar(value: torch.Tensor) -> float:
+    """A loss value averaged over DDP ranks (the value itself when not distributed)."""
+    t = value.detach().float().clone().reshape(1)
+    all_reduce_mean_([t])
+    return float(t)
+
+
+def panacea_step(harmful_loss: Callable[[], torch.Tensor], params: Sequence[torch.nn.Parameter], rho: float,
+                 lam: float, loss_clamp: Optional[float]) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """One Panacea perturbation on a fixed harmful batch (harmful_loss() evaluates it at the current weights).
+
+    Returns (eps, correction, stats): correction = -lam * (grad h(w + eps) - grad h(w)) is to be added to
+    the task gradient. The weights are restored exactly (copied back, not subtracted) before returning.
+    grad h(w + eps) is zero when the rank-averaged h(w + eps) exceeds loss_clamp (the reference clamps the
+    loss at 5: above it the gradient vanishes); the backward pass is skipped then.
+    """
+    h0 = harmful_loss()
+    grad_w = list(all_reduce_mean_(grads_of(h0, params)))
+    eps = normalized(grad_w, rho)
+    backup = [p.detach().clone() for p in params]
+    try:
+        add_scaled_(params, eps, 1.0)
+        h1 = harmful_loss()
+        h1_mean = reduced_scalar(h1)
+        clamped = loss_clamp is not None and h1_mean > loss_clamp
+        if clamped:
+            grad_pert = [torch.zeros_like(g) for g in grad_w]
+        else:
+            grad_pert = list(all_reduce_mean_(grads_of(h1, params)))
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+    correction = [(b - a) * (-lam) for a, b in zip(grad_w, grad_pert)]
+    stats = {"h": reduced_scalar(h0), "h_perturbed": h1_mean, "clamped": float(clamped)}
+    return eps, correction, stats
+
+
+def project_(eps: Sequence[torch.Tensor], rho: float) -> None:
+    """Scale eps in place onto the ball |eps| <= rho (one global norm)."""
+    norm = float(global_norm(eps))
+    if norm > rho:
+        for e in eps:
+            e.mul_(rho / norm)
+
+
+def lora_merged_deltas(model, apply: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Change of each merged LoRA weight caused by `apply()` (which perturbs A/B), keyed by the
+    merged model's parameter names ("model.layers.0.self_attn.q_proj.weight"); {} without LoRA."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft not installed: no LoRA possible
+        apply()
+        return {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+    def deltas() -> dict[str, torch.Tensor]:
+        out = {}
+        with torch.no_grad():
+            for name, mod in layers.items():
+                d = sum(mod.get_delta_weight(a).float() for a in mod.active_adapters)
+                out[name.removeprefix("base_model.model.") + ".weight"] = d.detach().cpu()
+        return out
+
+    before = deltas()
+    apply()
+    return {k: v - before[k] for k, v in deltas().items()}
+
+
+def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors file written to a temporary name in the same directory, then renamed over `path`."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----- the callback -------------------------------------------------------------------------------
+class Panacea(L.Callback):
+    """Panacea defense during (mode "in_training") or after (mode "post_hoc") a user's fine-tune.
+
+    rho: |eps| (global L2 norm over the trainable tensors). lam: weight of the harmful-loss gap.
+    harmful: the h dataset (default: toy harmful answers of split "align", disjoint from the attack
+    split a HarmfulMix draws its harmful samples from and from the eval split). harmful_batch_size: per rank.
+    loss_clamp: h(w + eps) above it gives no gradient (None: no clamp). template/max_length: encoding of
+    the harmful samples (None: the datamodule's). seed: order of the harmful batches.
+    """
+
+    def __init__(self, rho: float = 1.0, lam: float = 1e-3, harmful: Optional[Source] = None,
+                 harmful_batch_size: int = 10, loss_clamp: Optional[float] = 5.0, mode: str = "in_training",
+                 post_hoc_steps: int = 20, post_hoc_lr: float = 0.1, task_weight: float = 1.0,
+                 eps_file: str = "panacea_eps.safetensors", template: Optional[str] = None,
+                 max_length: Optional[int] = None, seed: int = 0):
+        if mode not in MODES:
+            raise UserError(f"Panacea: unknown mode {mode!r}; choose from {list(MODES)}")
+        if not rho > 0:
+            raise UserError(f"Panacea: rho must be > 0, got {rho}")
+        if lam < 0:
+            raise UserError(f"Panacea: lam must be >= 0, got {lam}")
+        if harmful_batch_size < 1:
+            raise UserError(f"Panacea: harmful_batch_size must be >= 1, got {harmful_batch_size}")
+        if post_hoc_steps < 0 or not post_hoc_lr > 0:
+            raise UserError(f"Panacea: need post_hoc_steps >= 0 and post_hoc_lr > 0, got {post_hoc_steps}, {post_hoc_lr}")
+        self.rho, self.lam, self.loss_clamp, self.mode = float(rho), float(lam), loss_clamp, mode
+        self.harmful = harmful or Source(kind="toy", part="harmful", split="align")
+        self.harmful_batch_size, self.seed = harmful_batch_size, seed
+        self.post_hoc_steps, self.post_hoc_lr, self.task_weight = post_hoc_steps, float(post_hoc_lr), float(task_weight)
+        self.eps_file, self.template, self.max_length = eps_file, template, max_length
+        self.eps: Optional[dict[str, torch.Tensor]] = None  # name -> eps (fp32), the last one computed
+        self.draws = 0  # harmful batches drawn so far (same count on every rank)
+        self.last_stats: dict = {}
+        self.eps_path: Optional[Path] = None
+        self._rows: list[dict] = []
+        self._pad_id = 0
+        self._applied = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rho=self.rho, lam=self.lam, mode=self.mode)
+
+    # ----- setup ---------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._applied = False
+        names, params = self._named_trainable(pl_module)
+        bad = [n for n, p in zip(names, params) if p.dtype not in EXACT_DTYPES]
+        if bad:
+            raise UserError(f"Panacea adds eps to the weights and removes it again each step, which needs fp32 trainable "
+                            f"weights; {bad[0]} is {params[0].dtype}. Load the model in float32 and train with precision "
+                            "bf16-mixed, not bf16-true")
+        dm = trainer.datamodule
+        if dm is not None and getattr(dm, "harmful", None) == self.harmful:
+            rank_zero_warn("Panacea: its harmful set is the same source the fine-tuning mix draws harmful samples from; "
+                           "use a disjoint split (toy: split align) so h is not the user's data")
+        tokenizer = pl_module.tokenizer
+        template = self.template or getattr(dm, "template", "qa")
+        max_length = self.max_length or getattr(dm, "max_length", 256)
+        examples = as_examples(load_records(self.harmful), "harmful")
+        self._rows = [encode_example(tokenizer, template, e.prompt, e.response, max_length) for e in examples]
+        self._pad_id = tokenizer.pad_token_id
+
+    @staticmethod
+    def _named_trainable(pl_module) -> tuple[list[str], list[torch.nn.Parameter]]:
+        params = pl_module.trainable_parameters()
+        if not params:
+            raise UserError("Panacea: the model has no trainable parameters")
+        name_of = {id(p): n for n, p in pl_module.model.named_parameters()}
+        missing = [p for p in params if id(p) not in name_of]
+        if missing:
+            raise UserError("Panacea: a trainable parameter is not in pl_module.model; eps cannot be named")
+        return [name_of[id(p)] for p in params], params
+
+    def _harmful_batch(self, trainer, device) -> dict:
+        idx = draw_indices(len(self._rows), self.harmful_batch_size, self.draws, trainer.global_rank,
+                           trainer.world_size, self.seed)
+        self.draws += 1
+        batch = pad_right([self._rows[i] for i in idx], self._pad_id)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    @staticmethod
+    def _forward_context(trainer):
+        plugin = getattr(trainer, "precision_plugin", None)
+        return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+
+    def _loss_fn(self, trainer, pl_module, batch) -> Callable[[], torch.Tensor]:
+        def loss():
+            with self._forward_context(trainer):
+                return pl_module.lm_loss(batch)
+        return loss
+
+    # ----- in-training mode ----------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.mode != "in_training":
+            return
+        names, params = self._named_trainable(pl_module)
+        batch = self._harmful_batch(trainer, params[0].device)
+        eps, correction, stats = panacea_step(self._loss_fn(trainer, pl_module, batch), params, self.rho, self.lam,
+                                              self.loss_clamp)
+        for p, c in zip(params, correction):
+            if p.grad is None:
+                p.grad = c.to(p.dtype)
+            else:
+                p.grad.add_(c.to(p.grad.dtype))
+        self.eps = dict(zip(names, eps))
+        self.last_stats = stats
+        pl_module.log_dict({f"panacea/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
+
+    # ----- post-hoc mode -------------------------------------------------------------------------
+    def _task_batches(self, trainer):
+        loader = trainer.train_dataloader
+        if loader is None and trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        if loader is None:
+            raise UserError("Panacea post_hoc: needs task batches; give the fit a datamodule with a train_dataloader")
+        while True:
+            empty = True
+            for batch in loader:
+                empty = False
+                yield batch
+            if empty:
+                raise UserError("Panacea post_hoc: the train dataloader is empty")
+
+    def optimize_eps(self, trainer, pl_module) -> list[torch.Tensor]:
+        """Post-hoc: eps maximising h(w+eps) - task_weight*g(w+eps) over |eps| <= rho; the weights stay as they are.
+
+        Starts from the closed form rho*grad h/|grad h| and takes normalised gradient steps of length
+        post_hoc_lr*rho, each followed by the projection. Gradients are rank-averaged, so eps is identical on all ranks.
+        """
+        names, params = self._named_trainable(pl_module)
+        device = params[0].device
+        first = self._harmful_batch(trainer, device)
+        eps = normalized(all_reduce_mean_(grads_of(self._loss_fn(trainer, pl_module, first)(), params)), self.rho)
+        tasks = self._task_batches(trainer)
+        history = []
+        backup = [p.detach().clone() for p in params]
+        try:
+            for step in range(self.post_hoc_steps):
+                hb = self._harmful_batch(trainer, device)
+                tb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(tasks).items()}
+                add_scaled_(params, eps, 1.0)
+                h = self._loss_fn(trainer, pl_module, hb)()
+                h_mean = reduced_scalar(h)
+                clamped = self.loss_clamp is not None and h_mean > self.loss_clamp
+                grad_h = [torch.zeros_like(e) for e in eps] if clamped else grads_of(h, params)
+                g = self._loss_fn(trainer, pl_module, tb)()
+                grad_g = grads_of(g, params)
+                with torch.no_grad():
+                    for p, b in zip(params, backup):
+                        p.copy_(b)
+                ascent = all_reduce_mean_([a - self.task_weight * b for a, b in zip(grad_h, grad_g)])
+                scale = self.post_hoc_lr * self.rho / (float(global_norm(ascent)) + NORM_EPS)
+                for e, a in zip(eps, ascent):
+                    e.add_(a, alpha=scale)
+                project_(eps, self.rho)
+                history.append({"step": step, "h": h_mean, "g": reduced_scalar(g), "clamped": clamped,
+                                "eps_norm": float(global_norm(eps))})
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+        self.last_stats = {"post_hoc": history}
+        self.eps = dict(zip(names, eps))
+        return eps
+
+    # ----- fit end: add eps once, save it --------------------------------------------------------
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._applied:
+            return
+        if self.mode == "post_hoc":
+            if trainer.global_step > 0:
+                rank_zero_warn(f"Panacea post_hoc: this fit also trained the weights for {trainer.global_step} steps; "
+                               "set trainer.max_steps 0 to only perturb a fine-tuned checkpoint")
+            device = trainer.strategy.root_device  # Lightning's teardown moved the module to CPU
+            here = next(pl_module.parameters()).device
+            pl_module.to(device)
+            try:
+                self.optimize_eps(trainer, pl_module)
+            finally:
+                pl_module.to(here)
+        if self.eps is None:
+            rank_zero_warn("Panacea: no eps was computed (no optimizer step ran); the weights are left unchanged")
+            return
+        names, params = self._named_trainable(pl_module)
+        missing = [n for n in names if n not in self.eps]
+        if missing:
+            raise UserError(f"Panacea: the saved eps has no tensor for {missing[0]}; the model changed since it was computed")
+        eps = [self.eps[n] for n in names]
+        deltas = lora_merged_deltas(pl_module.model, lambda: add_scaled_(params, eps, 1.0))
+        self._applied = True
+        self._save(trainer, names, eps, deltas)
+
+    def _save(self, trainer, names, eps, deltas) -> None:
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        self.eps_path = out_dir / self.eps_file
+        if not trainer.is_global_zero:
+            return
+        tensors = {n: e.float() for n, e in zip(names, eps)}
+        tensors.update({k: v for k, v in deltas.items() if k not in tensors})
+        metadata = {"format": EPS_FORMAT, "space": "lora" if deltas else "full", "mode": self.mode,
+                    "rho": str(self.rho), "lam": str(self.lam), "global_step": str(trainer.global_step),
+                    "trainable": ",".join(names)}
+        atomic_save_safetensors(self.eps_path, tensors, metadata)
+        rank_zero_info(f"Panacea: added eps (|eps| = {float(global_norm(eps)):.4g}) to the weights; saved it to {self.eps_path}")
+        if self.mode == "post_hoc":
+            atomic_write_json(out_dir / (Path(self.eps_file).stem + "_post_hoc.json"), self.last_stats)
+
+    # ----- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        eps = None if self.eps is None else {n: e.detach().cpu().clone() for n, e in self.eps.items()}
+        return {"eps": eps, "draws": self.draws}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.eps = state_dict.get("eps")
+        self.draws = int(state_dict.get("draws", 0))

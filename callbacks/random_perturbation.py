@@ -1,0 +1,48 @@
+"""Random-perturbation baseline: add N(0, sigma^2) noise to the fine-tuned trainable weights at fit end.
+
+The Panacea paper's motivating observation: random noise on a harmfully fine-tuned model already lowers
+its harmful score, at a cost in task accuracy; sweeping sigma traces that trade-off, which Panacea's
+optimised perturbation improves on. The noise is drawn on the CPU from a generator seeded with `seed`
+alone, parameter by parameter in a fixed order, so every DDP rank (and every device type) adds the
+same noise. With LoRA only the adapter tensors (the trainable ones) get noise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+
+from immunize.errors import UserError
+
+
+def gaussian_noise(params, sigma: float, seed: int) -> list[torch.Tensor]:
+    """N(0, sigma^2) tensors shaped like params (fp32, CPU), a pure function of (shapes, sigma, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen, dtype=torch.float32) * sigma for p in params]
+
+
+class RandomPerturbation(L.Callback):
+    """At fit end, w += N(0, sigma^2) on every trainable tensor, exactly once."""
+
+    def __init__(self, sigma: float = 0.01, seed: int = 0):
+        if not sigma >= 0:
+            raise UserError(f"RandomPerturbation: sigma must be >= 0, got {sigma}")
+        self.sigma, self.seed = float(sigma), seed
+        self.noise_norm: Optional[float] = None
+        self._applied = False
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._applied = False
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self._applied:
+            return
+        params = pl_module.trainable_parameters()
+        noise = gaussian_noise(params, self.sigma, self.seed)
+        with torch.no_grad():
+            for p, n in zip(params, noise):
+                p.add_(n.to(device=p.device, dtype=p.dtype))
+        self.noise_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n) for n in noise])))
+        self._applied = True

@@ -1,0 +1,297 @@
+"""Panacea and random-perturbation callbacks: step math by hand, clamp, fit-end application, LoRA,
+post-hoc mode, resume, DDP (2 CPU processes), and the safety-affinity report."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from callbacks import Panacea, RandomPerturbation
+from callbacks.panacea import draw_indices, panacea_step
+from datamodules import HarmfulMix, Source
+from datamodules.collate import pad_right
+from lightning_modules import CausalLMModule, LoraSpec, SFT
+from lightning_modules.grad_math import masked_ce
+
+REPO = Path(__file__).resolve().parents[1]
+BENIGN = Source(kind="toy", part="benign", split="finetune", tasks=["arithmetic"], limit=40)
+ATTACK = Source(kind="toy", part="harmful", split="attack", limit=20)
+H_SET = Source(kind="toy", part="harmful", split="align", limit=30)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread; with 2 shared cores, extra threads spin and cost 10-100x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def data(n: int = 16, batch_size: int = 4) -> HarmfulMix:
+    return HarmfulMix(benign=BENIGN, harmful=ATTACK, n=n, p=0.25, batch_size=batch_size)
+
+
+def module(lora: bool = False, **kw) -> SFT:
+    spec = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    return SFT(model="toy:tiny", lora=spec, **kw)
+
+
+def trainer(tmp_path, callbacks, **kw) -> L.Trainer:
+    kw.setdefault("max_steps", 2)
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=kw.pop("enable_checkpointing", False),
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                     default_root_dir=str(tmp_path), **kw)
+
+
+def params_of(m) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in m.model.named_parameters()}
+
+
+class Recorder(L.Callback):
+    """Snapshots: weights and batch at step start, p.grad and weights when the optimizer is about to step, weights at train end."""
+
+    def __init__(self):
+        self.steps, self.at_train_end = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append({"before": params_of(pl_module), "batch": {k: v.clone() for k, v in batch.items()}})
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.steps[-1]["grad"] = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
+        self.steps[-1]["at_hook"] = params_of(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        self.at_train_end = params_of(pl_module)
+
+
+class Crash(L.Callback):
+    """Stops a fit with an error at a given step (a crash after the checkpoint)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+class DumpState(L.Callback):
+    """Test-only (used by the DDP subprocess): each rank writes its parameters and Panacea's eps at fit end."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        pan = next(cb for cb in trainer.callbacks if isinstance(cb, Panacea))
+        state = {"params": params_of(pl_module), "eps": {n: e.cpu() for n, e in pan.eps.items()}, "draws": pan.draws}
+        torch.save(state, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+def flat_grad(loss, params):
+    return [g for g in torch.autograd.grad(loss, params)]
+
+
+# ----- step math -----------------------------------------------------------------------------------
+def test_step_eps_and_optimizer_gradient_match_hand_computation(tmp_path):
+    rho, lam = 0.7, 0.5
+    m, rec = module(optimizer="sgd", lr=1e-2), Recorder()
+    pan = Panacea(rho=rho, lam=lam, harmful=H_SET, harmful_batch_size=4, loss_clamp=None)
+    trainer(tmp_path, [pan, rec], max_steps=1).fit(m, data())
+    step = rec.steps[0]
+    assert all(torch.equal(step["before"][n], step["at_hook"][n]) for n in step["before"])  # exact restore
+
+    ref = module()  # same seeded init = the weights at step 0
+    assert all(torch.equal(p, step["before"][n]) for n, p in ref.model.named_parameters())
+    names = [n for n, _ in ref.model.named_parameters()]
+    params = list(ref.model.parameters())
+    b = step["batch"]
+    g_task = flat_grad(masked_ce(ref.model(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]), params)
+    hb = pad_right([pan._rows[i] for i in draw_indices(len(pan._rows), 4, 0, 0, 1, 0)], 0)
+    h = lambda: masked_ce(ref.model(hb["input_ids"], attention_mask=hb["attention_mask"]).logits, hb["labels"])  # noqa: E731
+    g0 = flat_grad(h(), params)
+    norm = torch.cat([g.reshape(-1) for g in g0]).norm()
+    eps = [rho * g / (norm + 1e-7) for g in g0]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    g1 = flat_grad(h(), params)
+    for n, e in zip(names, eps):
+        assert torch.allclose(pan.eps[n], e, rtol=1e-4, atol=1e-7), n
+    expected = [gt - lam * (a - c) for gt, a, c in zip(g_task, g1, g0)]
+    diff = max(float((step["grad"][n] - e).abs().max()) for n, e in zip(names, expected))
+    assert diff < 1e-6
+    moved = max(float((e - gt).abs().max()) for e, gt in zip(expected, g_task))
+    assert moved > 100 * diff  # the correction is visible, not lost in the tolerance
+
+
+def quadratic(w, a):
+    return lambda: 0.5 * ((w - a) ** 2).sum()
+
+
+@pytest.mark.parametrize("clamp,zeroed", [(None, False), (100.0, False), (1.0, True)])
+def test_clamp_zeroes_perturbed_gradient_above_threshold(clamp, zeroed):
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # |w - a| = 5, h(w) = 12.5, h(w + eps) = 0.5 * (5 + rho)^2
+    a, rho, lam = torch.zeros(2), 1.0, 0.1
+    eps, corr, stats = panacea_step(quadratic(w, a), [w], rho, lam, clamp)
+    assert torch.allclose(eps[0], torch.tensor([0.6, 0.8]), atol=1e-6)
+    assert torch.equal(w.detach(), torch.tensor([3.0, 4.0]))
+    assert stats["h_perturbed"] == pytest.approx(18.0) and stats["clamped"] == float(zeroed)
+    grad_w, grad_pert = torch.tensor([3.0, 4.0]), torch.tensor([3.6, 4.8])
+    expected = lam * grad_w if zeroed else -lam * (grad_pert - grad_w)
+    assert torch.allclose(corr[0], expected, atol=1e-6)
+
+
+def test_harmful_draws_cycle_and_split_ranks():
+    one = [draw_indices(10, 4, k, 0, 1, 0) for k in range(5)]
+    stream = [i for batch in one for i in batch]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    r0, r1 = draw_indices(10, 4, 0, 0, 2, 0), draw_indices(10, 4, 0, 1, 2, 0)
+    assert r0 + r1 == stream[:8]  # ranks take consecutive slices of the same stream
+
+
+# ----- fit end -------------------------------------------------------------------------------------
+def test_eps_added_once_at_fit_end_and_exported(tmp_path):
+    m, rec = module(), Recorder()
+    pan = Panacea(harmful=H_SET, harmful_batch_size=4)
+    tr = trainer(tmp_path, [pan, rec])
+    tr.fit(m, data())
+    for n, p in m.model.named_parameters():
+        assert torch.equal(p.detach(), rec.at_train_end[n] + pan.eps[n]), n
+    pan.on_fit_end(tr, m)  # a second call must not add it again
+    assert all(torch.equal(p.detach(), rec.at_train_end[n] + pan.eps[n]) for n, p in m.model.named_parameters())
+    saved = load_file(pan.eps_path)
+    assert pan.eps_path == tmp_path / "panacea_eps.safetensors" and set(saved) == set(pan.eps)
+    assert all(torch.equal(saved[n], pan.eps[n]) for n in saved)
+    norm = torch.cat([e.reshape(-1) for e in saved.values()]).norm()
+    assert float(norm) == pytest.approx(1.0, rel=1e-5)
+    reloaded = CausalLMModule(model=str(m.export(tmp_path / "export")))
+    assert all(torch.equal(p, dict(m.model.named_parameters())[n]) for n, p in reloaded.model.named_parameters())
+
+
+def test_lora_eps_lives_on_lora_tensors_only(tmp_path):
+    m, rec = module(lora=True), Recorder()
+    base = {n: p.clone() for n, p in params_of(m).items() if "lora_" not in n}
+    pan = Panacea(harmful=H_SET, harmful_batch_size=4)
+    trainer(tmp_path, [pan, rec]).fit(m, data())
+    assert pan.eps and all("lora_" in n for n in pan.eps)
+    assert all(torch.equal(p, base[n]) for n, p in params_of(m).items() if "lora_" not in n)
+    with safe_open(str(pan.eps_path), "pt") as f:
+        meta, saved = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["space"] == "lora"
+    # merged-space deltas: exported (merged) weights minus the merged weights without eps
+    exported = CausalLMModule(model=str(m.export(tmp_path / "export")))
+    no_eps = copy.deepcopy(m.model)
+    with torch.no_grad():
+        for n, p in no_eps.named_parameters():
+            if n in rec.at_train_end and "lora_" in n:
+                p.copy_(rec.at_train_end[n])
+    merged0 = dict(no_eps.merge_and_unload().named_parameters())
+    merged1 = dict(exported.model.named_parameters())
+    deltas = {k: v for k, v in saved.items() if "lora_" not in k}
+    assert deltas and set(deltas) <= set(merged1)
+    assert len(deltas) == 2 * 2  # q_proj and v_proj in 2 layers
+    for k, d in deltas.items():
+        assert torch.allclose(merged1[k] - merged0[k], d, atol=1e-6), k
+
+
+# ----- post-hoc mode -------------------------------------------------------------------------------
+@pytest.mark.parametrize("lora,limit", [(False, None), (True, 0)])
+def test_post_hoc_respects_rho_and_keeps_other_weights(tmp_path, lora, limit):
+    m = module(lora=lora)
+    before = params_of(m)
+    pan = Panacea(rho=0.5, harmful=H_SET, harmful_batch_size=4, mode="post_hoc", post_hoc_steps=3, loss_clamp=None)
+    kw = {"max_steps": 0} if limit is None else {"max_steps": -1, "max_epochs": 1, "limit_train_batches": limit}
+    tr = trainer(tmp_path, [pan], **kw)
+    tr.fit(m, data())
+    assert tr.global_step == 0 and pan.eps is not None  # on_fit_end ran although nothing trained
+    norm = float(torch.cat([e.reshape(-1) for e in pan.eps.values()]).norm())
+    assert norm <= 0.5 * (1 + 1e-6)
+    after = params_of(m)
+    for n, p in after.items():
+        if n in pan.eps:
+            assert torch.equal(p, before[n] + pan.eps[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+    assert len(pan.last_stats["post_hoc"]) == 3
+    assert (tmp_path / "panacea_eps_post_hoc.json").exists()
+
+
+# ----- random perturbation -------------------------------------------------------------------------
+def test_random_perturbation_statistics_and_determinism(tmp_path):
+    sigma = 0.02
+    m = module()
+    before = params_of(m)
+    trainer(tmp_path, [RandomPerturbation(sigma=sigma, seed=3)], max_steps=0).fit(m, data())
+    noise = torch.cat([(p - before[n]).reshape(-1) for n, p in params_of(m).items()])
+    count = noise.numel()
+    assert abs(float(noise.mean())) < 4 * sigma / count ** 0.5
+    assert float(noise.std()) == pytest.approx(sigma, rel=0.02)
+
+    def noised(seed):
+        other = module()
+        cb = RandomPerturbation(sigma=sigma, seed=seed)
+        cb.on_fit_end(None, other)
+        cb.on_fit_end(None, other)  # exactly once
+        return params_of(other)
+
+    same, diff = noised(3), noised(4)
+    assert all(torch.equal(same[n], p) for n, p in params_of(m).items())
+    assert not all(torch.equal(diff[n], p) for n, p in params_of(m).items())
+
+
+# ----- resume ------------------------------------------------------------------------------------
+def test_resumed_fit_matches_uninterrupted(tmp_path):
+    """One batch per epoch (n = batch_size = 8) and a checkpoint at the end of epoch 2 (step 2): at an epoch
+    boundary Lightning's resume is deterministic; mid-epoch it restarts the shuffled loader's generator."""
+    def run(root, extra=(), ckpt_path=None, **kw):
+        torch.manual_seed(0)
+        m, pan = module(), Panacea(harmful=H_SET, harmful_batch_size=4, lam=0.1)
+        tr = trainer(root, [pan, *extra], max_steps=4, max_epochs=-1, **kw)
+        try:
+            tr.fit(m, data(n=8, batch_size=8), ckpt_path=ckpt_path)
+        except RuntimeError as err:
+            assert "simulated crash" in str(err)
+        return m, pan
+
+    full, full_pan = run(tmp_path / "full")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    run(tmp_path / "crash", extra=[ckpt, Crash(at_step=3)], enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "epoch=1-step=2.ckpt"
+    assert path.exists(), sorted(os.listdir(tmp_path / "ckpt"))
+    resumed, res_pan = run(tmp_path / "resumed", ckpt_path=str(path))
+    assert res_pan.draws == full_pan.draws == 4
+    for n, p in params_of(full).items():
+        assert torch.allclose(params_of(resumed)[n], p, atol=1e-5, rtol=0), n
+        assert torch.allclose(res_pan.eps[n], full_pan.eps[n], atol=1e-5, rtol=0), n
+
+
+# ----- DDP -----------------------------------------------------------------------------------------
+def test_ddp_ranks_hold_identical_weights_and_eps(tmp_path, cli):
+    cfg = {
+        "model": {"class_path": "lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
+        "data": {"class_path": "datamodules.HarmfulMix", "init_args": {
+            "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
+        "trainer": {"max_steps": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"), "callbacks": [
+                        {"class_path": "callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
+                        {"class_path": "tests.test_panacea.DumpState", "init_args": {"out_dir": str(tmp_path)}}]},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    proc = cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--trainer.accelerator", "cpu", "--export_dir", "export", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["draws"] == r1["draws"] == 2
+    assert all(torch.equal(r0["eps"][n], r1["eps"][n]) for n in r0["eps"])
+    assert all(torch.equal(r0["params"][n], r1["params"][n]) for n in r0["params"])
+    exported = CausalLMModule(model=str(tmp_path / "export"))
+    assert all(torch.equal(p, r0["params"][n]) for n, p in exported.model.named_parameters())
+    assert (tmp_path / "root" / "panacea_eps.safetensors").exists()

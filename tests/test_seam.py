@@ -1,0 +1,194 @@
+"""SEAM LightningModule: the update is the documented gradient, estimators agree, precision trap, ablations, DDP."""
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from datamodules import AlignmentData, Source
+from immunize.errors import UserError
+from lightning_modules import SEAM
+from lightning_modules.grad_math import dot, global_norm, grads_of, masked_ce
+from lightning_modules.hessian_free import finite_difference_sd_grad
+from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
+
+PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
+BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy models on 2 shared cores: one intra-op thread is fastest and fair to the neighbours."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Capture(L.Callback):
+    """Keeps each training batch and the gradients the optimizer is about to apply."""
+
+    def __init__(self):
+        self.batches, self.grads = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(copy.deepcopy(batch))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append([p.grad.detach().clone() for p in pl_module.trainable_parameters()])
+
+
+def data(batch_size=2, limit=8, **kwargs):
+    return AlignmentData(pairs=Source(**{**PAIRS, "limit": limit}), benign=Source(**{**BENIGN, "limit": limit}),
+                         mode="triplets", template="qa", batch_size=batch_size, **kwargs)
+
+
+def fit(module, steps=1, callbacks=(), precision="32-true", **data_kwargs):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=data(**data_kwargs))
+    return trainer
+
+
+def params_of(module):
+    return [p.detach().clone() for p in module.trainable_parameters()]
+
+
+def cosine(a, b) -> float:
+    return float(dot(a, b) / (global_norm(a) * global_norm(b)))
+
+
+def rel_err(a, b) -> float:
+    return float(global_norm([x - y for x, y in zip(a, b)]) / global_norm(b))
+
+
+def by_hand(model, batch, alpha, beta, eps):
+    """grad L_ul + alpha grad L_up + beta * est, straight from the plain functions (single process)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    harmful, refusal, benign = batch["harmful"], batch["refusal"], batch["benign"]
+
+    def ce(part):
+        return masked_ce(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits, part["labels"])
+
+    out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
+    lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], model.lm_head, model.model.norm)
+    g_ul = grads_of(bounded_ascent(lens), params)
+    g_up = grads_of(ce(refusal), params)
+    g_a, g_b = grads_of(ce(harmful), params), grads_of(ce(benign), params)
+    est, _ = finite_difference_sd_grad(params, lambda: grads_of(ce(harmful), params),
+                                       lambda: grads_of(ce(benign), params), g_a, g_b, eps)
+    return [u + alpha * r + beta * e for u, r, e in zip(g_ul, g_up, est)]
+
+
+def test_applied_gradient_is_ul_plus_alpha_up_plus_beta_estimate():
+    """With accumulate=2 the step applies the mean of two such gradients, taken at the same weights."""
+    module = SEAM(model="toy:tiny", alpha=0.7, beta=0.5, eps=1e-3, accumulate=2, optimizer="sgd", lr=1e-2)
+    reference = copy.deepcopy(module.model)
+    capture = Capture()
+    fit(module, callbacks=[capture])
+    assert len(capture.batches) == 2 and len(capture.grads) == 1
+    parts = [by_hand(reference, b, 0.7, 0.5, 1e-3) for b in capture.batches]
+    expected = [(x + y) / 2 for x, y in zip(*parts)]
+    assert rel_err(capture.grads[0], expected) < 1e-5
+
+
+def test_exact_and_finite_difference_updates_agree():
+    """Pure L_sd (no L_ul, alpha 0) so the update is the estimate alone; SGD keeps the delta linear in it."""
+    deltas = {}
+    for estimator in ("exact", "finite_difference"):
+        module = SEAM(model="toy:tiny", alpha=0.0, beta=1.0, use_unlearning=False, estimator=estimator,
+                      optimizer="sgd", lr=1e-2)
+        before = params_of(module)
+        fit(module)
+        deltas[estimator] = [a - b for a, b in zip(params_of(module), before)]
+    assert global_norm(deltas["exact"]) > 0
+    assert cosine(deltas["exact"], deltas["finite_difference"]) > 0.99
+    assert rel_err(deltas["finite_difference"], deltas["exact"]) < 0.05
+
+
+def test_gradient_clipping_caps_the_applied_norm():
+    module = SEAM(model="toy:tiny", grad_clip=1e-3, optimizer="sgd", lr=1e-2)
+    capture = Capture()
+    fit(module, callbacks=[capture])
+    assert float(global_norm(capture.grads[0])) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("kwargs, absent", [
+    ({"alpha": 0.0}, {"train/L_up"}),
+    ({"beta": 0.0}, {"train/cos_ab", "train/est_norm"}),
+    ({"use_unlearning": False}, {"train/L_ul"}),
+])
+def test_ablations_run_and_log_their_terms(kwargs, absent):
+    module = SEAM(model="toy:tiny", **kwargs)
+    before = params_of(module)
+    trainer = fit(module, steps=2)
+    assert trainer.global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(params_of(module), before))
+    logged = set(trainer.callback_metrics)
+    assert "train/loss" in logged and not absent & logged
+    assert {"train/L_ul", "train/L_up", "train/cos_ab", "train/est_norm"} - absent <= logged
+
+
+def test_bf16_weights_are_refused_and_bf16_mixed_trains():
+    with pytest.raises(UserError, match="bf16-mixed"):
+        fit(SEAM(model="toy:tiny"), precision="bf16-true")
+    with pytest.raises(UserError, match="fp32"):
+        fit(SEAM(model="toy:tiny", dtype="bfloat16"))
+    module = SEAM(model="toy:tiny")
+    fit(module, precision="bf16-mixed")
+    assert all(p.dtype == torch.float32 for p in module.trainable_parameters())
+    assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(UserError, match="estimator"):
+        SEAM(model="toy:tiny", estimator="central")
+    with pytest.raises(UserError, match="no loss term"):
+        SEAM(model="toy:tiny", alpha=0.0, beta=0.0, use_unlearning=False)
+
+
+def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
+    """2 ranks x batch 2 vs 1 process x batch 4 on a 4-triplet set: every step sees the whole set.
+
+    The per-rank split changes every epoch and the examples differ in length; SEAM weights the
+    per-rank means by token counts, so both runs follow the same global-batch gradient (it matches
+    to ~1e-6 relative: summation order, amplified 1/eps by the finite difference). SGD keeps the
+    comparison linear in the gradient: AdamW's g/sqrt(v) blows that round-off up to ~lr on
+    near-zero gradient entries (measured 3e-4 after 5 steps at lr 1e-3).
+    """
+    steps, init = 5, {"model": "toy:tiny", "optimizer": "sgd", "lr": 0.5, "scheduler": "cosine", "warmup_ratio": 0.2}
+    dump = tmp_path / "dump"
+    config = {
+        "model": {"class_path": "lightning_modules.SEAM", "init_args": init},
+        "data": {"class_path": "datamodules.AlignmentData",
+                 "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
+                               "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
+        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
+                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(dump)}}]},
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = cli("fit", "--config", str(path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert max(float((ranks[0][k] - ranks[1][k]).abs().max()) for k in ranks[0]) == 0.0
+
+    single = SEAM(**init)
+    initial = {f"model.{n}": p.detach().clone() for n, p in single.model.named_parameters()}
+    lengths = set()
+    capture = Capture()
+    fit(single, steps=steps, callbacks=[capture], batch_size=4, limit=4)
+    for part in ("harmful", "refusal", "benign"):
+        lengths.add(tuple(sorted((capture.batches[0][part]["labels"] != -100).sum(1).tolist())))
+    assert any(len(set(t)) > 1 for t in lengths), "want unequal response lengths across examples"
+    names = {f"model.{n}": p.detach() for n, p in single.model.named_parameters()}
+    diff = max(float((ranks[0][k] - names[k]).abs().max()) for k in ranks[0])
+    moved = max(float((names[k] - initial[k]).abs().max()) for k in names)
+    assert diff < 1e-5 and moved > 1e-2, (diff, moved)
