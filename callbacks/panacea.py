@@ -35,8 +35,6 @@ function of (seed, draw, rank, world size), so a resumed fit draws what an unint
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -47,7 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from datamodules.catalog import Source, as_examples, load_records
 from datamodules.collate import encode_example, pad_right
 from immunize.errors import UserError
-from immunize.io import atomic_write_json
+from immunize.io import atomic_save_safetensors, atomic_write_json
 from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of
 
 MODES = ("in_training", "post_hoc")
@@ -92,7 +90,8 @@ def panacea_step(harmful_loss: Callable[[], torch.Tensor], params: Sequence[torc
     loss at 5: above it the gradient vanishes); the backward pass is skipped then.
     """
     h0 = harmful_loss()
-    grad_w = list(all_reduce_mean_(grads_of(h0, params)))
+    h0_mean = h0.detach().float().clone().reshape(1)
+    *grad_w, h0_mean = all_reduce_mean_(grads_of(h0, params) + [h0_mean])  # one collective for both
     eps = normalized(grad_w, rho)
     backup = [p.detach().clone() for p in params]
     try:
@@ -108,8 +107,10 @@ def panacea_step(harmful_loss: Callable[[], torch.Tensor], params: Sequence[torc
         with torch.no_grad():
             for p, b in zip(params, backup):
                 p.copy_(b)
-    correction = [(b - a) * (-lam) for a, b in zip(grad_w, grad_pert)]
-    stats = {"h": reduced_scalar(h0), "h_perturbed": h1_mean, "clamped": float(clamped)}
+    for a, b in zip(grad_w, grad_pert):  # in place: correction = -lam * (grad_pert - grad_w), no extra copy
+        b.sub_(a).mul_(-lam)
+    correction = grad_pert
+    stats = {"h": float(h0_mean), "h_perturbed": h1_mean, "clamped": float(clamped)}
     return eps, correction, stats
 
 
@@ -144,25 +145,6 @@ def lora_merged_deltas(model, apply: Callable[[], None]) -> dict[str, torch.Tens
     return {k: v - before[k] for k, v in deltas().items()}
 
 
-def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """safetensors file written to a temporary name in the same directory, then renamed over `path`."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ----- the callback -------------------------------------------------------------------------------
 class Panacea(L.Callback):
     """Panacea defense during (mode "in_training") or after (mode "post_hoc") a user's fine-tune.
@@ -170,14 +152,15 @@ class Panacea(L.Callback):
     rho: |eps| (global L2 norm over the trainable tensors). lam: weight of the harmful-loss gap.
     harmful: the h dataset (default: toy harmful answers of split "align", disjoint from the attack
     split a HarmfulMix draws its harmful samples from and from the eval split). harmful_batch_size: per rank.
-    loss_clamp: h(w + eps) above it gives no gradient (None: no clamp). template/max_length: encoding of
-    the harmful samples (None: the datamodule's). seed: order of the harmful batches.
+    loss_clamp: h(w + eps) above it gives no gradient (None: no clamp). mode, post_hoc_steps, post_hoc_lr (step
+    length as a fraction of rho), task_weight: see the module docstring. eps_file: file name in the log dir (None:
+    not saved). template/max_length: encoding of the harmful samples (None: the datamodule's). seed: harmful order.
     """
 
     def __init__(self, rho: float = 1.0, lam: float = 1e-3, harmful: Optional[Source] = None,
                  harmful_batch_size: int = 10, loss_clamp: Optional[float] = 5.0, mode: str = "in_training",
                  post_hoc_steps: int = 20, post_hoc_lr: float = 0.1, task_weight: float = 1.0,
-                 eps_file: str = "panacea_eps.safetensors", template: Optional[str] = None,
+                 eps_file: Optional[str] = "panacea_eps.safetensors", template: Optional[str] = None,
                  max_length: Optional[int] = None, seed: int = 0):
         if mode not in MODES:
             raise UserError(f"Panacea: unknown mode {mode!r}; choose from {list(MODES)}")
@@ -212,11 +195,11 @@ class Panacea(L.Callback):
             return
         self._applied = False
         names, params = self._named_trainable(pl_module)
-        bad = [n for n, p in zip(names, params) if p.dtype not in EXACT_DTYPES]
+        bad = [(n, p.dtype) for n, p in zip(names, params) if p.dtype not in EXACT_DTYPES]
         if bad:
-            raise UserError(f"Panacea adds eps to the weights and removes it again each step, which needs fp32 trainable "
-                            f"weights; {bad[0]} is {params[0].dtype}. Load the model in float32 and train with precision "
-                            "bf16-mixed, not bf16-true")
+            raise UserError(f"Panacea adds eps to the weights and takes it off again every step, which needs fp32 "
+                            f"trainable weights; {bad[0][0]} is {bad[0][1]}. Load the model in float32 (or train LoRA: "
+                            "peft keeps the adapters in fp32) and use precision bf16-mixed, not bf16-true")
         dm = trainer.datamodule
         if dm is not None and getattr(dm, "harmful", None) == self.harmful:
             rank_zero_warn("Panacea: its harmful set is the same source the fine-tuning mix draws harmful samples from; "
@@ -239,7 +222,8 @@ class Panacea(L.Callback):
             raise UserError("Panacea: a trainable parameter is not in pl_module.model; eps cannot be named")
         return [name_of[id(p)] for p in params], params
 
-    def _harmful_batch(self, trainer, device) -> dict:
+    def next_harmful_batch(self, trainer, device) -> dict:
+        """The next h batch on this rank (override to feed h batches another way, e.g. in a benchmark)."""
         idx = draw_indices(len(self._rows), self.harmful_batch_size, self.draws, trainer.global_rank,
                            trainer.world_size, self.seed)
         self.draws += 1
@@ -262,7 +246,7 @@ class Panacea(L.Callback):
         if self.mode != "in_training":
             return
         names, params = self._named_trainable(pl_module)
-        batch = self._harmful_batch(trainer, params[0].device)
+        batch = self.next_harmful_batch(trainer, params[0].device)
         eps, correction, stats = panacea_step(self._loss_fn(trainer, pl_module, batch), params, self.rho, self.lam,
                                               self.loss_clamp)
         for p, c in zip(params, correction):
@@ -297,14 +281,14 @@ class Panacea(L.Callback):
         """
         names, params = self._named_trainable(pl_module)
         device = params[0].device
-        first = self._harmful_batch(trainer, device)
+        first = self.next_harmful_batch(trainer, device)
         eps = normalized(all_reduce_mean_(grads_of(self._loss_fn(trainer, pl_module, first)(), params)), self.rho)
         tasks = self._task_batches(trainer)
         history = []
         backup = [p.detach().clone() for p in params]
         try:
             for step in range(self.post_hoc_steps):
-                hb = self._harmful_batch(trainer, device)
+                hb = self.next_harmful_batch(trainer, device)
                 tb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(tasks).items()}
                 add_scaled_(params, eps, 1.0)
                 h = self._loss_fn(trainer, pl_module, hb)()
@@ -359,6 +343,8 @@ class Panacea(L.Callback):
         self._save(trainer, names, eps, deltas)
 
     def _save(self, trainer, names, eps, deltas) -> None:
+        if self.eps_file is None:
+            return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.eps_path = out_dir / self.eps_file
         if not trainer.is_global_zero:

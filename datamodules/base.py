@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.collate import encode_example, pad_right
 from datamodules.templates import TEMPLATE_NAMES
@@ -21,6 +21,22 @@ class ListDataset(Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+class EpochSeededSampler(Sampler):
+    """A shuffled order that depends only on (seed, epoch): a resumed fit sees the same order as an unbroken one."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + 1000003 * self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class TokenizedData(L.LightningDataModule):
@@ -55,6 +71,6 @@ class TokenizedData(L.LightningDataModule):
         return pad_right(rows, self.tokenizer.pad_token_id)
 
     def loader(self, dataset, collate: Callable, shuffle: bool, batch_size: Optional[int] = None) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle, collate_fn=collate,
-                          num_workers=self.num_workers, generator=generator if shuffle else None)
+        sampler = EpochSeededSampler(len(dataset), self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, sampler=sampler, collate_fn=collate,
+                          num_workers=self.num_workers)

@@ -54,6 +54,7 @@ class CausalLMModule(L.LightningModule):
         self.model = load_model(source, self.tokenizer, gguf_file, dtype, trust_remote_code, init_seed)
         if lora is not None:
             self.model = apply_lora(self.model, lora)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
         self.judge_spec = judge
         self._judge = None
         self.test_results: dict = {}

@@ -29,7 +29,7 @@ class SEAM(CausalLMModule):
     """SEAM alignment with manual optimization: per step, gradients of L_ul and L_up plus beta * (L_sd estimate).
 
     Passes per step (finite_difference): harmful forward with all hidden states and two backwards
-    (L_ul and g_a), refusal (L_up), benign (g_b), and g_a, g_b again at perturbed fp32 weights.
+    (g_a and L_ul), refusal (L_up), benign (g_b), and g_a, g_b again at perturbed fp32 weights.
     DDP: every gradient is all-reduced before use, so all ranks perturb and update identically;
     per-rank losses are token-weighted so the update equals the single-process one on the global
     batch. Gradient accumulation (`accumulate`) and clipping (`grad_clip`, by global norm) are
@@ -153,10 +153,8 @@ class SEAM(CausalLMModule):
             logs["train/L_up"] = l_up.detach()
 
         if need_sd:
-            est, cosine = self._sd_gradient(params, harmful, benign, w_h, w_b, g_a)
+            est, logs["train/cos_ab"], logs["train/est_norm"] = self._sd_gradient(params, harmful, benign, w_h, w_b, g_a)
             del g_a
-            logs["train/cos_ab"] = cosine
-            logs["train/est_norm"] = global_norm(est)
             self._accumulate_(params, est, self.beta * scale)
             del est
 
@@ -171,17 +169,21 @@ class SEAM(CausalLMModule):
         return loss
 
     def _sd_gradient(self, params, harmful, benign, w_h: float, w_b: float, g_a):
-        """(estimate of grad L_sd, cos(g_a, g_b)) on the all-reduced gradients; g_a is the local harmful gradient."""
+        """(estimate of grad L_sd, cos(g_a, g_b), estimate norm), all from all-reduced gradients.
+
+        g_a: the local harmful gradient (reduced here in place). The estimator's extra passes run on
+        the unwrapped HF model, so DDP's reducer never sees them.
+        """
         all_reduce_mean_(g_a)
         g_b = all_reduce_mean_(grads_of(self._ce(benign, w_b), params))
         if self.estimator == "exact":
             cosine = dot(g_a, g_b) / (global_norm(g_a) * global_norm(g_b))
             del g_a, g_b
             est = exact_sd_grad(params, lambda: self._ce(harmful, w_h), lambda: self._ce(benign, w_b))
-            return est, cosine
+            return est, cosine, global_norm(est)
         est, stats = finite_difference_sd_grad(params, lambda: grads_of(self._ce(harmful, w_h), params),
                                                lambda: grads_of(self._ce(benign, w_b), params), g_a, g_b, self.eps)
-        return est, torch.tensor(stats["cosine"])
+        return est, stats["cosine"], stats["est_norm"]
 
     def _optimizer_step(self, params) -> None:
         """Average the accumulated gradient over ranks, clip, step, zero, advance the schedule."""
@@ -195,4 +197,3 @@ class SEAM(CausalLMModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
-

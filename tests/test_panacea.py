@@ -249,8 +249,9 @@ def test_random_perturbation_statistics_and_determinism(tmp_path):
 
 # ----- resume ------------------------------------------------------------------------------------
 def test_resumed_fit_matches_uninterrupted(tmp_path):
-    """One batch per epoch (n = batch_size = 8) and a checkpoint at the end of epoch 2 (step 2): at an epoch
-    boundary Lightning's resume is deterministic; mid-epoch it restarts the shuffled loader's generator."""
+    """One batch per epoch (n = batch_size = 8) and a checkpoint at the end of epoch 2 (step 2). The datamodule's
+    shuffle generator is not checkpointed (a resumed loader replays epoch 1's order), so only epochs of one full
+    batch (order affects nothing but summation order) resume exactly; Panacea's own draws are checkpointed."""
     def run(root, extra=(), ckpt_path=None, **kw):
         torch.manual_seed(0)
         m, pan = module(), Panacea(harmful=H_SET, harmful_batch_size=4, lam=0.1)
@@ -295,3 +296,24 @@ def test_ddp_ranks_hold_identical_weights_and_eps(tmp_path, cli):
     exported = CausalLMModule(model=str(tmp_path / "export"))
     assert all(torch.equal(p, r0["params"][n]) for n, p in exported.model.named_parameters())
     assert (tmp_path / "root" / "panacea_eps.safetensors").exists()
+
+
+# ----- safety affinity -----------------------------------------------------------------------------
+def test_affinity_report_on_lora_fit(tmp_path):
+    from immunize.affinity import _eval_parts, _evaluate, markdown_table, safety_affinity
+
+    m, pan = module(lora=True), Panacea(harmful=H_SET, harmful_batch_size=4)
+    trainer(tmp_path, [pan]).fit(m, data())
+    export = m.export(tmp_path / "export")
+    cfg = {"model": {"init_args": {"judge": "oracle", "max_new_tokens": 4}},
+           "data": {"init_args": {"batch_size": 64, "n_harmful_per_category": 1, "n_per_task": 2, "sources": [{"kind": "toy"}]}},
+           "trainer": {"accelerator": "cpu"}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    rows = safety_affinity(str(export), str(pan.eps_path), str(tmp_path / "aff"), str(tmp_path / "eval.yaml"))
+    assert [r["group"] for r in rows] == ["none", "layer 0", "layer 1", "all"]
+    assert sum(r["eps_share"] for r in rows[1:-1]) == pytest.approx(1.0)
+    assert all(r["trained_eps_norm"] > 0 for r in rows[1:-1])  # LoRA eps norms reported per layer
+    direct = _evaluate(*_eval_parts(tmp_path / "eval.yaml", str(export)), tmp_path / "direct")
+    assert rows[-1]["harmful_score"] == direct["harmful_score"] and rows[-1]["capability"] == direct["capability"]
+    assert (tmp_path / "aff" / "affinity.png").stat().st_size > 0
+    assert (tmp_path / "aff" / "affinity.md").read_text().endswith(markdown_table(rows))

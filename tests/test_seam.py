@@ -182,12 +182,10 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
 
     single = SEAM(**init)
     initial = {f"model.{n}": p.detach().clone() for n, p in single.model.named_parameters()}
-    lengths = set()
     capture = Capture()
     fit(single, steps=steps, callbacks=[capture], batch_size=4, limit=4)
-    for part in ("harmful", "refusal", "benign"):
-        lengths.add(tuple(sorted((capture.batches[0][part]["labels"] != -100).sum(1).tolist())))
-    assert any(len(set(t)) > 1 for t in lengths), "want unequal response lengths across examples"
+    tokens = [(capture.batches[0][part]["labels"] != -100).sum(1).tolist() for part in ("harmful", "refusal", "benign")]
+    assert any(len(set(t)) > 1 for t in tokens), f"want unequal response lengths across examples: {tokens}"
     names = {f"model.{n}": p.detach() for n, p in single.model.named_parameters()}
     diff = max(float((ranks[0][k] - names[k]).abs().max()) for k in ranks[0])
     moved = max(float((names[k] - initial[k]).abs().max()) for k in names)

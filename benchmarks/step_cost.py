@@ -1,0 +1,271 @@
+"""Cost of one training step of a defense relative to plain SFT: time ratio and extra memory in parameter copies.
+
+Each method in METHODS runs real Lightning training steps (optimizer and schedule included) on one fixed
+batch of the same model. SFT trains on the harmful part of a (harmful, refusal, benign) triplet; SEAM on
+the whole triplet, as in real use. Memory: on GPU torch.cuda.max_memory_allocated over the step; on CPU
+the torch profiler's allocation events (running total of CPU-allocator bytes, profiled from the start
+of training, its maximum inside the step) plus the parameters' bytes.
+Usage: python benchmarks/step_cost.py [--json] [--steps N] [--rounds R] [--threads T] [--model toy:small]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+from lightning_modules import SEAM, SFT  # noqa: E402
+from callbacks import Panacea  # noqa: E402
+from datamodules import Source  # noqa: E402
+
+# A ~0.5B-parameter Llama (random init, untied embeddings) for the GPU run.
+LLAMA_05B = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=20,
+                 num_attention_heads=20, num_key_value_heads=20, max_position_embeddings=512, tie_word_embeddings=False)
+
+
+@dataclass
+class Method:
+    """How to build a method's module (and callbacks) and which part of the triplet batch it trains on."""
+
+    build: Callable[..., L.LightningModule]
+    part: Optional[str] = "harmful"  # None: the whole {"harmful", "refusal", "benign"} batch
+    callbacks: Callable[[], list] = field(default=list)
+
+
+# Add a method with one entry, e.g. "panacea": Method(SFT-builder, "harmful", lambda: [Panacea(...)]).
+METHODS: dict[str, Method] = {
+    "sft": Method(lambda **kw: SFT(**kw)),
+    "seam": Method(lambda **kw: SEAM(**kw), part=None),
+    "panacea": Method(lambda **kw: SFT(**kw), callbacks=lambda: [SameShapePanacea()]),
+}
+
+
+class SameShapePanacea(Panacea):
+    """Panacea (rho 1, lam 1e-3) whose h batch is the step's own batch: same shape as the task batch, so the ratio
+    counts passes, not sequence lengths; no clamp, so all three forward+backward passes always run (worst case)."""
+
+    def __init__(self):
+        super().__init__(loss_clamp=None, eps_file=None, harmful=Source(kind="toy", part="harmful", split="align", limit=8))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_batch = batch
+
+    def next_harmful_batch(self, trainer, device):
+        self.draws += 1
+        return self._step_batch
+
+
+class FixedBatch(Dataset):
+    """The same batch `steps` times (batch_size=None in the loader: no collation)."""
+
+    def __init__(self, batch, steps: int):
+        self.batch, self.steps = batch, steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i):
+        return self.batch
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(L.Callback):
+    """Wall time of each whole training step (batch start to batch end: passes, optimizer, schedule).
+
+    Also the process CPU time of the step: on a CPU shared with other jobs it counts this process's
+    work only, so it is the steadier ratio there (wall time is the headline figure).
+    """
+
+    def __init__(self):
+        self.seconds, self.cpu_seconds = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _sync()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _sync()
+        self.seconds.append(time.perf_counter() - self._t0)
+        self.cpu_seconds.append(time.process_time() - self._c0)
+
+
+class StepPeakMemory(L.Callback):
+    """Peak bytes allocated during each step (see the module docstring for how, per device).
+
+    CPU: one profiler session over the whole fit (the profiler drops frees of blocks allocated
+    before it started, so it must see gradients and optimizer state being created); a step's peak
+    is the parameters' bytes plus the highest running allocation total inside the step's window.
+    """
+
+    def __init__(self):
+        self.peaks, self._windows = [], []
+
+    def on_train_start(self, trainer, pl_module):
+        if not torch.cuda.is_available():
+            self._base = sum(p.untyped_storage().nbytes() for p in pl_module.parameters())
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self._prof.start()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _sync()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._t0 = time.time_ns()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _sync()
+        if torch.cuda.is_available():
+            self.peaks.append(torch.cuda.max_memory_allocated())
+        self._windows.append((self._t0, time.time_ns()))
+
+    def on_train_end(self, trainer, pl_module):
+        if torch.cuda.is_available():
+            return
+        self._prof.stop()
+        events = _allocation_events(self._prof)
+        for t0, t1 in self._windows:
+            before = [total for t, total in events if t < t0]
+            inside = [total for t, total in events if t0 <= t <= t1]
+            self.peaks.append(self._base + max(before[-1:] + inside, default=0))
+
+
+def _allocation_events(prof) -> list[tuple[int, int]]:
+    """(time in ns, CPU bytes allocated since the profiler started, net of frees), in time order.
+
+    The profiler's running total carries over from earlier profiling sessions in the process, so
+    it is taken relative to its value just before the first event.
+    """
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
+            fields = event.extra_fields
+            events.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+        stack.extend(event.children)
+    events.sort()
+    offset = events[0][1] - events[0][2] if events else 0
+    return [(t, total - offset) for t, total, _ in events]
+
+
+def run_steps(module: L.LightningModule, batch, steps: int, callbacks=(), precision: str = "32-true") -> L.Trainer:
+    """Fit `module` for `steps` real training steps on one fixed batch, with the given extra callbacks."""
+    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, precision=precision, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=DataLoader(FixedBatch(batch, steps), batch_size=None))
+    return trainer
+
+
+def make_batch(vocab: int, batch_size: int, length: int, prompt: int, seed: int = 0) -> dict:
+    """A triplet of fixed-length random batches with response-only labels (same shape for every part)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = {}
+    for name in ("harmful", "refusal", "benign"):
+        ids = torch.randint(3, vocab, (batch_size, length), generator=gen)
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        parts[name] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return parts
+
+
+def build(name: str, model: str, llama: Optional[dict], seed: int) -> L.LightningModule:
+    """The method's module on `model` (or, with `llama`, on a seeded random Llama of that config)."""
+    module = METHODS[name].build(model=model, lr=1e-5, optimizer="adamw")
+    if llama is not None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            module.model = LlamaForCausalLM(LlamaConfig(**llama))
+    return module
+
+
+def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, llama: Optional[dict] = None) -> dict:
+    """Median step time and peak step memory per method; rounds alternate methods to share machine noise."""
+    times = {name: [] for name in METHODS}
+    cpu_times = {name: [] for name in METHODS}
+    peaks, n_params = {}, 0
+    for _ in range(rounds):
+        for name, method in METHODS.items():
+            module = build(name, model, llama, seed=0)
+            n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            timer = StepTimer()
+            part = batch if method.part is None else batch[method.part]
+            run_steps(module, part, steps + 1, [timer, *method.callbacks()], precision)
+            times[name] += timer.seconds[1:]  # the first step builds optimizer state and warms caches
+            cpu_times[name] += timer.cpu_seconds[1:]
+            del module
+    for name, method in METHODS.items():
+        module = build(name, model, llama, seed=0)
+        memory = StepPeakMemory()
+        part = batch if method.part is None else batch[method.part]
+        run_steps(module, part, 2, [memory, *method.callbacks()], precision)
+        peaks[name] = memory.peaks[-1]  # second step: optimizer state exists, as in the rest of training
+        del module
+    param_bytes = 4 * n_params
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu_median = {name: statistics.median(ts) for name, ts in cpu_times.items()}
+    result = {"model": model if llama is None else llama, "precision": precision, "n_params": n_params,
+              "batch": list(batch["harmful"]["input_ids"].shape), "steps_timed": len(times["sft"]),
+              "median_step_seconds": median, "peak_bytes": peaks,
+              "memory_method": "torch.cuda.max_memory_allocated" if torch.cuda.is_available()
+              else "torch profiler CPU allocation events (whole fit) + parameter bytes"}
+    for name in METHODS:
+        if name != "sft":
+            result[f"{name}_over_sft_time"] = round(median[name] / median["sft"], 3)
+            if not torch.cuda.is_available():
+                result[f"{name}_over_sft_cpu_time"] = round(cpu_median[name] / cpu_median["sft"], 3)
+            result[f"{name}_extra_memory_in_param_copies"] = round((peaks[name] - peaks["sft"]) / param_bytes, 3)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--model", default="toy:small", help="model source for the CPU run")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per method and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    probe = build("sft", args.model, None, 0)
+    vocab = probe.model.config.vocab_size
+    del probe
+    batch = make_batch(vocab, args.batch_size, args.length, prompt=args.length // 4)
+    result = measure(args.model, batch, args.steps, args.rounds, "32-true")
+    if torch.cuda.is_available():  # real-scale shape: ~0.5B Llama, bf16 autocast over fp32 weights, 8 x 256
+        big = make_batch(LLAMA_05B["vocab_size"], 8, 256, prompt=64)
+        result = {"cpu_or_small": result, "gpu_0.5b": measure("toy:tiny", big, 5, 1, "bf16-mixed", LLAMA_05B)}
+        for key in ("seam_over_sft_time", "seam_extra_memory_in_param_copies"):
+            result[key] = result["gpu_0.5b"][key]
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key, value in result.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

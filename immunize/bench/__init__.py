@@ -1,0 +1,18 @@
+"""`immunize bench`: run defenses through the attack grid and report the four immunization conditions.
+
+One purpose per module:
+  schema    the bench config (dataclasses parsed by jsonargparse)
+  registry  named defenses (alignment stage and fine-tuning stage)
+  stages    loading and merging stage configs (YAML files plus inline overrides)
+  validate  checks that run before any training (one-line errors)
+  cells     a cell = one stage with one config, in a directory keyed by its config hash
+  planner   the bench config -> the ordered list of cells
+  runner    runs cells as `python -m immunize fit|test` subprocesses, resumably
+  progress  progress lines and the ETA
+  recorder  the Lightning callback each fit cell runs with (steps, progress lines)
+  results   finished eval cells -> results.json
+  report    results -> tables (pure functions) -> report.md
+  plots     results -> PNG figures
+  wandb_log tables and figures to Weights & Biases (offline by default)
+  command   `immunize bench --config FILE --out DIR`
+"""

@@ -1,0 +1,108 @@
+"""A cell: one stage run with one config, in its own directory named by a hash of that config.
+
+The hash covers the cell's full semantic config and, in place of its input model path, the hash of the
+cell that produced that model (or the model source itself), so a changed upstream stage changes every
+downstream hash, and the same stage in another bench (or a rerun) finds the same directory.
+
+Layout of a cell directory:
+    config.yaml       the generated `immunize fit|test` config (absolute paths)
+    log.txt           the subprocess output
+    model/            fits: the exported model; model/stage.json is the completion marker
+    metrics.json      tests: the completion marker (written atomically, after generations.jsonl)
+    train.json        fits: steps and epochs (written by the recorder callback at train end)
+    run.json          wall time of the subprocess (written after it exits successfully)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+FORMAT = 1  # bump when what a cell computes from the same config changes
+MODEL_KEY = "model.init_args.model"
+MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
+
+
+@dataclass(eq=False)
+class Cell:
+    """kind: "fit" or "test"; stage: pretrain|align|defense|attack|benign|finetune|eval.
+
+    config: the stage config without its input model (set at run time); input: the Cell whose exported
+    model this cell reads, or a model source string (toy:<preset>, hub id, local directory).
+    """
+
+    kind: str
+    stage: str
+    label: str
+    config: dict
+    input: Union["Cell", str]
+    meta: dict = field(default_factory=dict)
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = cell_digest(self.kind, self.stage, self.config, self.input)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}-{self.digest}"
+
+    def directory(self, cells_dir: Path) -> Path:
+        return Path(cells_dir) / self.name
+
+    def marker(self, cells_dir: Path) -> Path:
+        return self.directory(cells_dir) / MARKERS[self.kind]
+
+    def is_done(self, cells_dir: Path) -> bool:
+        return self.marker(cells_dir).is_file()
+
+    def input_path(self, cells_dir: Path) -> str:
+        """The model this cell reads: the exported model of its input cell, or the source itself."""
+        if isinstance(self.input, Cell):
+            return str(self.input.directory(cells_dir) / "model")
+        return self.input
+
+    @property
+    def fit_input(self) -> Optional["Cell"]:
+        return self.input if isinstance(self.input, Cell) else None
+
+
+def source_fingerprint(source: str) -> str:
+    """What identifies a model source in a hash: a toy preset or hub id as is; a local directory by its
+    absolute path and the names, sizes and modification times of its files (a re-export changes it)."""
+    path = Path(source).expanduser()
+    if source.startswith("toy:") or not path.is_dir():
+        return source
+    files = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
+                   for p in path.rglob("*") if p.is_file())
+    return json.dumps([str(path.resolve()), files])
+
+
+def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) -> str:
+    upstream = f"cell:{input.digest}" if isinstance(input, Cell) else f"source:{source_fingerprint(input)}"
+    payload = {"format": FORMAT, "kind": kind, "stage": stage, "input": upstream, "config": config}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON file's content, or None when it is missing or unreadable (e.g. cut off by a crash)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cell_info(cell: Cell, cells_dir: Path) -> dict:
+    """Steps and wall time recorded for a finished cell (None where not recorded)."""
+    d = cell.directory(cells_dir)
+    run = read_json(d / "run.json") or {}
+    train = read_json(d / "train.json") or {}
+    return {"steps": train.get("steps"), "wall_time_s": run.get("wall_time_s")}
+
+
+def model_dir_exists(source: str) -> bool:
+    return os.path.isdir(source)

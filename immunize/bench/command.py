@@ -1,0 +1,135 @@
+"""`immunize bench --config FILE --out DIR`: plan, validate, run the cells, write the report.
+
+With no --config the embedded default configs/bench/quickstart.yaml is used (toy world, minutes on a CPU).
+Bad input: one line `immunize: error: ...` and exit code 2, before any training. A failed cell: exit 1
+(2 when the cell itself reported bad input). Ctrl-C: exit 130; rerun the same command to resume.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from immunize.bench.schema import BenchConfig
+from immunize.bench.stages import REPO_ROOT
+from immunize.errors import UserError, find_user_error
+from immunize.io import atomic_write_json, atomic_write_text
+
+QUICKSTART = REPO_ROOT / "configs" / "bench" / "quickstart.yaml"
+
+
+def _with_default_config(argv: list[str]) -> list[str]:
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    return ["--config", str(QUICKSTART)] + argv
+
+
+def _parse(argv: list[str]) -> tuple[BenchConfig, dict]:
+    from immunize.bench.schema import parse
+    from immunize.cli import summarize_parser_error
+
+    try:
+        return parse(argv)
+    except UserError:
+        raise
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            raise user_error
+        if type(err).__name__ in ("ArgumentError", "ParserError") or "jsonargparse" in type(err).__module__:
+            raise UserError(summarize_parser_error(str(err))) from err
+        raise
+
+
+def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: bool, config: dict) -> dict:
+    """results.json always; report.md, plots and W&B when `final`. Returns the results dict."""
+    from immunize.bench import report
+    from immunize.bench.results import collect
+
+    results = collect(plan, cells_dir, bench.heldout_categories, bench.report.threshold)
+    atomic_write_json(out / "results.json", results)
+    if not final:
+        return results
+    from immunize.bench.plots import make_plots
+
+    tables = report.build_tables(results)
+    images = make_plots(results, out)
+    atomic_write_text(out / "report.md", report.render(results, tables, images))
+    if bench.wandb.enabled:
+        from immunize.bench.wandb_log import log_report
+
+        log_report(bench.wandb, out, config, tables, images)
+    for table in tables:
+        if table.key in ("resistance", "resistance_summary", "stability", "finetune"):
+            print(f"\n{table.title}\n{report.markdown_table(table)}")
+    return results
+
+
+def _summary(cell, cells_dir: Path) -> str:
+    from immunize.bench.cells import read_json
+
+    d = cell.directory(cells_dir)
+    if cell.kind == "test":
+        m = read_json(d / "metrics.json") or {}
+        hs, cap = m.get("harmful_score"), m.get("capability")
+        return ", ".join(x for x in (f"harmful {hs:.1f}%" if hs is not None else "",
+                                     f"capability {cap:.1f}%" if cap is not None else "") if x)
+    steps = (read_json(d / "train.json") or {}).get("steps")
+    return f"{steps} steps" if steps is not None else ""
+
+
+def run_bench(bench: BenchConfig, config: dict) -> int:
+    from immunize.bench.runner import CellFailed, Runner, lock
+    from immunize.bench.validate import validate
+
+    plan = validate(bench)
+    out = Path(bench.out)
+    cells_dir = Path(bench.cells_dir) if bench.cells_dir else out / "cells"
+    locks = [lock(out)] + ([lock(cells_dir)] if cells_dir.resolve() != out.resolve() else [])
+    atomic_write_json(out / "bench.json", config)
+    mode = bench.progress
+    if mode == "auto":
+        mode = "bars" if sys.stdout.isatty() else "lines"
+    fits, tests = len(plan.fits), len(plan.cells) - len(plan.fits)
+    done = sum(c.is_done(cells_dir) for c in plan.cells)
+    if mode != "quiet":
+        print(f"immunize bench: {len(plan.cells)} cells ({fits} fits, {tests} evals), {done} already done; "
+              f"cells in {cells_dir}, report in {out}", file=sys.stderr, flush=True)
+
+    def on_done(cell, index):
+        if cell.kind == "test":
+            write_outputs(plan, bench, out, cells_dir, final=False, config=config)
+        return _summary(cell, cells_dir)
+
+    start = time.monotonic()
+    try:
+        counts = Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(plan.cells, on_done)
+    except CellFailed as err:
+        print(f"immunize: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print("\nimmunize bench: interrupted; finished cells are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    write_outputs(plan, bench, out, cells_dir, final=True, config=config)
+    if mode != "quiet":
+        print(f"\nimmunize bench: {counts['run']} cells run, {counts['skipped']} reused, "
+              f"{time.monotonic() - start:.0f}s; wrote {out / 'results.json'}, {out / 'report.md'} and plots",
+              file=sys.stderr)
+    for handle in locks:
+        handle.close()
+    return 0
+
+
+def bench_main(argv: list[str]) -> None:
+    """Entry point of `immunize bench ...` (called by immunize.cli.main)."""
+    from immunize.cli import fail
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        bench, config = _parse(_with_default_config(list(argv)))
+        code = run_bench(bench, config)
+    except UserError as err:
+        fail(str(err))
+    sys.exit(code)

@@ -1,0 +1,228 @@
+"""The bench config -> the ordered list of cells (fits and tests), deduplicated by hash.
+
+Stage graph:  source -> [pretrain] -> base -> [align] -> aligned -> defense d (or identity)
+    each defense model: eval ("defended": stability), attack grid -> eval (resistance, generalization),
+    benign fine-tune -> eval (trainability);
+    finetune.model_from's model -> fine-tune on a harmful mix with each fine-tuning-stage defense, each
+    ratio p -> eval.
+Cells come out in run order: each after the cell it reads, each fit followed soon by its eval.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from immunize.bench import registry
+from immunize.bench.cells import Cell
+from immunize.bench.schema import BenchConfig
+from immunize.bench.stages import apply_heldout, deep_merge, find_file, init_args, load_stage, read_yaml, set_dotted
+from immunize.errors import UserError
+
+ModelRef = Union[Cell, str]
+
+
+@dataclass
+class Plan:
+    cells: list[Cell] = field(default_factory=list)  # run order, unique by digest
+    evals: list[Cell] = field(default_factory=list)  # the test cells, in report order
+    reference: Optional[str] = None
+
+    def add(self, cell: Cell) -> Cell:
+        for existing in self.cells:
+            if existing.digest == cell.digest:
+                if cell.kind == "test" and cell.meta and cell.meta != existing.meta:
+                    self.evals.append(Cell(cell.kind, cell.stage, cell.label, cell.config, cell.input, cell.meta,
+                                           digest=cell.digest))
+                return existing
+        self.cells.append(cell)
+        if cell.kind == "test":
+            self.evals.append(cell)
+        return cell
+
+    @property
+    def fits(self) -> list[Cell]:
+        return [c for c in self.cells if c.kind == "fit"]
+
+
+def fmt_num(x) -> str:
+    """1e-3 -> "1e-3", 2.5e-4 -> "2.5e-4", 0.1 -> "0.1", 200 -> "200"."""
+    if isinstance(x, float) and x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+        mantissa, exp = f"{x:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+class Planner:
+    def __init__(self, bench: BenchConfig):
+        self.bench = bench
+        self.plan = Plan()
+        self._common_trainer = self._trainer_common()
+
+    # ----- config helpers ------------------------------------------------------------------------
+    def _trainer_common(self) -> dict:
+        spec = self.bench.trainer
+        trainer: dict = {}
+        if spec.preset:
+            preset = read_yaml(find_file(spec.preset, "trainer.preset"), "trainer.preset")
+            trainer = deep_merge(trainer, preset.get("trainer") or {})
+        if spec.overrides:
+            trainer = deep_merge(trainer, spec.overrides)
+        return trainer
+
+    def _finish(self, cfg: dict, input: ModelRef) -> dict:
+        """Apply what every cell shares: trainer preset, seed, held-out categories; drop the input model."""
+        cfg = copy.deepcopy(cfg)
+        cfg["trainer"] = deep_merge(cfg.get("trainer") or {}, self._common_trainer)
+        cfg["seed_everything"] = self.bench.seed
+        apply_heldout(cfg, self.bench.heldout_categories)
+        args = init_args(cfg, "model")
+        args.pop("model", None)
+        if isinstance(input, Cell):
+            args.pop("gguf_file", None)
+        elif self.bench.model.gguf_file:
+            args["gguf_file"] = self.bench.model.gguf_file
+        return cfg
+
+    def _fit(self, stage: str, label: str, cfg: dict, input: ModelRef, **meta) -> Cell:
+        return self.plan.add(Cell("fit", stage, label, self._finish(cfg, input), input, meta))
+
+    def _eval(self, label: str, input: ModelRef, **meta) -> Cell:
+        return self.plan.add(Cell("test", "eval", label, self._finish(self._eval_cfg, input), input, meta))
+
+    def _load_eval(self) -> dict:
+        spec = self.bench.eval
+        cfg = load_stage(spec, "eval")
+        model, data = init_args(cfg, "model"), init_args(cfg, "data")
+        for key, value in (("judge", spec.judge), ("max_new_tokens", spec.max_new_tokens)):
+            if value is not None:
+                model[key] = value
+        for key in ("n_harmful_per_category", "n_per_task", "batch_size"):
+            if getattr(spec, key) is not None:
+                data[key] = getattr(spec, key)
+        if spec.tasks is not None:
+            sources = data.get("sources") or [{"kind": "toy"}]
+            toy = [s for s in sources if isinstance(s, dict) and s.get("kind", "toy") == "toy"]
+            if not toy:
+                raise UserError("eval.tasks selects tasks of toy sources, but the eval config has none; "
+                                "set the tasks in the eval config's data.sources instead")
+            for src in toy:
+                src["tasks"] = list(spec.tasks)
+            data["sources"] = sources
+        return cfg
+
+    # ----- stages --------------------------------------------------------------------------------
+    def build(self) -> Plan:
+        b = self.bench
+        self._eval_cfg = self._load_eval()
+        base: ModelRef = b.model.source
+        if b.model.pretrain is not None:
+            base = self._fit("pretrain", f"pretrain {b.model.source}", load_stage(b.model.pretrain, "model.pretrain"), base)
+        elif b.model.source.startswith("toy:"):
+            raise UserError(f"model.source {b.model.source!r} is a fresh random init: give model.pretrain "
+                            "(e.g. {config: configs/toy/pretrain.yaml}) to train the toy base first")
+        aligned = self._fit("align", "align", load_stage(b.alignment, "alignment"), base) if b.alignment else base
+
+        models: dict[str, ModelRef] = {}
+        for d in b.defenses:
+            start = {"aligned": aligned, "base": base}[d.init_from]
+            config = registry.resolve_alignment_defense(d)
+            if config is None and not any((d.model, d.data, d.trainer)):
+                models[d.name] = start
+            else:
+                spec = copy.copy(d)
+                spec.config = config
+                models[d.name] = self._fit("defense", f"defense {d.name}", load_stage(spec, f"defense {d.name!r}"),
+                                           start, defense=d.name)
+        self.plan.reference = b.report.reference or b.defenses[0].name
+
+        for name, model in models.items():
+            self._eval(f"eval {name} (no attack)", model, defense=name, stage="defended")
+        if b.attack is not None:
+            self._attacks(models)
+        if b.benign is not None:
+            benign = load_stage(b.benign, "benign")
+            for name, model in models.items():
+                tuned = self._fit("benign", f"benign fine-tune {name}", benign, model, defense=name)
+                self._eval(f"eval {name} after benign fine-tune", tuned, defense=name, stage="benign")
+        if b.finetune is not None:
+            self._finetune(models)
+        return self.plan
+
+    def _attack_grid(self) -> list[dict]:
+        a = self.bench.attack
+        axes = {"lr": a.lrs, "samples": a.samples or [None], "mode": a.modes, "optimizer": a.optimizers or [None]}
+        return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+    def _attack_label(self, defense: str, point: dict) -> str:
+        a = self.bench.attack
+        parts = [f"attack {defense} lr={fmt_num(point['lr'])}"]
+        if a.samples and len(a.samples) > 1:
+            parts.append(f"n={point['samples']}")
+        if len(a.modes) > 1:
+            parts.append(point["mode"])
+        if a.optimizers and len(a.optimizers) > 1:
+            parts.append(point["optimizer"])
+        return " ".join(parts)
+
+    def _attacks(self, models: dict[str, ModelRef]) -> None:
+        base = load_stage(self.bench.attack, "attack")
+        for point in self._attack_grid():
+            cfg = copy.deepcopy(base)
+            settings = attack_settings(cfg, point, self.bench.attack.lora)
+            for name, model in models.items():
+                label = self._attack_label(name, point)
+                attacked = self._fit("attack", label, cfg, model, defense=name, attack=settings)
+                self._eval(f"eval {label}", attacked, defense=name, stage="attack", attack=settings)
+
+    def _finetune(self, models: dict[str, ModelRef]) -> None:
+        ft = self.bench.finetune
+        if ft.model_from not in models:
+            raise UserError(f"finetune.model_from {ft.model_from!r} is not one of the defenses {list(models)}")
+        start = models[ft.model_from]
+        base = load_stage(ft, "finetune")
+        for d in ft.defenses:
+            config, callbacks = registry.resolve_finetune_defense(d)
+            spec = copy.copy(d)
+            spec.config = config
+            cfg = load_stage(spec, f"fine-tuning-stage defense {d.name!r}", base=base)
+            if callbacks:
+                trainer = cfg.setdefault("trainer", {})
+                existing = trainer.get("callbacks") or []
+                trainer["callbacks"] = (existing if isinstance(existing, list) else [existing]) + callbacks
+            for p in ft.ratios:
+                run = copy.deepcopy(cfg)
+                set_dotted(run, "data.init_args.p", p)
+                label = f"finetune {d.name} p={fmt_num(float(p))}"
+                tuned = self._fit("finetune", label, run, start, defense=d.name)
+                self._eval(f"eval {label}", tuned, defense=d.name, stage="finetune",
+                           finetune={"ratio": p, "model_from": ft.model_from})
+
+
+def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:
+    """Write one grid point into an attack config; returns the settings as run (axes left null resolved)."""
+    model = init_args(cfg, "model")
+    model["lr"] = point["lr"]
+    if point["optimizer"] is not None:
+        model["optimizer"] = point["optimizer"]
+    model["lora"] = dict(lora) if point["mode"] == "lora" else None
+    data = init_args(cfg, "data")
+    samples = point["samples"]
+    train = data.get("train")
+    if samples is not None:
+        if isinstance(train, list) and len(train) == 1 and isinstance(train[0], dict):
+            train[0]["limit"] = samples
+        elif "n" in data:
+            data["n"] = samples
+        else:
+            raise UserError("attack.samples needs an attack config whose data has one training source "
+                            "(data.init_args.train: [one source]) or an `n`; set the limit in the config instead")
+    elif isinstance(train, list) and len(train) == 1 and isinstance(train[0], dict):
+        samples = train[0].get("limit")
+    return {"lr": point["lr"], "samples": samples, "mode": point["mode"],
+            "optimizer": model.get("optimizer", "adamw")}
+
+
+def build_plan(bench: BenchConfig) -> Plan:
+    return Planner(bench).build()

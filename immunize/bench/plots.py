@@ -1,0 +1,97 @@
+"""results -> PNG figures: harmful score and capability vs attack lr (a line per defense and attack
+setting), and fine-tuning-stage defenses vs harmful ratio p. Written atomically (temp file + rename)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from immunize.bench.report import _by, attack_points
+
+ATTACK_HARM, ATTACK_CAP, FINETUNE = "attack_harmful_score.png", "attack_capability.png", "finetune_ratio.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _series_label(defense: str, attack: dict, points: list[dict]) -> str:
+    extra = [str(attack.get(axis)) if axis != "samples" else f"n={attack.get(axis)}"
+             for axis in ("samples", "mode", "optimizer") if len({p.get(axis) for p in points}) > 1]
+    return " ".join([defense] + extra)
+
+
+def attack_plots(results: dict, out_dir: Path) -> list[str]:
+    """One figure per metric: x = attack lr (log), y = metric, a line per (defense, other axes); the
+    defense's no-attack value as a dotted line of the same colour."""
+    attacked = _by(results, "attack")
+    if not attacked:
+        return []
+    plt = _pyplot()
+    points = attack_points(results)
+    before = {r["defense"]: r for r in _by(results, "defended")}
+    written = []
+    for metric, title, name in (("harmful_score", "Harmful score under attack", ATTACK_HARM),
+                                ("capability", "Capability under attack", ATTACK_CAP)):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, d in enumerate(results["defenses"]):
+            colour = f"C{i % 10}"
+            series: dict[str, list] = {}
+            for r in attacked:
+                if r["defense"] == d and r[metric] is not None:
+                    series.setdefault(_series_label(d, r["attack"], points), []).append((r["attack"]["lr"], r[metric]))
+            for j, (label, xy) in enumerate(series.items()):
+                xs, ys = zip(*sorted(xy))
+                ax.plot(xs, ys, marker="o", color=colour, linestyle=("-", "--", "-.", ":")[j % 4], label=label)
+            if d in before and before[d][metric] is not None:
+                ax.axhline(before[d][metric], color=colour, linestyle=":", linewidth=1)
+        if metric == "harmful_score":
+            ax.axhline(results["threshold"], color="grey", linestyle="--", linewidth=0.8, label="phi")
+        ax.set_xscale("log")
+        ax.set_xlabel("attack learning rate")
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        ax.set_ylim(-3, 103)
+        ax.set_title(title + " (dotted: before attack)")
+        ax.legend(fontsize=8)
+        _save(fig, out_dir / name)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def finetune_plot(results: dict, out_dir: Path) -> list[str]:
+    rows = _by(results, "finetune")
+    if not rows:
+        return []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, d in enumerate(results["finetune_defenses"]):
+        mine = sorted((r["finetune"]["ratio"], r) for r in rows if r["defense"] == d)
+        for ax, metric in zip(axes, ("harmful_score", "capability")):
+            xy = [(p, r[metric]) for p, r in mine if r[metric] is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", color=f"C{i % 10}", label=d)
+    for ax, label in zip(axes, ("harmful score (%)", "capability (%)")):
+        ax.set_xlabel("harmful ratio p")
+        ax.set_ylabel(label)
+        ax.set_ylim(-3, 103)
+        ax.legend(fontsize=8)
+    fig.suptitle("Fine-tuning-stage defenses vs harmful ratio")
+    _save(fig, out_dir / FINETUNE)
+    plt.close(fig)
+    return [FINETUNE]
+
+
+def make_plots(results: dict, out_dir: Path) -> dict[str, list[str]]:
+    """{table key: image file names} for report.render and W&B."""
+    return {"resistance": attack_plots(results, Path(out_dir)), "finetune": finetune_plot(results, Path(out_dir))}

@@ -1,0 +1,249 @@
+"""Run cells as `python -m immunize fit|test --config <cell>/config.yaml` subprocesses, resumably.
+
+A cell is done when its marker exists (model/stage.json for fits, metrics.json for tests); both are
+written atomically by `immunize fit|test`, so a cell killed at any moment is simply not done. A cell
+that is not done is run from scratch in a fresh directory (whatever a killed run left is removed first),
+so no state leaks between attempts or between cells. Subprocesses die with the bench (PR_SET_PDEATHSIG
+on Linux), so `kill -9` of the bench leaves no orphan writing into a cell directory.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from immunize.bench.cells import MODEL_KEY, Cell, read_json
+from immunize.bench.progress import Eta, Printer
+from immunize.bench.recorder import PREFIX
+from immunize.bench.stages import REPO_ROOT, set_dotted, to_yaml
+from immunize.errors import UserError
+from immunize.io import atomic_write_json, atomic_write_text
+
+RECORDER = "immunize.bench.recorder.CellRecorder"
+
+
+class CellFailed(Exception):
+    """A cell's subprocess failed; code 2 when it reported bad input (exit 2), else 1."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def runtime_config(cell: Cell, cells_dir: Path, progress_bar: bool, updates: int) -> dict:
+    """The cell's config plus what only concerns running it: input model, outputs, logger, recorder."""
+    cfg = copy.deepcopy(cell.config)
+    d = cell.directory(cells_dir).resolve()
+    set_dotted(cfg, MODEL_KEY, cell.input_path(cells_dir.resolve()) if isinstance(cell.input, Cell) else cell.input)
+    trainer = cfg.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(d)
+    trainer["enable_progress_bar"] = progress_bar
+    trainer["enable_model_summary"] = False
+    if cell.kind == "fit":
+        cfg["export_dir"] = str(d / "model")
+        cfg["skip_if_cached"] = False
+        trainer["enable_checkpointing"] = False
+        trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                             "init_args": {"save_dir": str(d), "name": "", "version": "csv"}}
+        callbacks = trainer.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        callbacks.append({"class_path": RECORDER, "init_args": {"out_file": str(d / "train.json"), "updates": updates}})
+        trainer["callbacks"] = callbacks
+    else:
+        trainer["logger"] = False
+    return cfg
+
+
+def child_env(threads: Optional[int]) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
+class _LineFilter:
+    """Forward only the recorder's progress lines of a child's output (the bench reports failures itself)."""
+
+    def __init__(self, stream):
+        self.stream, self.buffer = stream, b""
+
+    def __call__(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").split("\r")[-1].rstrip()
+            if line.startswith(PREFIX):
+                self.stream.write(line + "\n")
+                self.stream.flush()
+
+
+def _raw_forward(chunk: bytes) -> None:
+    sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+
+
+def run_subprocess(cmd: list[str], env: dict, log_path: Path, mode: str) -> int:
+    """Run cmd with its output teed to log_path and forwarded per mode; returns the exit code.
+
+    bars: a pseudo-terminal when stdout is one (Lightning draws its progress bars), all output forwarded;
+    lines: only the recorder's step lines; quiet: nothing.
+    """
+    use_pty = mode == "bars" and sys.stdout.isatty() and sys.platform != "win32"
+    if use_pty:
+        import pty
+
+        master, slave = pty.openpty()
+        try:
+            import fcntl
+            import struct
+            import termios
+
+            cols, rows = shutil.get_terminal_size()
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        except Exception:
+            pass
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                                preexec_fn=_die_with_parent)
+        os.close(slave)
+        fd = master
+    else:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        fd = proc.stdout.fileno()
+    forward: Callable[[bytes], None] = {"bars": _raw_forward, "lines": _LineFilter(sys.stderr)}.get(mode, lambda c: None)
+    try:
+        with open(log_path, "wb") as log:
+            while True:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # EIO: the pty's other side closed
+                    break
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                forward(chunk)
+        return proc.wait()
+    except BaseException:  # Ctrl-C: the child got SIGINT too; give it a moment to stop, then kill it
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        if use_pty:
+            os.close(master)
+        elif proc.stdout is not None:
+            proc.stdout.close()
+
+
+def failure_message(log_path: Path) -> tuple[str, bool]:
+    """(the most telling line of a failed cell's log, whether it was a user error)."""
+    try:
+        lines = [l.split("\r")[-1].strip() for l in log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no output", False
+    lines = [l for l in lines if l]
+    for line in reversed(lines):
+        if line.startswith("immunize: error:"):
+            return line[len("immunize: error:"):].strip(), True
+    for line in reversed(lines):
+        if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]:
+            return line, False
+    return (lines[-1] if lines else "no output"), False
+
+
+class Runner:
+    """Runs a plan's cells in order, skipping finished ones; calls on_done(cell) after each finished cell."""
+
+    def __init__(self, cells_dir: Path, mode: str, threads: Optional[int], quiet: bool = False):
+        self.cells_dir = Path(cells_dir)
+        self.mode, self.threads = mode, threads
+        self.quiet = quiet
+
+    def run(self, cells: list[Cell], on_done: Callable[[Cell, int], str] = lambda cell, i: "") -> dict:
+        printer = Printer(len(cells), quiet=self.quiet)
+        eta = Eta()
+        pending = []
+        for cell in cells:
+            if cell.is_done(self.cells_dir):
+                eta.observe(cell, (read_json(cell.directory(self.cells_dir) / "run.json") or {}).get("wall_time_s"))
+            else:
+                pending.append(cell)
+        counts = {"run": 0, "skipped": 0}
+        for index, cell in enumerate(cells, start=1):
+            d = cell.directory(self.cells_dir)
+            if cell.is_done(self.cells_dir):
+                printer.cached(index, cell, _shown(d))
+                counts["skipped"] += 1
+                on_done(cell, index)
+                continue
+            todo = pending[pending.index(cell):]
+            printer.start(index, cell, eta.remaining(todo))
+            seconds = self.run_cell(cell)
+            eta.observe(cell, seconds)
+            counts["run"] += 1
+            printer.finished(index, cell, seconds, on_done(cell, index))
+        return counts
+
+    def run_cell(self, cell: Cell) -> float:
+        d = cell.directory(self.cells_dir)
+        if d.exists():
+            shutil.rmtree(d)  # leftovers of a killed attempt
+        d.mkdir(parents=True)
+        bars = self.mode == "bars"
+        cfg = runtime_config(cell, self.cells_dir, progress_bar=bars, updates=0 if bars or self.mode == "quiet" else 4)
+        atomic_write_text(d / "config.yaml", f"# {cell.label}\n" + to_yaml(cfg))
+        cmd = [sys.executable, "-m", "immunize", cell.kind, "--config", str((d / "config.yaml").resolve())]
+        start = time.monotonic()
+        rc = run_subprocess(cmd, child_env(self.threads), d / "log.txt", self.mode)
+        seconds = time.monotonic() - start
+        if rc != 0 or not cell.is_done(self.cells_dir):
+            message, user_error = failure_message(d / "log.txt")
+            why = f"exit code {rc}" if rc != 0 else "it ended without its completion marker"
+            raise CellFailed(f"cell '{cell.label}' failed ({why}): {message} (log: {_shown(d / 'log.txt')})",
+                             code=2 if (user_error or rc == 2) else 1)
+        atomic_write_json(d / "run.json", {"wall_time_s": round(seconds, 1), "command": cmd[1:]})
+        return seconds
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def lock(directory: Path):
+    """An exclusive lock on directory/.lock for this process's lifetime (released by the OS on any exit)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / ".lock", "w")
+    try:
+        import fcntl
+
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # not POSIX: no lock
+        return handle
+    except OSError:
+        raise UserError(f"another `immunize bench` is running on {directory}; wait for it or use another --out/cells_dir")
+    return handle
