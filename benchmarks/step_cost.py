@@ -24,8 +24,9 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from lightning_modules import SEAM, SFT  # noqa: E402
-from callbacks import Panacea  # noqa: E402
+from lightning_modules import SEAM, SFT, AdversarialImmunization, Booster, RepNoise, Vaccine  # noqa: E402
+from callbacks import Lisa, Panacea  # noqa: E402
+from callbacks.antidote import antidote_prune  # noqa: E402
 from datamodules import Source  # noqa: E402
 
 # A ~0.5B-parameter Llama (random init, untied embeddings) for the GPU run.
@@ -47,6 +48,11 @@ METHODS: dict[str, Method] = {
     "sft": Method(lambda **kw: SFT(**kw)),
     "seam": Method(lambda **kw: SEAM(**kw), part=None),
     "panacea": Method(lambda **kw: SFT(**kw), callbacks=lambda: [SameShapePanacea()]),
+    "lisa": Method(lambda **kw: SFT(**kw), callbacks=lambda: [SameShapeLisa()]),
+    "adversarial": Method(lambda **kw: AdversarialImmunization(**kw), part=None),
+    "repnoise": Method(lambda **kw: RepNoise(**kw), part=None),
+    "vaccine": Method(lambda **kw: Vaccine(**kw), part=None),
+    "booster": Method(lambda **kw: Booster(**kw), part=None),
 }
 
 
@@ -63,6 +69,32 @@ class SameShapePanacea(Panacea):
     def next_harmful_batch(self, trainer, device):
         self.draws += 1
         return self._step_batch
+
+
+class SameShapeLisa(Lisa):
+    """Lisa (rho 1, 2 alignment / 8 user steps) whose alignment batch is the step's own batch: one pass per step
+    either way, plus the proximal term on every step and an anchor copy at each phase switch."""
+
+    def __init__(self):
+        super().__init__(alignment=Source(kind="toy", part="pairs", split="align", limit=8), batch_size=1)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_batch = dict(batch)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def next_alignment_batch(self, trainer, device):
+        self.draws += 1
+        return self._step_batch
+
+
+def antidote_one_shot(model: str, batch: dict, sft_step_seconds: float) -> dict:
+    """Antidote has no per-step cost (it prunes once, after fine-tuning): the wall time of that one-shot pruning
+    (dense_ratio 0.1, layer by layer, one calibration batch of the step's shape), also in SFT steps."""
+    module = build("sft", model, None, seed=0)
+    start = time.perf_counter()
+    antidote_prune(module.model, [batch], 0.1, sequential=True)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "in_sft_steps": round(seconds / sft_step_seconds, 3), "calibration_batches": 1}
 
 
 class FixedBatch(Dataset):
@@ -254,6 +286,7 @@ def main(argv=None) -> int:
     del probe
     batch = make_batch(vocab, args.batch_size, args.length, prompt=args.length // 4)
     result = measure(args.model, batch, args.steps, args.rounds, "32-true")
+    result["antidote_one_shot"] = antidote_one_shot(args.model, batch["harmful"], result["median_step_seconds"]["sft"])
     if torch.cuda.is_available():  # real-scale shape: ~0.5B Llama, bf16 autocast over fp32 weights, 8 x 256
         big = make_batch(LLAMA_05B["vocab_size"], 8, 256, prompt=64)
         result = {"cpu_or_small": result, "gpu_0.5b": measure("toy:tiny", big, 5, 1, "bf16-mixed", LLAMA_05B)}

@@ -9,7 +9,7 @@ import sys
 import warnings
 from typing import Optional
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from immunize.errors import find_user_error
 from immunize.stage_cache import cached, config_hash, mark_done
@@ -18,6 +18,16 @@ DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
     "init_args": {"project": "immunize", "offline": True, "save_dir": "runs"},
 }
+
+
+class LogConfig(SaveConfigCallback):
+    """Also send the full resolved config to the loggers (W&B shows it as the run config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict()
+        config.pop("config", None)
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
 
 
 class ImmunizeCLI(LightningCLI):
@@ -70,6 +80,7 @@ def main(args: Optional[list[str]] = None) -> None:
             args=args,
             seed_everything_default=0,
             trainer_defaults={"logger": DEFAULT_LOGGER},
+            save_config_callback=LogConfig,
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
         )

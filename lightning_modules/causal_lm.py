@@ -141,6 +141,8 @@ class CausalLMModule(L.LightningModule):
         self.test_results = results
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is a collective: all ranks
         if self.trainer.is_global_zero:
+            if self.logger is not None and not getattr(self.logger, "log_dir", None) and self.logger.version is not None:
+                out_dir = out_dir / str(self.logger.version)  # loggers without a versioned dir (W&B): one per run
             atomic_write_jsonl(out_dir / "generations.jsonl", rows)
             atomic_write_json(out_dir / "metrics.json", results)
             self._log_generation_table(rows)

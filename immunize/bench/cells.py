@@ -5,7 +5,7 @@ cell that produced that model (or the model source itself), so a changed upstrea
 downstream hash, and the same stage in another bench (or a rerun) finds the same directory.
 
 Layout of a cell directory:
-    config.yaml       the generated `immunize fit|test` config (absolute paths)
+    cell.yaml         the generated `immunize fit|test` config (absolute paths)
     log.txt           the subprocess output
     model/            fits: the exported model; model/stage.json is the completion marker
     metrics.json      tests: the completion marker (written atomically, after generations.jsonl)

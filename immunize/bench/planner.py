@@ -47,8 +47,8 @@ class Plan:
 
 
 def fmt_num(x) -> str:
-    """1e-3 -> "1e-3", 2.5e-4 -> "2.5e-4", 0.1 -> "0.1", 200 -> "200"."""
-    if isinstance(x, float) and x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+    """1e-3 -> "1e-3", 2.5e-4 -> "2.5e-4", 1e-2 -> "1e-2", 0.1 -> "0.1", 200 -> "200"."""
+    if isinstance(x, float) and x != 0 and (abs(x) <= 1e-2 or abs(x) >= 1e4):
         mantissa, exp = f"{x:e}".split("e")
         return f"{mantissa.rstrip('0').rstrip('.')}e{int(exp)}"
     return f"{x:g}" if isinstance(x, float) else str(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from immunize.bench.planner import fmt_num
 from immunize.bench.report import _by, attack_points
 
 ATTACK_HARM, ATTACK_CAP, FINETUNE = "attack_harmful_score.png", "attack_capability.png", "finetune_ratio.png"
@@ -17,6 +18,12 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _null_formatter():
+    from matplotlib.ticker import NullFormatter
+
+    return NullFormatter()
 
 
 def _save(fig, path: Path) -> None:
@@ -56,8 +63,11 @@ def attack_plots(results: dict, out_dir: Path) -> list[str]:
             if d in before and before[d][metric] is not None:
                 ax.axhline(before[d][metric], color=colour, linestyle=":", linewidth=1)
         if metric == "harmful_score":
-            ax.axhline(results["threshold"], color="grey", linestyle="--", linewidth=0.8, label="phi")
+            ax.axhline(results["threshold"], color="grey", linestyle="--", linewidth=0.8, label="phi (acceptable HS)")
         ax.set_xscale("log")
+        lrs = sorted({p["lr"] for p in points})
+        ax.set_xticks(lrs, [fmt_num(float(x)) for x in lrs])
+        ax.xaxis.set_minor_formatter(_null_formatter())
         ax.set_xlabel("attack learning rate")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.set_ylim(-3, 103)

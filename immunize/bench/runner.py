@@ -1,4 +1,4 @@
-"""Run cells as `python -m immunize fit|test --config <cell>/config.yaml` subprocesses, resumably.
+"""Run cells as `python -m immunize fit|test --config <cell>/cell.yaml` subprocesses, resumably.
 
 A cell is done when its marker exists (model/stage.json for fits, metrics.json for tests); both are
 written atomically by `immunize fit|test`, so a cell killed at any moment is simply not done. A cell
@@ -26,6 +26,7 @@ from immunize.errors import UserError
 from immunize.io import atomic_write_json, atomic_write_text
 
 RECORDER = "immunize.bench.recorder.CellRecorder"
+CELL_CONFIG = "cell.yaml"  # what the bench generated (LightningCLI may write its own config.yaml next to it)
 
 
 class CellFailed(Exception):
@@ -213,8 +214,8 @@ class Runner:
         d.mkdir(parents=True)
         bars = self.mode == "bars"
         cfg = runtime_config(cell, self.cells_dir, progress_bar=bars, updates=0 if bars or self.mode == "quiet" else 4)
-        atomic_write_text(d / "config.yaml", f"# {cell.label}\n" + to_yaml(cfg))
-        cmd = [sys.executable, "-m", "immunize", cell.kind, "--config", str((d / "config.yaml").resolve())]
+        atomic_write_text(d / CELL_CONFIG, f"# {cell.label}\n" + to_yaml(cfg))
+        cmd = [sys.executable, "-m", "immunize", cell.kind, "--config", str((d / CELL_CONFIG).resolve())]
         start = time.monotonic()
         rc = run_subprocess(cmd, child_env(self.threads), d / "log.txt", self.mode)
         seconds = time.monotonic() - start

@@ -1,0 +1,52 @@
+"""Adversarial-loss immunization (the demo defense of the immunization paper): learn refusals, unlearn harmful answers.
+
+L = CE_m(refusal) - alpha * CE_m(harmful) on paired (prompt, refusal) / (prompt, harmful answer) samples,
+m = response tokens. The ascent term is unbounded; the paper reports it resists weak attacks only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from immunize.errors import UserError
+from lightning_modules.batch_parts import batch_size, require_parts
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.grad_math import masked_ce
+from lightning_modules.seam_math import rank_weights
+
+
+class AdversarialImmunization(CausalLMModule):
+    """Automatic optimization; one backward through both CE terms per step (2 forwards, 2 backwards' worth).
+
+    DDP: each CE is token-weighted by seam_math.rank_weights, so the rank-averaged gradient is the one of
+    the global batch's token means (the same as one process on the whole batch).
+    """
+
+    def __init__(self, alpha: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise UserError(f"AdversarialImmunization alpha must be a finite number >= 0, got {alpha}")
+        self.alpha = float(alpha)
+
+    def _ce(self, part: dict) -> torch.Tensor:
+        out = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False)
+        return masked_ce(out.logits, part["labels"])
+
+    def adversarial_loss(self, batch: dict, weights: tuple[float, float] = (1.0, 1.0)):
+        """(loss, CE on refusals, CE on harmful answers); weights scale the two CEs (DDP token weights)."""
+        harmful, refusal = require_parts(batch, ("harmful", "refusal"), "AdversarialImmunization")
+        ce_refusal = self._ce(refusal)
+        ce_harmful = self._ce(harmful) if self.alpha > 0 else ce_refusal.new_zeros(())
+        loss = weights[1] * ce_refusal - self.alpha * weights[0] * ce_harmful
+        return loss, ce_refusal.detach(), ce_harmful.detach()
+
+    def training_step(self, batch, batch_idx):
+        harmful, refusal = require_parts(batch, ("harmful", "refusal"), "AdversarialImmunization")
+        weights = tuple(rank_weights([harmful["labels"], refusal["labels"]]))
+        loss, ce_refusal, ce_harmful = self.adversarial_loss(batch, weights)
+        self.check_finite(loss, "AdversarialImmunization loss")
+        size = batch_size(refusal)
+        self.log_dict({"train/ce_refusal": ce_refusal, "train/ce_harmful": ce_harmful}, batch_size=size)
+        self.log("train/loss", (ce_refusal - self.alpha * ce_harmful), prog_bar=True, batch_size=size)
+        return loss

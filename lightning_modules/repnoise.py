@@ -1,0 +1,84 @@
+"""RepNoise (Representation Noising): push harmful representations toward Gaussian noise while learning refusals.
+
+L = CE_m(refusal) + beta * L_noise - alpha * log(1 + H), on paired harmful/refusal batches (m: response tokens):
+- H: harmful CE at the final logits plus the logit-lens CEs of every hidden state (logit_lens.logit_lens_ce,
+  the same function as SEAM's L_ul; -log(1 + H) is logit_lens.bounded_ascent).
+- L_noise: mean over decoder layers of MMD^2 (mmd.noise_mmd: Gaussian kernels, 5 bandwidths around the mean
+  pairwise distance) between the layer's MLP outputs on the harmful batch, masked to the response tokens,
+  and standard Gaussian noise of the same shape and mask.
+One harmful forward (hidden states + MLP-output hooks) serves H and L_noise; one refusal forward gives the CE.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from immunize.errors import UserError
+from lightning_modules.batch_parts import batch_size, require_parts
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.grad_math import IGNORE, masked_ce
+from lightning_modules.hidden_hooks import capture_outputs, layer_submodules, lens_modules
+from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
+from lightning_modules.mmd import noise_mmd
+from lightning_modules.seam_math import global_value, rank_weights
+
+
+class RepNoise(CausalLMModule):
+    """Automatic optimization (Lightning's clipping and accumulation flags apply).
+
+    DDP: the CEs are token-weighted (seam_math.rank_weights) and -log(1 + H) takes the rank-averaged H
+    (seam_math.global_value), so those terms follow the global batch exactly. L_noise is a batch statistic
+    (kernel bandwidth and MMD over the rank's own samples): under DDP it is the mean of per-rank MMDs, the
+    estimator a per-device implementation computes (the reference's, with its per-GPU batches).
+    """
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1e-3, kernel_mul: float = 2.0, kernel_num: int = 5,
+                 **kwargs):
+        super().__init__(**kwargs)
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"RepNoise {name} must be a finite number >= 0, got {value}")
+        if int(kernel_num) != kernel_num or kernel_num < 1 or not kernel_mul > 0:
+            raise UserError(f"RepNoise needs kernel_num an integer >= 1 and kernel_mul > 0, got {kernel_num}, {kernel_mul}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.kernel_mul, self.kernel_num = float(kernel_mul), int(kernel_num)
+
+    def repnoise_terms(self, batch: dict, w_harmful: float = 1.0):
+        """(CE on refusals, L_noise, H) as graph-attached scalars; H is multiplied by w_harmful (DDP weight)."""
+        harmful, refusal = require_parts(batch, ("harmful", "refusal"), "RepNoise")
+        ce_refusal = masked_ce(self.model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"],
+                                          use_cache=False).logits, refusal["labels"])
+        zero = ce_refusal.new_zeros((), dtype=torch.float32)
+        if self.alpha == 0 and self.beta == 0:
+            return ce_refusal, zero, zero
+        mlps = layer_submodules(self.model, "mlp") if self.beta > 0 else []
+        with capture_outputs(mlps) as activations:
+            out = self.model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
+                             output_hidden_states=self.alpha > 0, use_cache=False)
+        if self.beta > 0:
+            mask = harmful["labels"] != IGNORE
+            l_noise = torch.stack([noise_mmd(a, mask, self.kernel_mul, self.kernel_num) for a in activations]).mean()
+        else:
+            l_noise = zero
+        if self.alpha > 0:
+            lm_head, norm = lens_modules(self.model)
+            h = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], lm_head, norm) * w_harmful
+        else:
+            h = zero
+        return ce_refusal, l_noise, h
+
+    def training_step(self, batch, batch_idx):
+        harmful, refusal = require_parts(batch, ("harmful", "refusal"), "RepNoise")
+        w_h, w_r = rank_weights([harmful["labels"], refusal["labels"]])
+        ce_refusal, l_noise, h = self.repnoise_terms(batch, w_h)
+        ascent = bounded_ascent(global_value(h)) if self.alpha > 0 else h
+        loss = self.check_finite(w_r * ce_refusal + self.beta * l_noise + self.alpha * ascent, "RepNoise loss")
+        size = batch_size(harmful)
+        logs = {"train/ce_refusal": ce_refusal.detach(), "train/L_noise": l_noise.detach()}
+        if self.alpha > 0:
+            logs["train/H"] = h.detach() / w_h if w_h > 0 else h.detach()
+        self.log_dict(logs, batch_size=size)
+        self.log("train/loss", (ce_refusal + self.beta * l_noise + self.alpha * ascent).detach(), prog_bar=True,
+                 batch_size=size)
+        return loss

@@ -1,0 +1,99 @@
+"""The bench planner: cells, their hashes, and how the bench config is written into stage configs."""
+import pytest
+
+from immunize.bench.cells import Cell, cell_digest
+from immunize.bench.command import QUICKSTART
+from immunize.bench.planner import attack_settings, build_plan, fmt_num
+from immunize.bench.schema import parse
+from immunize.bench.stages import apply_heldout, deep_merge, merge_section, set_dotted
+from immunize.errors import UserError
+
+
+def _plan(*args):
+    bench, _ = parse(["--config", str(QUICKSTART), *args])
+    return build_plan(bench)
+
+
+def _by_label(plan):
+    return {c.label: c for c in plan.cells}
+
+
+def test_quickstart_plan_shape():
+    plan = _plan()
+    labels = [c.label for c in plan.cells]
+    assert labels[:3] == ["pretrain toy:tiny", "align", "defense seam"]
+    # 2 defenses x (before-attack eval, 3 attacks + evals, benign + eval) + 2 fine-tuning defenses x 2 ratios x 2
+    assert len(plan.cells) == 3 + 2 * (1 + 3 * 2 + 2) + 2 * 2 * 2
+    assert len(plan.evals) == 2 * (1 + 3 + 1) + 4
+    assert len({c.digest for c in plan.cells}) == len(plan.cells)
+    # every cell comes after the cell whose model it reads
+    position = {c.digest: i for i, c in enumerate(plan.cells)}
+    assert all(position[c.input.digest] < position[c.digest] for c in plan.cells if isinstance(c.input, Cell))
+    # the undefended defense is the aligned model itself, no stage of its own
+    cells = _by_label(plan)
+    assert cells["eval undefended (no attack)"].input is cells["align"]
+    assert cells["finetune panacea p=0.1"].config["trainer"]["callbacks"][0]["class_path"] == "callbacks.Panacea"
+    assert cells["finetune panacea p=0.3"].config["data"]["init_args"]["p"] == 0.3
+
+
+def test_hashes_are_stable_and_follow_dependencies():
+    a, b = _by_label(_plan()), _by_label(_plan())
+    assert {k: c.digest for k, c in a.items()} == {k: c.digest for k, c in b.items()}
+    # a different attack grid leaves every upstream stage (and the other attacks) where it was
+    c = _by_label(_plan("--attack.lrs", "[3.0e-4, 1.0e-3, 1.0e-2]"))
+    for label in ("pretrain toy:tiny", "align", "defense seam", "attack seam lr=1e-3", "eval attack seam lr=1e-3"):
+        assert c[label].digest == a[label].digest
+    assert "attack seam lr=1e-2" in c and "attack seam lr=3e-3" not in c
+    # a change upstream changes everything downstream
+    d = _by_label(_plan("--alignment.trainer", "{max_epochs: 1}"))
+    assert d["pretrain toy:tiny"].digest == a["pretrain toy:tiny"].digest
+    for label in ("align", "defense seam", "attack undefended lr=1e-3", "eval finetune sft p=0.1"):
+        assert d[label].digest != a[label].digest
+
+
+def test_digest_ignores_where_cells_live():
+    cfg = {"model": {"class_path": "lightning_modules.SFT", "init_args": {"lr": 1e-3}}}
+    up = Cell("fit", "pretrain", "p", cfg, "toy:tiny")
+    assert cell_digest("fit", "attack", cfg, up) == Cell("fit", "attack", "x", cfg, up).digest
+    assert cell_digest("fit", "attack", cfg, up) != cell_digest("fit", "attack", cfg, "toy:tiny")
+    assert cell_digest("test", "eval", cfg, up) != cell_digest("fit", "eval", cfg, up)
+
+
+def test_attack_settings_written_into_config():
+    cfg = {"model": {"class_path": "lightning_modules.SFT", "init_args": {"lr": 1.0, "optimizer": "adamw"}},
+           "data": {"class_path": "datamodules.SFTData", "init_args": {"train": [{"kind": "toy", "part": "harmful", "limit": 50}]}}}
+    lora = {"r": 4}
+    got = attack_settings(cfg, {"lr": 2e-4, "samples": None, "mode": "lora", "optimizer": "sgd"}, lora)
+    assert got == {"lr": 2e-4, "samples": 50, "mode": "lora", "optimizer": "sgd"}
+    assert cfg["model"]["init_args"] == {"lr": 2e-4, "optimizer": "sgd", "lora": {"r": 4}}
+    attack_settings(cfg, {"lr": 1e-3, "samples": 8, "mode": "full", "optimizer": None}, lora)
+    assert cfg["data"]["init_args"]["train"][0]["limit"] == 8 and cfg["model"]["init_args"]["lora"] is None
+    cfg["data"]["init_args"]["train"].append({"kind": "toy"})
+    with pytest.raises(UserError, match="one training source"):
+        attack_settings(cfg, {"lr": 1e-3, "samples": 8, "mode": "full", "optimizer": None}, lora)
+
+
+def test_merging_and_heldout_injection():
+    base = {"class_path": "a.A", "init_args": {"x": 1, "y": {"z": 2}, "l": [1, 2]}}
+    assert merge_section(base, {"init_args": {"y": {"w": 3}, "l": [9]}}) == \
+        {"class_path": "a.A", "init_args": {"x": 1, "y": {"z": 2, "w": 3}, "l": [9]}}
+    assert merge_section(base, {"class_path": "b.B"}) == {"class_path": "b.B"}
+    assert deep_merge({"a": 1}, {"b": 2}) == {"a": 1, "b": 2}
+    cfg = {"data": {"init_args": {"pairs": {"kind": "toy", "part": "pairs", "categories": "seen"},
+                                  "benign": {"kind": "toy", "part": "benign"}}}}
+    apply_heldout(cfg, ["self_harm"])
+    assert cfg["data"]["init_args"]["pairs"]["heldout_categories"] == ["self_harm"]
+    assert "heldout_categories" not in cfg["data"]["init_args"]["benign"]  # unaffected sources keep their hash
+    d = {}
+    set_dotted(d, "data.init_args.train", [{"limit": 1}])
+    set_dotted(d, "data.init_args.train.0.limit", 5)
+    assert d == {"data": {"init_args": {"train": [{"limit": 5}]}}}
+
+
+def test_fmt_num():
+    assert [fmt_num(x) for x in (1e-3, 2.5e-4, 0.1, 0.3, 200, 3e-3)] == ["1e-3", "2.5e-4", "0.1", "0.3", "200", "3e-3"]
+
+
+def test_toy_source_needs_pretrain():
+    with pytest.raises(UserError, match="model.pretrain"):
+        _plan("--model.pretrain", "null")

@@ -1,0 +1,114 @@
+"""Report tables are pure functions of results.json: checked here on a known, hand-written results dict."""
+import copy
+
+import pytest
+
+from immunize.bench import report
+from immunize.bench.plots import make_plots
+
+CATS = ["animal_abuse", "self_harm", "terrorism,organized_crime"]
+HELDOUT = ["self_harm", "terrorism,organized_crime"]
+
+
+def _entry(defense, stage, hs_by_cat, cap, attack=None, finetune=None, steps=10, acc=None):
+    return {"cell": f"eval-{defense}-{stage}", "model_cell": None, "defense": defense, "stage": stage,
+            "attack": attack, "finetune": finetune,
+            "harmful_score": sum(hs_by_cat) / len(hs_by_cat), "harmful_scores": dict(zip(CATS, hs_by_cat)),
+            "capability": cap, "accuracy": acc or {"arithmetic": cap, "sentiment": cap}, "steps": steps,
+            "wall_time_s": 1.5, "eval_wall_time_s": 0.5}
+
+
+def _attack(lr):
+    return {"lr": lr, "samples": 200, "mode": "full", "optimizer": "adamw"}
+
+
+@pytest.fixture
+def results():
+    return {
+        "version": 1, "reference": "undefended", "defenses": ["undefended", "seam"], "finetune_defenses": ["sft", "panacea"],
+        "heldout_categories": HELDOUT, "threshold": 10.0,
+        "results": [
+            _entry("undefended", "defended", [0, 0, 0], 90.0, steps=188),
+            _entry("seam", "defended", [0, 0, 0], 84.0, steps=50),
+            _entry("undefended", "attack", [90, 60, 30], 64.0, attack=_attack(1e-3)),
+            _entry("seam", "attack", [0, 0, 30], 75.0, attack=_attack(1e-3)),
+            _entry("undefended", "attack", [60, 90, 90], 53.0, attack=_attack(3e-3)),
+            _entry("seam", "attack", [30, 60, 90], 20.0, attack=_attack(3e-3)),
+            _entry("undefended", "benign", [0, 0, 0], 98.0, acc={"arithmetic": 92.0}),
+            _entry("seam", "benign", [0, 0, 0], 92.0, acc={"arithmetic": 76.0}),
+            _entry("sft", "finetune", [90, 90, 90], 88.0, finetune={"ratio": 0.3, "model_from": "undefended"}),
+            _entry("sft", "finetune", [80, 90, 100], 88.0, finetune={"ratio": 0.1, "model_from": "undefended"}),
+            _entry("panacea", "finetune", [60, 60, 60], 89.0, finetune={"ratio": 0.1, "model_from": "undefended"}),
+        ],
+    }
+
+
+def _table(tables, key):
+    return next(t for t in tables if t.key == key)
+
+
+def test_resistance_grid_and_summary(results):
+    tables = report.build_tables(results)
+    assert [t.key for t in tables] == ["resistance", "resistance_summary", "stability", "generalization",
+                                       "trainability", "finetune"]
+    grid = _table(tables, "resistance")
+    assert grid.columns == ["attack", "undefended HS", "undefended cap", "seam HS", "seam cap"]
+    assert grid.rows == [["no attack", "0.0", "90.0", "0.0", "84.0"],
+                         ["lr=1e-3", "60.0", "64.0", "10.0", "75.0"],
+                         ["lr=3e-3", "80.0", "53.0", "60.0", "20.0"]]
+    summary = _table(tables, "resistance_summary")
+    assert summary.rows[0][:4] == ["undefended", "80.0", "2/2", "58.5"]
+    assert summary.rows[1][:4] == ["seam", "60.0", "1/2", "47.5"]  # 10.0 is not above phi = 10
+
+
+def test_stability_compares_with_reference(results):
+    table = _table(report.build_tables(results), "stability")
+    assert table.columns[:4] == ["defense", "cap", "Δcap vs undefended", "HS"]
+    assert table.rows[0][:3] == ["undefended", "90.0", "+0.0"]
+    assert table.rows[1][:3] == ["seam", "84.0", "-6.0"]
+    assert table.rows[1][-2:] == ["50", "1.5"]
+
+
+def test_generalization_from_per_category_scores(results):
+    table = _table(report.build_tables(results), "generalization")
+    assert table.columns == ["attack", "undefended seen", "undefended held-out", "seam seen", "seam held-out"]
+    # lr=1e-3: undefended seen = animal_abuse 90, held-out = mean(60, 30) = 45; seam seen 0, held-out 15
+    assert table.rows[1] == ["lr=1e-3", "90.0", "45.0", "0.0", "15.0"]
+    assert report.split_harm(results["results"][5], HELDOUT) == (30.0, 75.0)
+
+
+def test_trainability_and_finetune_tables(results):
+    tables = report.build_tables(results)
+    train = _table(tables, "trainability")
+    assert train.rows[0][:5] == ["undefended", "90.0", "98.0", "+0.0", "0.0"]
+    assert train.rows[1][:5] == ["seam", "84.0", "92.0", "-6.0", "0.0"]
+    assert "acc arithmetic" in train.columns
+    ft = _table(tables, "finetune")
+    assert ft.columns == ["p", "sft HS", "sft cap", "panacea HS", "panacea cap"]
+    assert ft.rows == [["0.1", "90.0", "88.0", "60.0", "89.0"], ["0.3", "90.0", "88.0", "—", "—"]]
+
+
+def test_attack_labels_show_only_varying_axes(results):
+    res = copy.deepcopy(results)
+    res["results"][3]["attack"] = {**_attack(1e-3), "mode": "lora"}
+    points = report.attack_points(res)
+    assert [report.attack_label(p, points) for p in points] == ["lr=1e-3 full", "lr=1e-3 lora", "lr=3e-3 full"]
+
+
+def test_tables_skip_missing_stages(results):
+    res = {**results, "results": [r for r in results["results"] if r["stage"] == "defended"]}
+    assert [t.key for t in report.build_tables(res)] == ["stability", "generalization"]
+
+
+def test_render_and_plots(results, tmp_path):
+    tables = report.build_tables(results)
+    images = make_plots(results, tmp_path)
+    assert images == {"resistance": ["attack_harmful_score.png", "attack_capability.png"], "finetune": ["finetune_ratio.png"]}
+    for names in images.values():
+        for name in names:
+            assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    text = report.render(results, tables, images)
+    for title in ("Resistance", "Stability", "Generalization", "Trainability", "Fine-tuning stage"):
+        assert f"## {title}" in text
+    assert "![attack_harmful_score.png](attack_harmful_score.png)" in text
+    assert "| lr=3e-3 | 80.0 | 53.0 | 60.0 | 20.0 |" in text
