@@ -1,4 +1,4 @@
-"""Callbacks that hook a fit: fine-tuning-stage defenses applied at fit end."""
+"""Callbacks that hook a user's fine-tune: fine-tuning-stage and post-fine-tuning defenses."""
 from callbacks.antidote import Antidote
 from callbacks.lisa import Lisa
 from callbacks.panacea import Panacea

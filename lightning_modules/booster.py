@@ -21,10 +21,10 @@ from immunize.errors import UserError
 from lightning_modules.batch_parts import batch_size, require_parts
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of, masked_ce
+from lightning_modules.seam import FP32_MASTER_PRECISIONS
 from lightning_modules.seam_math import rank_weights
 
 NORM_EPS = 1e-7  # as in the reference: w' = w - alpha * g / (|g| + 1e-7)
-FP32_MASTER_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 Reduce = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 
 
@@ -38,15 +38,18 @@ def booster_gradient(harmful_loss: Callable[[], torch.Tensor], align_loss: Calla
     (the mean over ranks of local_align + lam * (g_h - local_g_h') is the formula on rank-averaged gradients),
     so 2 gradient-sized all-reduces per step. Weights are restored bit-exactly. Memory beyond the weights:
     g_h, the weight backup and g_h' (pass 2), then g_h - g_h' and the result (pass 3).
-    Returns (fresh gradient tensors in fp32 or wider, stats with floats h, h_perturbed, harmful_grad_norm).
+    Returns (fresh gradient tensors in fp32 or wider, stats with floats h, h_perturbed, harmful_grad_norm;
+    empty when alpha or lam is 0: then the harmful passes are skipped and the result is grad L_align).
     """
     params = list(params)
+    if alpha == 0 or lam == 0:  # w' = w or no weight on the term: the correction is 0, only L_align remains
+        return list(reduce(grads_of(align_loss(), params))), {}
     h0 = harmful_loss()
     g_h = list(reduce(grads_of(h0, params)))
     norm = float(global_norm(g_h))
     stats = {"h": float(h0.detach()), "h_perturbed": float(h0.detach()), "harmful_grad_norm": norm}
     del h0
-    if alpha > 0 and lam != 0 and norm > 0 and math.isfinite(norm):
+    if norm > 0 and math.isfinite(norm):
         backup = [p.detach().clone() for p in params]
         try:
             add_scaled_(params, g_h, -alpha / (norm + NORM_EPS))
@@ -63,7 +66,7 @@ def booster_gradient(harmful_loss: Callable[[], torch.Tensor], align_loss: Calla
             for a, b in zip(g_h, g_moved):
                 a.sub_(b)  # g_h becomes g_h - g_h' (this rank's g_h')
         del g_moved
-    else:  # no step to take (alpha 0, lam 0 or a zero harmful gradient): the correction is 0
+    else:  # a zero harmful gradient: no direction to step in, the correction is 0
         for a in g_h:
             a.zero_()
     total = grads_of(align_loss(), params)
@@ -130,13 +133,15 @@ class Booster(CausalLMModule):
         del grads
         self._optimizer_step()
 
-        unweight = (lambda x: x / w_h) if w_h > 0 else (lambda x: x)
-        h, h_moved = unweight(stats["h"]), unweight(stats["h_perturbed"])
         size = batch_size(refusal)
-        logs = {"train/L_align": align["value"], "train/h": h, "train/h_perturbed": h_moved,
-                "train/harmful_grad_norm": stats["harmful_grad_norm"]}
+        logs, loss = {"train/L_align": float(align["value"])}, float(align["value"])
+        if stats:  # the harmful passes ran
+            unweight = (lambda x: x / w_h) if w_h > 0 else (lambda x: x)
+            h, h_moved = unweight(stats["h"]), unweight(stats["h_perturbed"])
+            logs.update({"train/h": h, "train/h_perturbed": h_moved, "train/harmful_grad_norm": stats["harmful_grad_norm"]})
+            loss += self.lam * (h - h_moved)
         self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}, batch_size=size)
-        loss = torch.as_tensor(float(align["value"]) + self.lam * (h - h_moved), dtype=torch.float32)
+        loss = torch.as_tensor(loss, dtype=torch.float32)
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 

@@ -73,7 +73,7 @@ def require_exact_params(params: Sequence[torch.Tensor]) -> None:
     for p in params:
         if p.dtype not in EXACT_DTYPES:
             raise UserError(
-                f"SEAM's Hessian-free step needs fp32 parameters, found a {p.dtype} parameter of shape "
+                f"finite-difference perturbations need fp32 parameters, found a {p.dtype} parameter of shape "
                 f"{tuple(p.shape)}: a finite-difference perturbation of about 1e-8 per element rounds away "
                 "in bf16/fp16 weights (resolution about 1e-4 near 0.02), so the estimate would be noise. "
                 "Keep fp32 master weights: load the model in float32 and train with precision "

@@ -8,12 +8,11 @@ import torch
 TINY = 1e-12
 
 
-def sq_dists(a: torch.Tensor, b: torch.Tensor, same: bool = False) -> torch.Tensor:
-    """|a_i - b_j|^2 for rows of a [n, d] and b [m, d] via inner products (no [n, m, d] tensor); same=True
-    (b is a) zeroes the diagonal exactly."""
-    d2 = ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)).clamp_min(0.0)
+def _from_gram(gram: torch.Tensor, sq_a: torch.Tensor, sq_b: torch.Tensor, same: bool) -> torch.Tensor:
+    """Squared distances from inner products: |a|^2 + |b|^2 - 2 <a, b>, clamped at 0; diagonal exactly 0 if same."""
+    d2 = (sq_a[:, None] + sq_b[None, :] - 2.0 * gram).clamp_min(0.0)
     if same:
-        d2 = d2 * (1.0 - torch.eye(a.shape[0], dtype=a.dtype, device=a.device))
+        d2 = d2 * (1.0 - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
     return d2
 
 
@@ -32,7 +31,10 @@ def mmd2(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_num: 
         raise ValueError(f"mmd2: kernel_num must be >= 1 and kernel_mul > 0, got {kernel_num}, {kernel_mul}")
     dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
     x, y = x.to(dtype), y.to(dtype)
-    d_xx, d_yy, d_xy = sq_dists(x, x, same=True), sq_dists(y, y, same=True), sq_dists(x, y)
+    g_xx, g_yy, g_xy = x @ x.T, y @ y.T, x @ y.T  # no [n, m, d] difference tensor
+    sq_x, sq_y = g_xx.diagonal(), g_yy.diagonal()
+    d_xx, d_yy = _from_gram(g_xx, sq_x, sq_x, True), _from_gram(g_yy, sq_y, sq_y, True)
+    d_xy = _from_gram(g_xy, sq_x, sq_y, False)
     total = x.shape[0] + y.shape[0]
     pooled = (d_xx.detach().sum() + d_yy.detach().sum() + 2.0 * d_xy.detach().sum()) / max(total * (total - 1), 1)
     base = pooled.clamp_min(TINY) / kernel_mul ** (kernel_num // 2)

@@ -46,10 +46,13 @@ def global_sq_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def perturbation(grads: Sequence[torch.Tensor], rho: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(rho * g_l / (|g| + 1e-7) for every l, |g|): one norm over all tensors and, under DDP, all ranks."""
+    """(rho * g_l / (|g| + 1e-7) for every l, |g|): one norm over all tensors and, under DDP, all ranks.
+
+    fp32 tensors in `grads` are scaled in place (they become the returned eps); others are widened first.
+    """
     norm = global_sq_norm(grads).sqrt()
     scale = rho / (norm + NORM_EPS)
-    return [g.float() * scale for g in grads], norm
+    return [g.float().mul_(scale) for g in grads], norm
 
 
 def alignment_part(batch) -> dict:
@@ -89,13 +92,10 @@ class Vaccine(CausalLMModule):
         if any(h is None for h in hidden):
             raise UserError("Vaccine: a perturbation site did not run in the forward pass")
         live = [i for i, h in enumerate(hidden) if h.requires_grad]  # all of them unless early layers are frozen
-        grads = [torch.zeros_like(h) for h in hidden]
-        if live:
-            found = torch.autograd.grad(loss * weight, [hidden[i] for i in live], allow_unused=True)
-            for i, g in zip(live, found):
-                if g is not None:
-                    grads[i] = g
-        del hidden
+        found = dict(zip(live, torch.autograd.grad(loss * weight, [hidden[i] for i in live], allow_unused=True)
+                         if live else []))
+        grads = [torch.zeros_like(h) if found.get(i) is None else found[i] for i, h in enumerate(hidden)]
+        del hidden, found
         eps, norm = perturbation(grads, self.rho)
         return eps, loss.detach(), norm.detach()
 

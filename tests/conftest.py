@@ -21,6 +21,17 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
     return subprocess.run([sys.executable, "-m", "immunize", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy models on 2 shared cores: one intra-op thread is fastest and leaves the other core free."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cli(tmp_path):
     """Call the CLI inside a temporary working directory."""

@@ -23,13 +23,6 @@ PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
 BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy models on 2 shared cores: one intra-op thread is fastest and fair to the neighbours."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Capture(L.Callback):
@@ -118,10 +111,11 @@ def test_noise_mmd_ignores_masked_positions():
 def test_adversarial_loss_is_refusal_ce_minus_alpha_harmful_ce():
     module = AdversarialImmunization(model="toy:tiny", alpha=0.3)
     batch = first_batch(module)
-    loss, _, _ = module.adversarial_loss(batch)
-    expected = ce(module.model, batch["refusal"]) - 0.3 * ce(module.model, batch["harmful"])
+    with torch.no_grad():
+        loss, _, _ = module.adversarial_loss(batch)
+        expected = ce(module.model, batch["refusal"]) - 0.3 * ce(module.model, batch["harmful"])
+        assert float(ce(module.model, batch["harmful"])) > 0
     assert float(loss) == pytest.approx(float(expected), rel=1e-6)
-    assert float(ce(module.model, batch["harmful"])) > 0
 
 
 # ----- RepNoise ----------------------------------------------------------------------------------------
@@ -243,6 +237,8 @@ def test_booster_gradient_restores_the_weights_bit_exactly():
     assert all(torch.equal(a, b) for a, b in zip(params_of(module), before))
     assert stats["h_perturbed"] < stats["h"]  # the simulated harmful step lowers the harmful loss
     assert all(torch.isfinite(g).all() for g in grads)
+    plain, none = booster_gradient(lambda: 1 / 0, lambda: ce(module.model, batch["refusal"]), params, alpha=0.1, lam=0.0)
+    assert none == {} and rel_err(plain, grads_of(ce(module.model, batch["refusal"]), params)) == 0.0
 
 
 # ----- every method trains -----------------------------------------------------------------------------

@@ -13,8 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
-# one_thread is their autouse fixture (one intra-op thread), imported so it applies here too.
-from test_panacea import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, one_thread, params_of, trainer  # noqa: F401
+from test_panacea import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, params_of, trainer  # noqa: F401
 
 from callbacks import Antidote, Lisa
 from callbacks.antidote import decoder_linears, wanda_mask

@@ -26,13 +26,6 @@ ATTACK = Source(kind="toy", part="harmful", split="attack", limit=20)
 H_SET = Source(kind="toy", part="harmful", split="align", limit=30)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread; with 2 shared cores, extra threads spin and cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def data(n: int = 16, batch_size: int = 4) -> HarmfulMix:

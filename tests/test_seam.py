@@ -20,13 +20,6 @@ PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
 BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy models on 2 shared cores: one intra-op thread is fastest and fair to the neighbours."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Capture(L.Callback):

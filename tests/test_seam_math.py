@@ -16,13 +16,6 @@ from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread; with 2 shared cores, extra threads spin and cost 10-100x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_llama(dtype=torch.float32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:

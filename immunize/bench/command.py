@@ -86,6 +86,11 @@ def run_bench(bench: BenchConfig, config: dict) -> int:
     plan = validate(bench)
     out = Path(bench.out)
     cells_dir = Path(bench.cells_dir) if bench.cells_dir else out / "cells"
+    if bench.dry_run:
+        for i, cell in enumerate(plan.cells, start=1):
+            state = "done" if cell.is_done(cells_dir) else "todo"
+            print(f"[cell {i}/{len(plan.cells)}] {state} {cell.kind:4} {cell.label}  ({cell.directory(cells_dir)})")
+        return 0
     locks = [lock(out)] + ([lock(cells_dir)] if cells_dir.resolve() != out.resolve() else [])
     atomic_write_json(out / "bench.json", config)
     mode = bench.progress

@@ -1,6 +1,7 @@
 """The callback every bench fit cell runs with: progress lines for the bench and train.json at the end."""
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
@@ -24,10 +25,15 @@ def _loss(trainer) -> Optional[float]:
 
 
 class CellRecorder(L.Callback):
-    """Prints "step s/S loss x (r it/s)" lines `updates` times per fit and writes out_file (steps, epochs, seconds)."""
+    """Prints "step s/S loss x (r it/s)" lines `updates` times per fit and writes out_file (steps, epochs,
+    seconds) at train end. quiet: silence Lightning's info lines (accelerator, tips), so a bench showing
+    the progress bars of its cells shows little else."""
 
-    def __init__(self, out_file: str, updates: int = 4):
+    def __init__(self, out_file: Optional[str] = None, updates: int = 4, quiet: bool = False):
         self.out_file, self.updates = out_file, updates
+        if quiet:
+            for name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self._t0 = 0.0
         self._total = 0
         self._next = 0
@@ -52,7 +58,7 @@ class CellRecorder(L.Callback):
             print(f"{PREFIX}step {step}/{self._total}{loss_text} ({rate:.1f} it/s)", flush=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and self.out_file:
             loss = _loss(trainer)
             atomic_write_json(self.out_file, {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
                                               "train_seconds": round(time.monotonic() - self._t0, 2),

@@ -38,7 +38,10 @@ class CellFailed(Exception):
 
 
 def runtime_config(cell: Cell, cells_dir: Path, progress_bar: bool, updates: int) -> dict:
-    """The cell's config plus what only concerns running it: input model, outputs, logger, recorder."""
+    """The cell's config plus what only concerns running it: input model, outputs, logger, recorder.
+
+    With progress bars shown, Lightning's info lines and the test metrics table are turned off (the bench
+    prints its own summary); the log keeps them otherwise."""
     cfg = copy.deepcopy(cell.config)
     d = cell.directory(cells_dir).resolve()
     set_dotted(cfg, MODEL_KEY, cell.input_path(cells_dir.resolve()) if isinstance(cell.input, Cell) else cell.input)
@@ -54,15 +57,24 @@ def runtime_config(cell: Cell, cells_dir: Path, progress_bar: bool, updates: int
                              "init_args": {"save_dir": str(d), "name": "", "version": "csv"}}
         callbacks = trainer.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
-        callbacks.append({"class_path": RECORDER, "init_args": {"out_file": str(d / "train.json"), "updates": updates}})
+        callbacks.append({"class_path": RECORDER, "init_args": {"out_file": str(d / "train.json"), "updates": updates,
+                                                                "quiet": progress_bar}})
         trainer["callbacks"] = callbacks
     else:
         trainer["logger"] = False
+        if progress_bar:
+            cfg["verbose"] = False
+            callbacks = trainer.get("callbacks") or []
+            callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            trainer["callbacks"] = callbacks + [{"class_path": RECORDER, "init_args": {"updates": 0, "quiet": True}}]
     return cfg
 
 
-def child_env(threads: Optional[int]) -> dict:
+def child_env(threads: Optional[int], quiet_warnings: bool = False) -> dict:
     env = dict(os.environ)
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' weight loading/saving bars
+    if quiet_warnings:
+        env["PYTHONWARNINGS"] = "ignore"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -217,7 +229,7 @@ class Runner:
         atomic_write_text(d / CELL_CONFIG, f"# {cell.label}\n" + to_yaml(cfg))
         cmd = [sys.executable, "-m", "immunize", cell.kind, "--config", str((d / CELL_CONFIG).resolve())]
         start = time.monotonic()
-        rc = run_subprocess(cmd, child_env(self.threads), d / "log.txt", self.mode)
+        rc = run_subprocess(cmd, child_env(self.threads, quiet_warnings=bars), d / "log.txt", self.mode)
         seconds = time.monotonic() - start
         if rc != 0 or not cell.is_done(self.cells_dir):
             message, user_error = failure_message(d / "log.txt")

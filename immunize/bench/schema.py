@@ -145,6 +145,7 @@ class BenchConfig:
     out: output directory (results.json, report.md, plots). cells_dir: where cells live (null: OUT/cells;
     point several benches at one directory to share finished stages). alignment, attack, benign, finetune:
     null skips that stage. progress: auto (bars on a terminal, else lines), bars, lines or quiet.
+    dry_run: validate and list the cells (done or not) without running anything.
     """
 
     out: str = "runs/bench"
@@ -160,6 +161,7 @@ class BenchConfig:
     seed: int = 0
     cells_dir: Optional[str] = None
     progress: str = "auto"
+    dry_run: bool = False
     wandb: WandbSpec = field(default_factory=WandbSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
 
