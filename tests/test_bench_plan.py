@@ -97,3 +97,17 @@ def test_fmt_num():
 def test_toy_source_needs_pretrain():
     with pytest.raises(UserError, match="model.pretrain"):
         _plan("--model.pretrain", "null")
+
+
+def test_command_line_overrides_of_stage_sections():
+    """jsonargparse hands `--x.trainer.max_epochs 4` to a dict field as "4" and drops `init_args.`; the
+    schema puts both right, so the generated stage config reads as the YAML would."""
+    bench, _ = parse(["--config", str(QUICKSTART), "--alignment.trainer.max_epochs", "4",
+                      "--alignment.data.init_args.batch_size", "8", "--alignment.model.init_args.lr", "2e-3"])
+    assert bench.alignment.trainer == {"max_epochs": 4}
+    assert bench.alignment.data["init_args"]["batch_size"] == 8
+    assert "batch_size" not in bench.alignment.data
+    assert bench.alignment.model == {"init_args": {"lr": 2e-3}}
+    align = _by_label(build_plan(bench))["align"].config
+    assert align["trainer"]["max_epochs"] == 4 and align["data"]["init_args"]["batch_size"] == 8
+    assert align["data"]["init_args"]["pairs"]["categories"] == "seen"  # the file's other settings stay

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -102,7 +101,3 @@ def cell_info(cell: Cell, cells_dir: Path) -> dict:
     run = read_json(d / "run.json") or {}
     train = read_json(d / "train.json") or {}
     return {"steps": train.get("steps"), "wall_time_s": run.get("wall_time_s")}
-
-
-def model_dir_exists(source: str) -> bool:
-    return os.path.isdir(source)

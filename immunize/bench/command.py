@@ -59,7 +59,9 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
     if bench.wandb.enabled:
         from immunize.bench.wandb_log import log_report
 
-        log_report(bench.wandb, out, config, tables, images)
+        run_dir = log_report(bench.wandb, out, config, tables, images)
+        if run_dir and bench.wandb.mode == "offline" and bench.progress != "quiet":
+            print(f"immunize bench: W&B run (offline) in {run_dir}; upload with `wandb sync {run_dir}`", file=sys.stderr)
     for table in tables:
         if table.key in ("resistance", "resistance_summary", "stability", "finetune"):
             print(f"\n{table.title}\n{report.markdown_table(table)}")

@@ -8,7 +8,6 @@ gets that whole file merged over the fine-tune instead.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from immunize.bench.stages import REPO_ROOT

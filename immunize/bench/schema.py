@@ -5,8 +5,9 @@ Every field can be set in the YAML given to --config and overridden on the comma
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 # The toy world's default held-out categories (datamodules.toy.world.DEFAULT_HELDOUT), repeated here so
 # parsing a bench config does not import torch; validate.py checks the two agree.
@@ -177,6 +178,62 @@ def build_parser():
     return parser
 
 
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+SECTION_KEYS = ("class_path", "init_args", "dict_kwargs")
+
+
+def coerce(value: Any) -> Any:
+    """A command-line value inside a free-form section, as YAML would read it: `--x.trainer.max_epochs 4`
+    reaches a dict field as the string "4"; numbers, booleans, null and [..]/{..} are converted."""
+    if isinstance(value, dict):
+        return {k: coerce(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [coerce(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if _NUMBER.match(text):
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    if text.lower() in ("true", "false", "null", "none", "~") or text[:1] in ("[", "{"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
+def _section(value: Optional[dict]) -> Optional[dict]:
+    """jsonargparse drops the `init_args.` of `--x.model.init_args.lr 1` in a dict field: keys of a model/data
+    section other than class_path/init_args belong in init_args."""
+    if not isinstance(value, dict):
+        return value
+    value = coerce(value)
+    stray = {k: v for k, v in value.items() if k not in SECTION_KEYS}
+    if not stray:
+        return value
+    out = {k: v for k, v in value.items() if k in SECTION_KEYS}
+    out["init_args"] = {**(out.get("init_args") or {}), **stray}
+    return out
+
+
+def normalize(cfg: BenchConfig) -> BenchConfig:
+    """Apply coerce/_section to every stage override of the config (in place)."""
+    specs = [cfg.model.pretrain, cfg.alignment, cfg.attack, cfg.benign, cfg.finetune, cfg.eval, *cfg.defenses]
+    if cfg.finetune is not None:
+        specs += cfg.finetune.defenses
+    for spec in specs:
+        if spec is None:
+            continue
+        spec.model, spec.data = _section(spec.model), _section(spec.data)
+        spec.trainer = coerce(spec.trainer)
+        if isinstance(spec, DefenseSpec):
+            spec.callbacks = coerce(spec.callbacks)
+    cfg.trainer.overrides = coerce(cfg.trainer.overrides)
+    return cfg
+
+
 def parse(argv: list[str]) -> tuple[BenchConfig, dict]:
     """(the instantiated config, its plain-dict form) from command-line arguments."""
     parser = build_parser()
@@ -187,4 +244,4 @@ def parse(argv: list[str]) -> tuple[BenchConfig, dict]:
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     cfg = instantiate(namespace)
     fields = {k: cfg[k] for k in BenchConfig.__dataclass_fields__}
-    return BenchConfig(**fields), plain.as_dict()
+    return normalize(BenchConfig(**fields)), plain.as_dict()
