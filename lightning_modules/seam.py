@@ -14,6 +14,7 @@ import torch
 from immunize.errors import UserError
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of, masked_ce, require_exact_params
+from lightning_modules.hidden_hooks import lens_modules
 from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 from lightning_modules.optim import build_scheduler
@@ -22,7 +23,6 @@ from lightning_modules.seam_math import global_value, rank_weights
 ESTIMATORS = ("finite_difference", "exact")
 PARTS = ("harmful", "refusal", "benign")
 FP32_MASTER_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
-NORM_NAMES = ("norm", "final_layernorm", "ln_f")
 
 
 class SEAM(CausalLMModule):
@@ -90,17 +90,6 @@ class SEAM(CausalLMModule):
         steps = math.ceil(trainer.num_training_batches / self.accumulate) * max(trainer.max_epochs, 1)
         return max(1, min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps)
 
-    def _lens_modules(self):
-        """(lm_head, final norm) of the underlying HF model, for the logit lens."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
-        for name in NORM_NAMES:
-            norm = getattr(decoder, name, None)
-            if norm is not None:
-                return base.get_output_embeddings(), norm
-        raise UserError(f"SEAM's logit lens needs the model's final norm; none of {list(NORM_NAMES)} found on "
-                        f"{type(decoder).__name__}; set use_unlearning=false or use a Llama-style model")
-
     # ----- one step ------------------------------------------------------------------------------
     def _run(self, part: dict, hidden: bool = False):
         return self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
@@ -139,7 +128,7 @@ class SEAM(CausalLMModule):
         if need_sd:
             g_a = grads_of(masked_ce(out.logits, harmful["labels"]) * w_h, params, retain_graph=self.use_unlearning)
         if self.use_unlearning:
-            lm_head, norm = self._lens_modules()
+            lm_head, norm = lens_modules(self.model)
             lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], lm_head, norm)
             l_ul = self.check_finite(bounded_ascent(global_value(lens * w_h)), "SEAM L_ul")
             self._accumulate_(params, grads_of(l_ul, params), scale)

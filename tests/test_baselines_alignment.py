@@ -18,24 +18,7 @@ from lightning_modules.booster import booster_gradient
 from lightning_modules.grad_math import global_norm, grads_of, masked_ce
 from lightning_modules.logit_lens import logit_lens_ce
 from lightning_modules.mmd import mmd2, noise_mmd
-
-PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
-BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
-
-
-
-
-class Capture(L.Callback):
-    """Keeps each training batch and the gradients the optimizer is about to apply."""
-
-    def __init__(self):
-        self.batches, self.grads = [], []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(copy.deepcopy(batch))
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append([p.grad.detach().clone() for p in pl_module.trainable_parameters()])
+from test_seam import BENIGN, PAIRS, Capture  # noqa: F401  (shared test helpers)
 
 
 def data(batch_size=2, limit=8):

@@ -26,8 +26,6 @@ ATTACK = Source(kind="toy", part="harmful", split="attack", limit=20)
 H_SET = Source(kind="toy", part="harmful", split="align", limit=30)
 
 
-
-
 def data(n: int = 16, batch_size: int = 4) -> HarmfulMix:
     return HarmfulMix(benign=BENIGN, harmful=ATTACK, n=n, p=0.25, batch_size=batch_size)
 

@@ -20,8 +20,6 @@ PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
 BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
 
 
-
-
 class Capture(L.Callback):
     """Keeps each training batch and the gradients the optimizer is about to apply."""
 

@@ -16,8 +16,6 @@ from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 VOCAB = 64
 
 
-
-
 def tiny_llama(dtype=torch.float32, layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
     """Tiny random Llama; eager attention because SDPA kernels have no double backward."""
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
