@@ -20,8 +20,8 @@ import torch
 from immunize.errors import UserError
 from lightning_modules.batch_parts import batch_size, require_parts
 from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of, masked_ce
-from lightning_modules.seam import FP32_MASTER_PRECISIONS
+from lightning_modules.grad_math import (EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of, masked_ce,
+                                         require_fp32_master_precision)
 from lightning_modules.seam_math import rank_weights
 
 NORM_EPS = 1e-7  # as in the reference: w' = w - alpha * g / (|g| + 1e-7)
@@ -95,12 +95,9 @@ class Booster(CausalLMModule):
         self.automatic_optimization = False
 
     def on_fit_start(self) -> None:
-        precision = str(self.trainer.precision)
-        if precision not in FP32_MASTER_PRECISIONS:
-            raise UserError(
-                f"Booster cannot train with trainer.precision {precision!r}: it moves the weights by "
-                "alpha * g/|g| (about 1e-6 per element on a 7B model) and computes gradients without a loss "
-                f"scaler; use one of {list(FP32_MASTER_PRECISIONS)}, e.g. bf16-mixed on GPUs")
+        require_fp32_master_precision(self.trainer.precision, "Booster", "it moves the weights by alpha * g/|g| "
+                                      "(about 1e-6 per element on a 7B model) and computes gradients without a "
+                                      "loss scaler")
         wide = [p for p in self.trainable_parameters() if p.dtype not in EXACT_DTYPES]
         if wide and self.alpha > 0 and self.lam > 0:
             raise UserError(

@@ -68,6 +68,16 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     return tensors
 
 
+FP32_MASTER_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
+
+
+def require_fp32_master_precision(precision, method: str, why: str) -> None:
+    """Refuse trainer precisions without fp32 master weights or that need a loss scaler (manual passes skip it)."""
+    if str(precision) not in FP32_MASTER_PRECISIONS:
+        raise UserError(f"{method} cannot train with trainer.precision {str(precision)!r}: {why}; use one of "
+                        f"{list(FP32_MASTER_PRECISIONS)}, e.g. bf16-mixed on GPUs")
+
+
 def require_exact_params(params: Sequence[torch.Tensor]) -> None:
     """Raise UserError unless every parameter is fp32/fp64 (finite differences need fine weights)."""
     for p in params:

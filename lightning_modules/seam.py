@@ -13,7 +13,8 @@ import torch
 
 from immunize.errors import UserError
 from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of, masked_ce, require_exact_params
+from lightning_modules.grad_math import (all_reduce_mean_, dot, global_norm, grads_of, masked_ce, require_exact_params,
+                                         require_fp32_master_precision)
 from lightning_modules.hidden_hooks import lens_modules
 from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
@@ -22,7 +23,6 @@ from lightning_modules.seam_math import global_value, rank_weights
 
 ESTIMATORS = ("finite_difference", "exact")
 PARTS = ("harmful", "refusal", "benign")
-FP32_MASTER_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed")
 
 
 class SEAM(CausalLMModule):
@@ -61,12 +61,9 @@ class SEAM(CausalLMModule):
 
     # ----- checks and set-up ---------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        precision = str(self.trainer.precision)
-        if precision not in FP32_MASTER_PRECISIONS:
-            raise UserError(
-                f"SEAM cannot train with trainer.precision {precision!r}: it needs fp32 master weights for its "
-                "finite-difference step and computes gradients without a loss scaler (so no fp16 '16-mixed'); "
-                f"use one of {list(FP32_MASTER_PRECISIONS)}, e.g. bf16-mixed on GPUs")
+        require_fp32_master_precision(self.trainer.precision, "SEAM", "it needs fp32 master weights for its "
+                                      "finite-difference step and computes gradients without a loss scaler "
+                                      "(so no fp16 '16-mixed')")
         if self.beta > 0:
             require_exact_params(self.trainable_parameters())
         if self.estimator == "exact" and self.trainer.world_size > 1:

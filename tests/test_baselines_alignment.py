@@ -8,7 +8,6 @@ import math
 import lightning as L
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from datamodules import AlignmentData, Source
@@ -18,7 +17,7 @@ from lightning_modules.booster import booster_gradient
 from lightning_modules.grad_math import global_norm, grads_of, masked_ce
 from lightning_modules.logit_lens import logit_lens_ce
 from lightning_modules.mmd import mmd2, noise_mmd
-from test_seam import BENIGN, PAIRS, Capture  # noqa: F401  (shared test helpers)
+from test_seam import BENIGN, PAIRS, Capture, write_ddp_config  # noqa: F401  (shared test helpers)
 
 
 def data(batch_size=2, limit=8):
@@ -272,17 +271,7 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli, name):
     steps = 3
     init = {"model": "toy:tiny", "optimizer": "sgd", "lr": 0.5, "scheduler": "cosine", "warmup_ratio": 0.2}
     dump = tmp_path / "dump"
-    config = {
-        "model": {"class_path": f"lightning_modules.{name}", "init_args": init},
-        "data": {"class_path": "datamodules.AlignmentData",
-                 "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
-                               "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
-        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
-                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(dump)}}]},
-    }
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_ddp_config(tmp_path, name, init, steps, dump)
     result = cli("fit", "--config", str(path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]

@@ -143,6 +143,22 @@ def test_bad_arguments_are_user_errors():
         SEAM(model="toy:tiny", alpha=0.0, beta=0.0, use_unlearning=False)
 
 
+def write_ddp_config(tmp_path, name: str, init: dict, steps: int, dump) -> str:
+    """A 2-process DDP fit of lightning_modules.<name> on 4 triplets; each rank dumps its parameters to `dump`."""
+    config = {
+        "model": {"class_path": f"lightning_modules.{name}", "init_args": init},
+        "data": {"class_path": "datamodules.AlignmentData",
+                 "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
+                               "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
+        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
+                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                    "callbacks": [{"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(dump)}}]},
+    }
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
 def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
     """2 ranks x batch 2 vs 1 process x batch 4 on a 4-triplet set: every step sees the whole set.
 
@@ -154,17 +170,7 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
     """
     steps, init = 5, {"model": "toy:tiny", "optimizer": "sgd", "lr": 0.5, "scheduler": "cosine", "warmup_ratio": 0.2}
     dump = tmp_path / "dump"
-    config = {
-        "model": {"class_path": "lightning_modules.SEAM", "init_args": init},
-        "data": {"class_path": "datamodules.AlignmentData",
-                 "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
-                               "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
-        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
-                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(dump)}}]},
-    }
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_ddp_config(tmp_path, "SEAM", init, steps, dump)
     result = cli("fit", "--config", str(path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
