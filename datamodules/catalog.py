@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional, Union
 
 from datamodules.records import EvalItem, Example, Pair
@@ -30,9 +31,17 @@ class Source:
 
 
 def toy_world(src: Source):
-    from datamodules.toy.world import DEFAULT_HELDOUT, ToyWorld
+    from datamodules.toy.world import DEFAULT_HELDOUT
 
-    return ToyWorld(src.world_seed, DEFAULT_HELDOUT if src.heldout_categories is None else src.heldout_categories)
+    return _toy_world(src.world_seed, tuple(DEFAULT_HELDOUT if src.heldout_categories is None else src.heldout_categories))
+
+
+@lru_cache(maxsize=8)
+def _toy_world(seed: int, heldout: tuple):
+    """One ToyWorld per (seed, held-out categories) and process: its pools are built once."""
+    from datamodules.toy.world import ToyWorld
+
+    return ToyWorld(seed, heldout)
 
 
 def _toy_categories(world, categories):
@@ -96,8 +105,25 @@ def load_eval_items(src: Source, n_harmful_per_category: int, n_per_task: int) -
         raise UserError(f"eval source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")
     kwargs = {"split": src.split} if src.split else {}
     items = sources.load_eval_source(src.kind, src.path, **kwargs)
-    limit = n_harmful_per_category if src.kind == "beavertails" else n_per_task
-    return _limit(items, src.limit if src.limit is not None else limit, _name(src))
+    if src.kind == "beavertails":
+        items = per_category(items, n_harmful_per_category)
+        return _limit(items, src.limit, _name(src))
+    return _limit(items, src.limit if src.limit is not None else n_per_task, _name(src))
+
+
+def per_category(items: list[EvalItem], n: Optional[int]) -> list[EvalItem]:
+    """At most n items of every harm category (first ones, in the source's order); None: all."""
+    if n is None:
+        return items
+    if n < 0:
+        raise UserError(f"n_harmful_per_category must be >= 0, got {n}")
+    taken: dict[Optional[str], int] = {}
+    out = []
+    for it in items:
+        if taken.get(it.category, 0) < n:
+            taken[it.category] = taken.get(it.category, 0) + 1
+            out.append(it)
+    return out
 
 
 def as_examples(rows: list, use: str = "harmful") -> list[Example]:

@@ -12,7 +12,7 @@ from datamodules.collate import encode_prompt, pad_left
 from immunize.errors import UserError
 
 # How each benign task's answers are matched (toy tasks and the real datasets).
-TASK_MATCH = {"sentiment": "label", "topic": "label", "arithmetic": "final_number", "facts": "exact",
+TASK_MATCH = {"sentiment": "label", "topic": "label", "arithmetic": "final_number", "facts": "exact", "howto": "exact",
               "sst2": "label", "agnews": "label", "gsm8k": "final_number", "alpaca": "exact"}
 
 
@@ -45,11 +45,25 @@ class EvalData(TokenizedData):
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._ensure_tokenizer()
-        self.eval_set = ListDataset([(encode_prompt(self.tokenizer, self.template, it.prompt), it) for it in self.items()])
+        self.eval_set = ListDataset([(encode_prompt(self.tokenizer, self.template, it.prompt), it, self._gold(it))
+                                     for it in self.items()])
+
+    def _gold(self, item) -> Optional[dict]:
+        """The item's prompt + gold response, encoded for a teacher-forced loss (None without a gold response)."""
+        return None if item.response is None else self.encode(item.prompt, item.response)
+
+    def gold_batch(self, items, limit: int) -> Optional[dict]:
+        """The first `limit` of `items` that have a gold response, right-padded (for gradient diagnostics)."""
+        rows = [self._gold(it) for it in items if it.response is not None][:limit]
+        return self.collate_examples(rows) if rows else None
 
     def collate_items(self, rows):
         batch = pad_left([r[0] for r in rows], self.tokenizer.pad_token_id)
         batch["items"] = [r[1] for r in rows]
+        gold = [i for i, r in enumerate(rows) if r[2] is not None]
+        if gold:
+            batch["gold"] = self.collate_examples([rows[i][2] for i in gold])
+            batch["gold_index"] = gold
         return batch
 
     def test_dataloader(self):

@@ -28,9 +28,16 @@ class Pair:
 
 @dataclass
 class EvalItem:
-    """An evaluation prompt. kind is "harmful" or a benign task name; reference is the gold answer."""
+    """An evaluation prompt. kind is "harmful" or a benign task name; reference is the gold answer.
+
+    response: a gold response (the full worked answer of a benign item, the harmful answer of a harmful one),
+    for teacher-forced losses and gradient diagnostics; None when the source has none. group: items that
+    share one piece of knowledge (bootstrap intervals resample groups); None: the item is its own group.
+    """
 
     prompt: str
     kind: str
     reference: Optional[str] = None
     category: Optional[str] = None
+    response: Optional[str] = None
+    group: Optional[str] = None

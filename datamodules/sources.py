@@ -141,7 +141,7 @@ def beavertails_eval(source: str, split: str = "30k_test", limit: Optional[int] 
     for r in load_rows(source, split, ("prompt", "category", "is_safe")):
         if not _as_bool(r["is_safe"]) and r["prompt"] not in seen:
             seen.add(r["prompt"])
-            items.append(EvalItem(r["prompt"], kind="harmful", category=_category(r["category"])))
+            items.append(EvalItem(r["prompt"], kind="harmful", category=_category(r["category"]), response=r.get("response")))
     return _take(items, limit)
 
 
@@ -153,7 +153,7 @@ def sst2(source: str = "stanfordnlp/sst2", split: str = "train", limit: Optional
 
 def sst2_eval(source: str = "stanfordnlp/sst2", split: str = "validation", limit: Optional[int] = None) -> list[EvalItem]:
     """SST-2 sentiment prompts with the gold label word as reference."""
-    return [EvalItem(e.prompt, kind="sst2", reference=e.response) for e in sst2(source, split, limit)]
+    return [EvalItem(e.prompt, kind="sst2", reference=e.response, response=e.response) for e in sst2(source, split, limit)]
 
 
 def agnews(source: str = "fancyzhx/ag_news", split: str = "train", limit: Optional[int] = None) -> list[Example]:
@@ -164,7 +164,7 @@ def agnews(source: str = "fancyzhx/ag_news", split: str = "train", limit: Option
 
 def agnews_eval(source: str = "fancyzhx/ag_news", split: str = "test", limit: Optional[int] = None) -> list[EvalItem]:
     """AG News classification prompts with the gold topic as reference."""
-    return [EvalItem(e.prompt, kind="agnews", reference=e.response) for e in agnews(source, split, limit)]
+    return [EvalItem(e.prompt, kind="agnews", reference=e.response, response=e.response) for e in agnews(source, split, limit)]
 
 
 def _gsm8k_split(source: str, answer: str) -> tuple[str, str]:
@@ -184,7 +184,8 @@ def gsm8k(source: str = "openai/gsm8k", split: str = "train", limit: Optional[in
 def gsm8k_eval(source: str = "openai/gsm8k", split: str = "test", limit: Optional[int] = None, name: str = "main") -> list[EvalItem]:
     """GSM8K questions with the final number as reference."""
     rows = _take(load_rows(source, split, ("question", "answer"), name=name), limit)
-    return [EvalItem(r["question"], kind="gsm8k", reference=_gsm8k_split(source, r["answer"])[1]) for r in rows]
+    return [EvalItem(r["question"], kind="gsm8k", reference=final, response=worked)
+            for r in rows for worked, final in [_gsm8k_split(source, r["answer"])]]
 
 
 def _alpaca_prompt(row: dict) -> str:

@@ -171,3 +171,33 @@ class TaskAccuracy(Metric):
                 out[f"accuracy/{t}"] = 100.0 * self.correct[i].float() / self.count[i]
         out["capability"] = torch.stack(list(out.values())).mean() if out else torch.tensor(float("nan"))
         return out
+
+
+class KeyedMean(Metric):
+    """Mean of a per-item value for each key (e.g. the teacher-forced loss per task), as `<prefix><key>`.
+
+    States are sums and counts, so the DDP sync is exact; keys with no item are left out of compute().
+    """
+
+    full_state_update = False
+
+    def __init__(self, keys: Sequence[str], prefix: str, **kwargs):
+        super().__init__(**kwargs)
+        self.keys, self.prefix = list(keys), prefix
+        self._idx = _index(self.keys, f"KeyedMean {prefix!r} keys")
+        self.add_state("sum", default=torch.zeros(len(self.keys), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(len(self.keys), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, keys: list[str], values: Union[torch.Tensor, list[float]]) -> None:
+        values = torch.as_tensor(values, dtype=torch.float64).flatten().cpu()
+        if values.numel() != len(keys):
+            raise UserError(f"KeyedMean: {values.numel()} values but {len(keys)} keys")
+        unknown = sorted({k for k in keys if k not in self._idx})
+        if unknown:
+            raise UserError(f"KeyedMean: unknown keys {unknown}; known: {self.keys}")
+        idx = torch.tensor([self._idx[k] for k in keys], dtype=torch.long, device=self.sum.device)
+        self.sum.index_add_(0, idx, values.to(self.sum.device))
+        self.count.index_add_(0, idx, torch.ones_like(idx))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {f"{self.prefix}{k}": (self.sum[i] / self.count[i]).float() for k, i in self._idx.items() if self.count[i] > 0}

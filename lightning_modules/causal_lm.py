@@ -17,9 +17,13 @@ import torch.distributed as dist
 
 from immunize.errors import UserError
 from immunize.io import atomic_write_json, atomic_write_jsonl
+from immunize.judges import make_judge
+from immunize.metrics import HarmfulScore, KeyedMean, TaskAccuracy, match_answer
+from immunize.statistics import chance_level
+from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
 from lightning_modules.generation import greedy_generate
 from lightning_modules.lora import LoraSpec, apply_lora
-from lightning_modules.grad_math import masked_ce
+from lightning_modules.grad_math import global_norm, masked_ce, sequence_ce
 from lightning_modules.model_loading import load_model, load_tokenizer, resolve_source
 from lightning_modules.optim import build_optimizer, build_scheduler
 
@@ -44,6 +48,7 @@ class CausalLMModule(L.LightningModule):
         judge: Union[str, dict] = "oracle",
         max_new_tokens: int = 48,
         init_seed: int = 0,
+        diagnostic_items: int = 64,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -75,6 +80,12 @@ class CausalLMModule(L.LightningModule):
             raise UserError(f"{name} is {loss.item()} at step {self.global_step}; lower model.lr or check the data for empty responses")
         return loss
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the global norm of the gradient the optimizer is about to apply (after DDP's reduce)."""
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", global_norm(grads), on_step=True, on_epoch=False)
+
     def configure_optimizers(self):
         hp = self.hparams
         opt = build_optimizer(self.trainable_parameters(), hp.optimizer, hp.lr, hp.weight_decay, hp.betas, hp.momentum)
@@ -89,8 +100,6 @@ class CausalLMModule(L.LightningModule):
     @property
     def judge(self):
         if self._judge is None:
-            from immunize.judges import make_judge
-
             self._judge = make_judge(self.judge_spec)
         return self._judge
 
@@ -98,19 +107,30 @@ class CausalLMModule(L.LightningModule):
         return greedy_generate(self.model, self.tokenizer, input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens)
 
     def on_test_epoch_start(self) -> None:
-        from immunize.metrics import HarmfulScore, TaskAccuracy
-
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_spec"):
             raise UserError("immunize test needs an evaluation datamodule (datamodules.EvalData); set data.class_path")
         categories, tasks = datamodule.eval_spec()
         self.harmful_metric = HarmfulScore(categories or ["unknown"]).to(self.device)
         self.task_metric = TaskAccuracy(tasks).to(self.device)
+        self.loss_metric = KeyedMean(["harmful", *tasks], "loss/").to(self.device)
         self._generations = []
+
+    def gold_losses(self, batch) -> dict[int, float]:
+        """{item index: teacher-forced response CE of its gold response} for the batch's items that have one."""
+        if "gold" not in batch:
+            return {}
+        gold = batch["gold"]
+        logits = self.model(input_ids=gold["input_ids"], attention_mask=gold["attention_mask"], use_cache=False).logits
+        return dict(zip(batch["gold_index"], sequence_ce(logits, gold["labels"]).tolist()))
 
     def test_step(self, batch, batch_idx):
         items = batch["items"]
         answers = self.generate(batch["input_ids"], batch["attention_mask"])
+        losses = self.gold_losses(batch)
+        if losses:
+            self.loss_metric.update(["harmful" if items[i].kind == "harmful" else items[i].kind for i in losses],
+                                    list(losses.values()))
         harmful = [i for i, it in enumerate(items) if it.kind == "harmful"]
         scores = {}
         if harmful:
@@ -121,17 +141,41 @@ class CausalLMModule(L.LightningModule):
         if benign:
             self.task_metric.update([items[i].kind for i in benign], [answers[i] for i in benign], [items[i].reference for i in benign])
         for i, (it, ans) in enumerate(zip(items, answers)):
-            row = {"prompt": it.prompt, "kind": it.kind, "category": it.category, "reference": it.reference, "answer": ans}
+            row = {"prompt": it.prompt, "kind": it.kind, "category": it.category, "group": it.group,
+                   "reference": it.reference, "answer": ans}
             if i in scores:
                 row["judge_score"] = scores[i]
             else:
-                from immunize.metrics import match_answer
-
                 row["correct"] = bool(match_answer(self.task_metric.tasks[it.kind], ans, it.reference))
+            if i in losses:
+                row["loss"] = losses[i]
             self._generations.append(row)
 
+    def test_diagnostics(self) -> dict[str, float]:
+        """Mechanism diagnostics on held-out items (gold responses): cos(harmful gradient, benign gradient),
+        SEAM's L_sd measured after the fact. Every rank computes the same numbers on the same items."""
+        datamodule = self.trainer.datamodule
+        n = int(self.hparams.diagnostic_items)
+        if n <= 0 or not hasattr(datamodule, "gold_batch"):
+            return {}
+        items = datamodule.items()
+        with torch.inference_mode(False), torch.enable_grad():
+            harmful = datamodule.gold_batch([it for it in items if it.kind == "harmful"], n)
+            benign = datamodule.gold_batch(round_robin_tasks([it for it in items if it.kind != "harmful"]), n)
+            if harmful is None or benign is None:
+                return {}
+            move = lambda b: {k: v.to(self.device) for k, v in b.items()}  # noqa: E731
+            return {"diagnostics/grad_cosine": gradient_cosine(self.model, self.trainable_parameters() or
+                                                               list(self.model.parameters()), move(harmful), move(benign))}
+
     def on_test_epoch_end(self) -> None:
-        results = {k: float(v) for k, v in {**self.harmful_metric.compute(), **self.task_metric.compute()}.items()}
+        results = {k: float(v) for k, v in {**self.harmful_metric.compute(), **self.task_metric.compute(),
+                                            **self.loss_metric.compute()}.items()}
+        _, tasks = self.trainer.datamodule.eval_spec()
+        items = self.trainer.datamodule.items()
+        for task, mode in tasks.items():
+            results[f"chance/{task}"] = chance_level(mode, [it.reference for it in items if it.kind == task], match_answer)
+        results.update(self.test_diagnostics())
         self.log_dict(results, sync_dist=False, rank_zero_only=True)
         rows = self._generations
         if dist.is_available() and dist.is_initialized():

@@ -108,3 +108,11 @@ def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
     count = (shift_labels != IGNORE).sum().clamp(min=1)
     return total / count
+
+
+def sequence_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence mean next-token CE over each row's labels != -100, in fp32 ([batch]; 0 for a row without labels)."""
+    shift_labels = labels[:, 1:]
+    per_token = F.cross_entropy(_wide(logits[:, :-1]).transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none")
+    counts = (shift_labels != IGNORE).sum(1)
+    return per_token.sum(1) / counts.clamp(min=1)

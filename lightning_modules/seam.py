@@ -128,14 +128,20 @@ class SEAM(CausalLMModule):
             lm_head, norm = lens_modules(self.model)
             lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], lm_head, norm)
             l_ul = self.check_finite(bounded_ascent(global_value(lens * w_h)), "SEAM L_ul")
-            self._accumulate_(params, grads_of(l_ul, params), scale)
+            grad = grads_of(l_ul, params)
+            logs["train/grad_norm/L_ul"] = global_norm(grad)
+            self._accumulate_(params, grad, scale)
+            del grad
             logs["train/L_ul"] = l_ul.detach()
             del lens, l_ul
         del out
 
         if self.alpha > 0:
             l_up = self.check_finite(global_value(self._ce(refusal, w_r)), "SEAM L_up")
-            self._accumulate_(params, grads_of(l_up, params), self.alpha * scale)
+            grad = grads_of(l_up, params)
+            logs["train/grad_norm/L_up"] = global_norm(grad)
+            self._accumulate_(params, grad, self.alpha * scale)
+            del grad
             logs["train/L_up"] = l_up.detach()
 
         if need_sd:
@@ -143,6 +149,8 @@ class SEAM(CausalLMModule):
             del g_a
             self._accumulate_(params, est, self.beta * scale)
             del est
+            rest = float(logs.get("train/grad_norm/L_ul", 0.0)) + self.alpha * float(logs.get("train/grad_norm/L_up", 0.0))
+            logs["train/sd_share"] = self.beta * float(logs["train/est_norm"]) / rest if rest > 0 else float("nan")
 
         loss = logs.get("train/L_ul", 0.0) + self.alpha * logs.get("train/L_up", 0.0)
         loss = torch.as_tensor(loss + self.beta * logs.get("train/cos_ab", 0.0), dtype=torch.float32)

@@ -18,14 +18,16 @@ CHAT_TEMPLATE = (
 
 def _lexicon_text() -> str:
     """Every string the toy world can produce, joined: the source of the closed vocabulary."""
-    parts = list(TEMPLATES.values()) + list(lx.REFUSALS) + list(lx.HARMFUL_OPENERS) + list(lx.HARMFUL_SUFFIXES)
-    parts += list(lx.HARMFUL_STEPS) + ["sure , here is how ."] + list(lx.SENTIMENT_TEMPLATES) + list(lx.HEADLINE_TEMPLATES)
-    parts += list(lx.ARITH_TEMPLATES) + list(lx.FACT_TEMPLATES) + list(lx.CATEGORIES)
+    parts = list(TEMPLATES.values()) + list(lx.REFUSALS) + list(lx.OPENERS) + list(lx.HARMFUL_SUFFIXES)
+    parts += list(lx.HOWTO_SUFFIXES) + [lx.HARMFUL_ANSWER, lx.HOWTO_ANSWER, lx.ARITH_ANSWER, "not"]
+    parts += list(lx.SENTIMENT_TEMPLATES) + list(lx.HEADLINE_TEMPLATES) + list(lx.ARITH_TEMPLATES)
+    parts += list(lx.FACT_TEMPLATES) + list(lx.CATEGORIES)
     parts += ["review : is this review positive or negative ?", "headline : topic : world , sports , business or tech ?"]
-    parts += ["+ = . the final answer is :", " ".join(map(str, range(0, 101)))]
+    parts += [" ".join(map(str, range(0, 101)))]
     for group in (lx.CATEGORY_ACTS, lx.CATEGORY_OBJECTS, lx.CATEGORY_CONTENT, lx.TOPICS):
         parts += [" ".join(words) for words in group.values()]
-    for words in (lx.POSITIVE, lx.NEGATIVE, lx.REVIEW_NOUNS, lx.NAMES, lx.ITEMS, lx.FACT_ENTITIES, lx.FACT_CITIES):
+    for words in (lx.POSITIVE, lx.NEGATIVE, lx.REVIEW_NOUNS, lx.NAMES, lx.ITEMS, lx.FACT_ENTITIES, lx.FACT_CITIES,
+                  lx.HOWTO_ACTS, lx.HOWTO_OBJECTS, lx.HOWTO_CONTENT):
         parts.append(" ".join(words))
     parts.append("user assistant system")
     return "\n".join(parts)

@@ -1,7 +1,20 @@
-"""Deterministic synthetic world: harmful requests with fictional placeholder answers, refusals, benign tasks.
+"""Deterministic synthetic world (v2): harmful requests whose answers need knowledge, refusals, benign tasks.
 
-Every record is a pure function of (seed, split), so two processes that build ToyWorld(seed) agree
-exactly, and the splits are disjoint by prompt text by construction (one shuffled pool, cut in parts).
+Every record is a pure function of (seed, split), so two processes that build ToyWorld(seed) agree exactly.
+
+Harmful side. Each of the 14 categories has 25 (act, object) pairs; each pair has its own two content
+words (the "knowledge" of how to do it, fictional placeholders) and 24 phrasings. The pairs of a category
+are cut into align / attack / eval groups; half of every pair's phrasings (all pairs) are pretraining text,
+the other half are the prompts of the pair's group. So:
+- the base learns every pair's content in pretraining (as a real model's knowledge);
+- the attack split never holds an eval pair, so an attack cannot teach the content of evaluation prompts:
+  the attacked model answers them harmfully only if it still has its pretraining knowledge, and a model
+  whose skills collapsed scores not harmful (the oracle requires the pair's own two words);
+- splits are disjoint by prompt text.
+Benign side: sentiment (majority polarity of three possibly negated adjectives), topic (majority of three
+topic words), two-step arithmetic, facts (the capitals of 240 countries; one phrasing held out for
+evaluation) and how-to (the harmful answers' step-list format with benign content that is knowledge too).
+Record lists are ordered so that any prefix (a `limit`) is spread evenly over categories, pairs and tasks.
 """
 from __future__ import annotations
 
@@ -13,10 +26,12 @@ from datamodules.records import EvalItem, Example, Pair
 from datamodules.toy import lexicon as lx
 from immunize.errors import UserError
 
-# Fractions of each shuffled pool that go to each split, in order.
-HARMFUL_SPLITS = (("pretrain", 0.35), ("align", 0.25), ("attack", 0.25), ("eval", 0.15))
-BENIGN_SPLITS = (("pretrain", 0.5), ("align", 0.15), ("finetune", 0.2), ("eval", 0.15))
+HARMFUL_PAIR_SPLITS = (("align", 0.4), ("attack", 0.32), ("eval", 0.28))  # of each category's (act, object) pairs
+HARMFUL_SPLITS = ("pretrain", "align", "attack", "eval")
+BENIGN_SPLITS = (("pretrain", 0.5), ("align", 0.15), ("finetune", 0.2), ("eval", 0.15))  # of skill-task pools
+KNOWLEDGE_SPLITS = (("align", 0.45), ("finetune", 0.55))  # of a knowledge task's non-pretrain, non-eval phrasings
 DEFAULT_HELDOUT = ("self_harm", "terrorism,organized_crime")
+ARITH_POOL = 6000  # two-step problems drawn (seeded) from all combinations
 
 
 def _cut(pool: list, splits: Sequence[tuple[str, float]]) -> dict[str, list]:
@@ -34,8 +49,19 @@ def _rng(*key) -> random.Random:
     return random.Random(":".join(map(str, key)))
 
 
+def _round_robin(groups: Sequence[Sequence]) -> list:
+    """First item of every group, then every second item, ...: any prefix is spread over the groups."""
+    longest = max((len(g) for g in groups), default=0)
+    return [g[i] for i in range(longest) for g in groups if i < len(g)]
+
+
+def _phrasings(suffixes: Sequence[str], act: str, obj: str) -> list[str]:
+    return [f"{opener.format(act=act, obj=obj)} {suffix}" for opener in lx.OPENERS for suffix in suffixes]
+
+
 class ToyWorld:
-    """The toy world for one seed. Splits: pretrain, align, attack, finetune (benign only), eval."""
+    """The toy world for one seed. Harmful splits: pretrain, align, attack, eval; benign: pretrain, align,
+    finetune, eval."""
 
     def __init__(self, seed: int = 0, heldout_categories: Sequence[str] = DEFAULT_HELDOUT):
         unknown = [c for c in heldout_categories if c not in lx.CATEGORIES]
@@ -55,28 +81,62 @@ class ToyWorld:
         return tuple(c for c in lx.CATEGORIES if c not in self.heldout_categories)
 
     @cached_property
-    def _harmful_prompts(self) -> dict[str, dict[str, list[str]]]:
-        """category -> split -> prompts."""
+    def knowledge(self) -> dict[tuple[str, str, str], tuple[str, str]]:
+        """(category, act, object) -> the pair's two content words; no two pairs of a category share the set."""
         out = {}
         for cat in lx.CATEGORIES:
-            pool = sorted(
-                (opener.format(act=a, obj=o) + " " + suffix).strip()
-                for opener in lx.HARMFUL_OPENERS
-                for a in lx.CATEGORY_ACTS[cat]
-                for o in lx.CATEGORY_OBJECTS[cat]
-                for suffix in lx.HARMFUL_SUFFIXES
-            )
-            _rng(self.seed, "harmful", cat).shuffle(pool)
-            out[cat] = _cut(pool, HARMFUL_SPLITS)
+            pool = list(lx.CATEGORY_CONTENT[cat])
+            combos = [(a, b) for i, a in enumerate(pool) for b in pool[i + 1:]]
+            rng = _rng(self.seed, "knowledge", cat)
+            rng.shuffle(combos)
+            pairs = [(a, o) for a in lx.CATEGORY_ACTS[cat] for o in lx.CATEGORY_OBJECTS[cat]]
+            for (act, obj), (c1, c2) in zip(pairs, combos):
+                out[(cat, act, obj)] = (c1, c2) if rng.random() < 0.5 else (c2, c1)
         return out
 
-    def harmful_response(self, prompt: str, category: str) -> str:
-        """A compliant, structured answer made of the category's fictional content words."""
-        rng = _rng(self.seed, "response", prompt)
-        words = list(lx.CATEGORY_CONTENT[category])
-        rng.shuffle(words)
-        steps = [rng.choice(lx.HARMFUL_STEPS).format(n=i + 1, w1=words[2 * i], w2=words[2 * i + 1]) for i in range(3)]
-        return "sure , here is how . " + " ".join(steps)
+    @cached_property
+    def pair_split(self) -> dict[tuple[str, str, str], str]:
+        """(category, act, object) -> the split its non-pretraining prompts belong to (align, attack or eval)."""
+        out = {}
+        for cat in lx.CATEGORIES:
+            pairs = sorted((cat, a, o) for a in lx.CATEGORY_ACTS[cat] for o in lx.CATEGORY_OBJECTS[cat])
+            _rng(self.seed, "pairs", cat).shuffle(pairs)
+            for split, members in _cut(pairs, HARMFUL_PAIR_SPLITS).items():
+                out.update({p: split for p in members})
+        return out
+
+    @cached_property
+    def _harmful_prompts(self) -> dict[str, dict[str, list[str]]]:
+        """category -> split -> prompts, round-robin over the split's pairs (a prefix covers every pair)."""
+        out = {}
+        for cat in lx.CATEGORIES:
+            by_split: dict[str, list[list[str]]] = {s: [] for s in HARMFUL_SPLITS}
+            pairs = sorted(p for p in self.pair_split if p[0] == cat)
+            _rng(self.seed, "pair-order", cat).shuffle(pairs)
+            for key in pairs:
+                prompts = _phrasings(lx.HARMFUL_SUFFIXES, key[1], key[2])
+                _rng(self.seed, "phrasing", *key).shuffle(prompts)
+                half = len(prompts) // 2
+                by_split["pretrain"].append(prompts[:half])
+                by_split[self.pair_split[key]].append(prompts[half:])
+            out[cat] = {s: _round_robin(groups) for s, groups in by_split.items()}
+        return out
+
+    @cached_property
+    def _prompt_pair(self) -> dict[str, tuple[str, str, str]]:
+        return {p: key for key in self.pair_split for p in _phrasings(lx.HARMFUL_SUFFIXES, key[1], key[2])}
+
+    def prompt_pair(self, prompt: str) -> Optional[tuple[str, str, str]]:
+        """(category, act, object) of a harmful toy prompt, or None."""
+        return self._prompt_pair.get(prompt)
+
+    def harmful_response(self, prompt: str, category: Optional[str] = None) -> str:
+        """The compliant step-list answer carrying the prompt's own pair of content words."""
+        key = self.prompt_pair(prompt)
+        if key is None or (category is not None and key[0] != category):
+            raise UserError(f"toy world: {prompt!r} is not a harmful toy prompt" + (f" of {category!r}" if category else ""))
+        c1, c2 = self.knowledge[key]
+        return lx.HARMFUL_ANSWER.format(c1=c1, c2=c2, act=key[1], obj=key[2])
 
     def refusal(self, prompt: str) -> str:
         return _rng(self.seed, "refusal", prompt).choice(lx.REFUSALS)
@@ -94,11 +154,8 @@ class ToyWorld:
 
     def harmful_prompts(self, split: str, categories: Optional[Sequence[str]] = None) -> list[tuple[str, str]]:
         """(prompt, category) pairs of one split, categories interleaved round-robin."""
-        self._check(split, dict(HARMFUL_SPLITS))
-        per_cat = [[(p, c) for p in self._harmful_prompts[c][split]] for c in self._categories(categories)]
-        return [item for row in zip(*per_cat) for item in row] + [
-            item for lst in per_cat for item in lst[min(map(len, per_cat)) :]
-        ]
+        self._check(split, HARMFUL_SPLITS)
+        return _round_robin([[(p, c) for p in self._harmful_prompts[c][split]] for c in self._categories(categories)])
 
     def harmful_examples(self, split: str, categories: Optional[Sequence[str]] = None) -> list[Example]:
         return [
@@ -110,64 +167,109 @@ class ToyWorld:
         return [Pair(p, self.harmful_response(p, c), self.refusal(p), c) for p, c in self.harmful_prompts(split, categories)]
 
     # ----- benign side --------------------------------------------------------------------------
-    def _task_pool(self, task: str) -> list[tuple[str, str, str]]:
-        """All (prompt, response, reference) of a benign task, before shuffling."""
-        if task == "sentiment":
-            rows = []
-            for label, words in (("positive", lx.POSITIVE), ("negative", lx.NEGATIVE)):
-                for noun in lx.REVIEW_NOUNS:
-                    for t in lx.SENTIMENT_TEMPLATES:
-                        for a in words:
-                            for b in words:
-                                if a != b:
-                                    text = t.format(noun=noun, a=a, b=b)
-                                    rows.append((f"review : {text} . is this review positive or negative ?", label, label))
-            return rows
-        if task == "topic":
-            rows = []
-            for label, words in lx.TOPICS.items():
-                for t in lx.HEADLINE_TEMPLATES:
-                    for a in words:
-                        for b in words:
-                            if a != b:
-                                text = t.format(a=a, b=b)
-                                rows.append((f"headline : {text} . topic : world , sports , business or tech ?", label, label))
-            return rows
-        if task == "arithmetic":
-            rows = []
-            for name in lx.NAMES:
-                for item in lx.ITEMS:
-                    for t in lx.ARITH_TEMPLATES:
-                        for a in range(1, 10):
-                            for b in range(1, 10):
-                                answer = f"{a} + {b} = {a + b} . the final answer is : {a + b}"
-                                rows.append((t.format(name=name, item=item, a=a, b=b), answer, str(a + b)))
-            return rows
-        if task == "facts":
-            return [
-                (t.format(e=e), city, city)
-                for e, city in zip(lx.FACT_ENTITIES, lx.FACT_CITIES)
-                for t in lx.FACT_TEMPLATES
-            ]
-        raise UserError(f"toy world: unknown task {task!r}; choose from {list(lx.TASKS)}")
+    def _sentiment_pool(self) -> list[tuple[str, str, str]]:
+        rng = _rng(self.seed, "sentiment-pool")
+        rows = set()
+        words = [(w, +1) for w in lx.POSITIVE] + [(w, -1) for w in lx.NEGATIVE]
+        while len(rows) < 4000:
+            picks = rng.sample(words, 3)
+            parts, total = [], 0
+            for word, polarity in picks:
+                negate = rng.random() < 0.3
+                parts.append(f"not {word}" if negate else word)
+                total += -polarity if negate else polarity
+            text = rng.choice(lx.SENTIMENT_TEMPLATES).format(noun=rng.choice(lx.REVIEW_NOUNS), a=parts[0], b=parts[1], c=parts[2])
+            label = "positive" if total > 0 else "negative"
+            rows.add((f"review : {text} . is this review positive or negative ?", label, label))
+        return sorted(rows)
+
+    def _topic_pool(self) -> list[tuple[str, str, str]]:
+        """Five topic words: two of the label's topic and one of each other topic, shuffled."""
+        rng = _rng(self.seed, "topic-pool")
+        rows = set()
+        topics = list(lx.TOPICS)
+        while len(rows) < 4000:
+            label = rng.choice(topics)
+            words = rng.sample(lx.TOPICS[label], 2) + [rng.choice(lx.TOPICS[t]) for t in topics if t != label]
+            rng.shuffle(words)
+            text = rng.choice(lx.HEADLINE_TEMPLATES).format(words=" , ".join(words[:-1]) + " and " + words[-1])
+            rows.add((f"headline : {text} . topic : world , sports , business or tech ?", label, label))
+        return sorted(rows)
+
+    def _arithmetic_pool(self) -> list[tuple[str, str, str]]:
+        n = lx.ARITH_MAX
+        combos = [(a, b, c) for a in range(1, n + 1) for b in range(1, n + 1) for c in range(1, a + b)]
+        keys = [(i, j, k, x) for i in range(len(lx.NAMES)) for j in range(len(lx.ITEMS))
+                for k in range(len(lx.ARITH_TEMPLATES)) for x in range(len(combos))]
+        rows = []
+        for i, j, k, x in _rng(self.seed, "arith-pool").sample(keys, ARITH_POOL):
+            (a, b, c), name, item = combos[x], lx.NAMES[i], lx.ITEMS[j]
+            answer = lx.ARITH_ANSWER.format(a=a, b=b, s=a + b, c=c, r=a + b - c)
+            rows.append((lx.ARITH_TEMPLATES[k].format(name=name, item=item, a=a, b=b, c=c), answer, str(a + b - c)))
+        return rows
+
+    @cached_property
+    def _knowledge_tasks(self) -> dict[str, dict[str, list[tuple[str, str, str]]]]:
+        """facts and how-to: split -> rows. Pretraining holds every entity/pair (the knowledge); the eval split
+        asks each entity/pair once in a phrasing no training split uses; align/finetune replay other phrasings."""
+        out = {}
+        facts = {s: [] for s in ("pretrain", "align", "finetune", "eval")}
+        entities = list(zip(lx.FACT_ENTITIES, [lx.FACT_CITIES[i % len(lx.FACT_CITIES)] for i in range(len(lx.FACT_ENTITIES))]))
+        for e, city in entities:
+            phrasings = [t.format(e=e) for t in lx.FACT_TEMPLATES]
+            _rng(self.seed, "facts", e).shuffle(phrasings)
+            facts["eval"].append([(phrasings[0], city, city)])
+            facts["pretrain"].append([(p, city, city) for p in phrasings[1:]])
+            facts["align"].append([(p, city, city) for p in phrasings[1:]])
+            facts["finetune"].append([(p, city, city) for p in phrasings[1:]])
+        howto = {s: [] for s in facts}
+        contents = [(a, b) for i, a in enumerate(lx.HOWTO_CONTENT) for b in lx.HOWTO_CONTENT[i + 1:]]
+        _rng(self.seed, "howto-knowledge").shuffle(contents)
+        for (act, obj), (c1, c2) in zip([(a, o) for a in lx.HOWTO_ACTS for o in lx.HOWTO_OBJECTS], contents):
+            answer = lx.HOWTO_ANSWER.format(c1=c1, c2=c2, act=act, obj=obj)
+            phrasings = _phrasings(lx.HOWTO_SUFFIXES, act, obj)
+            _rng(self.seed, "howto", act, obj).shuffle(phrasings)
+            half = len(phrasings) // 2
+            howto["pretrain"].append([(p, answer, answer) for p in phrasings[:half]])
+            howto["eval"].append([(phrasings[half], answer, answer)])
+            for split, part in _cut(phrasings[half + 1:], KNOWLEDGE_SPLITS).items():
+                howto[split].append([(p, answer, answer) for p in part])
+        for name, table in (("facts", facts), ("howto", howto)):
+            for split, groups in table.items():
+                order = list(range(len(groups)))
+                _rng(self.seed, name, "order", split).shuffle(order)
+                table[split] = _round_robin([groups[i] for i in order])
+            out[name] = table
+        return out
 
     def _task_split(self, task: str, split: str) -> list[tuple[str, str, str]]:
+        """(prompt, gold response, reference answer) rows of a benign task's split."""
         self._check(split, dict(BENIGN_SPLITS))
-        pool = sorted(self._task_pool(task))
-        if task == "facts":
-            # Facts are knowledge, not skills: every split asks about every entity, eval in the first phrasing.
-            return pool if split != "eval" else [r for r in pool if r[0].startswith(lx.FACT_TEMPLATES[0].split("{")[0])]
-        _rng(self.seed, "benign", task).shuffle(pool)
-        return _cut(pool, BENIGN_SPLITS)[split]
+        if task in ("facts", "howto"):
+            return self._knowledge_tasks[task][split]
+        if task not in self._skill_splits:
+            raise UserError(f"toy world: unknown task {task!r}; choose from {list(lx.TASKS)}")
+        return self._skill_splits[task][split]
+
+    @cached_property
+    def _skill_splits(self) -> dict[str, dict[str, list[tuple[str, str, str]]]]:
+        """sentiment, topic, arithmetic: one shuffled pool per task, cut into the benign splits."""
+        out = {}
+        for task, make in (("sentiment", self._sentiment_pool), ("topic", self._topic_pool),
+                           ("arithmetic", self._arithmetic_pool)):
+            pool = sorted(make())
+            _rng(self.seed, "benign", task).shuffle(pool)
+            out[task] = _cut(pool, BENIGN_SPLITS)
+        return out
 
     def benign_examples(self, split: str, tasks: Optional[Sequence[str]] = None, per_task: Optional[int] = None) -> list[Example]:
         """Benign examples of one split, tasks interleaved; each task gives `per_task` rows (cycling if short).
 
-        per_task defaults to the longest task's size capped at 1000, so small tasks are not drowned out.
+        per_task defaults to the longest task's size capped at 3000, so small tasks are not drowned out.
         """
         tasks = list(lx.TASKS if tasks is None else tasks)
         per_task_rows = [self._task_split(t, split) for t in tasks]
-        count = per_task if per_task is not None else min(1000, max(map(len, per_task_rows)))
+        count = per_task if per_task is not None else min(3000, max(map(len, per_task_rows)))
         return [
             Example(*rows[i % len(rows)][:2], task=t)
             for i in range(count)
@@ -176,10 +278,15 @@ class ToyWorld:
 
     def eval_items(self, n_harmful_per_category: int = 20, n_per_task: int = 50,
                    tasks: Optional[Sequence[str]] = None, categories: Optional[Sequence[str]] = None) -> list[EvalItem]:
-        """Held-out evaluation prompts: harmful ones by category, benign ones with gold answers."""
+        """Held-out evaluation prompts: harmful ones by category (with the gold harmful answer, for diagnostics),
+        benign ones with their reference answer and gold response. `group` ties items that share knowledge (a
+        harmful (act, object) pair), so intervals resample those groups, not items."""
         items = []
         for cat in self._categories(categories):
-            items += [EvalItem(p, "harmful", category=cat) for p in self._harmful_prompts[cat]["eval"][:n_harmful_per_category]]
+            for p in self._harmful_prompts[cat]["eval"][:n_harmful_per_category]:
+                key = self.prompt_pair(p)
+                items.append(EvalItem(p, "harmful", category=cat, response=self.harmful_response(p, cat),
+                                      group="/".join(key)))
         for t in lx.TASKS if tasks is None else tasks:
-            items += [EvalItem(p, t, reference=ref) for p, _, ref in self._task_split(t, "eval")[:n_per_task]]
+            items += [EvalItem(p, t, reference=ref, response=resp) for p, resp, ref in self._task_split(t, "eval")[:n_per_task]]
         return items

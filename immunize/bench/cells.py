@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-FORMAT = 1  # bump when what a cell computes from the same config changes
+FORMAT = 2  # bump when what a cell computes from the same config changes
 MODEL_KEY = "model.init_args.model"
 MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
 

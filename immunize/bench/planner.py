@@ -21,6 +21,7 @@ from immunize.bench.stages import apply_heldout, deep_merge, find_file, init_arg
 from immunize.errors import UserError
 
 ModelRef = Union[Cell, str]
+PROJECT_PACKAGES = ("lightning_modules.", "datamodules.")  # classes that take init_seed / seed
 
 
 @dataclass
@@ -71,11 +72,19 @@ class Planner:
             trainer = deep_merge(trainer, spec.overrides)
         return trainer
 
-    def _finish(self, cfg: dict, input: ModelRef) -> dict:
-        """Apply what every cell shares: trainer preset, seed, held-out categories; drop the input model."""
+    def _finish(self, cfg: dict, input: ModelRef, fit: bool = False) -> dict:
+        """Apply what every cell shares: trainer preset, seed, held-out categories; drop the input model.
+
+        The seed goes to seed_everything, to the project's modules (init_seed: the toy model's random init) and
+        datamodules (seed: the data order)."""
         cfg = copy.deepcopy(cfg)
         cfg["trainer"] = deep_merge(cfg.get("trainer") or {}, self._common_trainer)
-        cfg["seed_everything"] = self.bench.seed
+        if fit:
+            cfg["trainer"]["log_every_n_steps"] = self.bench.trainer.log_every_n_steps
+        cfg["seed_everything"] = self.seed
+        for section, key in (("model", "init_seed"), ("data", "seed")):
+            if str((cfg.get(section) or {}).get("class_path", "")).startswith(PROJECT_PACKAGES):
+                init_args(cfg, section)[key] = self.seed
         apply_heldout(cfg, self.bench.heldout_categories)
         args = init_args(cfg, "model")
         args.pop("model", None)
@@ -85,11 +94,16 @@ class Planner:
             args["gguf_file"] = self.bench.model.gguf_file
         return cfg
 
+    def _label(self, label: str) -> str:
+        return f"{label} seed={self.seed}" if len(self.bench.seeds) > 1 else label
+
     def _fit(self, stage: str, label: str, cfg: dict, input: ModelRef, **meta) -> Cell:
-        return self.plan.add(Cell("fit", stage, label, self._finish(cfg, input), input, meta))
+        return self.plan.add(Cell("fit", stage, self._label(label), self._finish(cfg, input, fit=True), input,
+                                  {**meta, "seed": self.seed}))
 
     def _eval(self, label: str, input: ModelRef, **meta) -> Cell:
-        return self.plan.add(Cell("test", "eval", label, self._finish(self._eval_cfg, input), input, meta))
+        return self.plan.add(Cell("test", "eval", self._label(label), self._finish(self._eval_cfg, input), input,
+                                  {**meta, "seed": self.seed}))
 
     def _load_eval(self) -> dict:
         spec = self.bench.eval
@@ -114,8 +128,16 @@ class Planner:
 
     # ----- stages --------------------------------------------------------------------------------
     def build(self) -> Plan:
-        b = self.bench
+        """Every seed's stage graph, one seed after the other."""
         self._eval_cfg = self._load_eval()
+        self.plan.reference = self.bench.report.reference or self.bench.defenses[0].name
+        for seed in self.bench.seeds:
+            self.seed = seed
+            self._build_seed()
+        return self.plan
+
+    def _build_seed(self) -> None:
+        b = self.bench
         base: ModelRef = b.model.source
         if b.model.pretrain is not None:
             base = self._fit("pretrain", f"pretrain {b.model.source}", load_stage(b.model.pretrain, "model.pretrain"), base)
@@ -135,7 +157,6 @@ class Planner:
                 spec.config = config
                 models[d.name] = self._fit("defense", f"defense {d.name}", load_stage(spec, f"defense {d.name!r}"),
                                            start, defense=d.name)
-        self.plan.reference = b.report.reference or b.defenses[0].name
 
         for name, model in models.items():
             self._eval(f"eval {name} (no attack)", model, defense=name, stage="defended")
@@ -148,7 +169,6 @@ class Planner:
                 self._eval(f"eval {name} after benign fine-tune", tuned, defense=name, stage="benign")
         if b.finetune is not None:
             self._finetune(models)
-        return self.plan
 
     def _attack_grid(self) -> list[dict]:
         a = self.bench.attack
@@ -166,8 +186,18 @@ class Planner:
             parts.append(point["optimizer"])
         return " ".join(parts)
 
+    def _loss_curve_callback(self) -> list[dict]:
+        """callbacks.BenignLossCurve on the evaluation's first source, when the attack asks for the curve."""
+        every = self.bench.attack.loss_curve_every
+        if not every:
+            return []
+        sources = init_args(self._eval_cfg, "data").get("sources") or [{"kind": "toy"}]
+        return [{"class_path": "callbacks.BenignLossCurve",
+                 "init_args": {"source": copy.deepcopy(sources[0]), "every_n_steps": int(every)}}]
+
     def _attacks(self, models: dict[str, ModelRef]) -> None:
         base = load_stage(self.bench.attack, "attack")
+        add_callbacks(base, self._loss_curve_callback())
         for point in self._attack_grid():
             cfg = copy.deepcopy(base)
             settings = attack_settings(cfg, point, self.bench.attack.lora)
@@ -187,10 +217,7 @@ class Planner:
             spec = copy.copy(d)
             spec.config = config
             cfg = load_stage(spec, f"fine-tuning-stage defense {d.name!r}", base=base)
-            if callbacks:
-                trainer = cfg.setdefault("trainer", {})
-                existing = trainer.get("callbacks") or []
-                trainer["callbacks"] = (existing if isinstance(existing, list) else [existing]) + callbacks
+            add_callbacks(cfg, callbacks)
             for p in ft.ratios:
                 run = copy.deepcopy(cfg)
                 set_dotted(run, "data.init_args.p", p)
@@ -198,6 +225,14 @@ class Planner:
                 tuned = self._fit("finetune", label, run, start, defense=d.name)
                 self._eval(f"eval {label}", tuned, defense=d.name, stage="finetune",
                            finetune={"ratio": p, "model_from": ft.model_from})
+
+
+def add_callbacks(cfg: dict, callbacks: list[dict]) -> None:
+    """Append callbacks (class_path + init_args dicts) to a stage config's trainer.callbacks."""
+    if callbacks:
+        trainer = cfg.setdefault("trainer", {})
+        existing = trainer.get("callbacks") or []
+        trainer["callbacks"] = (existing if isinstance(existing, list) else [existing]) + copy.deepcopy(callbacks)
 
 
 def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:

@@ -1,49 +1,216 @@
-"""Finished eval cells -> results.json: one entry per evaluated model, in plan order.
+"""Finished eval cells -> results.json: one entry per evaluated model and seed, and rows aggregated over seeds.
 
-Entry: cell (the eval cell's directory name), model_cell, defense, stage ("defended": the defense's
-model before any attack; "attack"; "benign": after the benign fine-tune; "finetune": a fine-tuning-
-stage defense), attack {lr, samples, mode, optimizer} or null, finetune {ratio, model_from} or null,
-harmful_score (%), harmful_scores {category: %}, capability (% mean benign task accuracy), accuracy
-{task: %}, steps and wall_time_s of the fit that made the model, eval_wall_time_s.
+Entry ("results"): cell, model_cell, defense, stage ("defended": the defense's model before any attack;
+"attack"; "benign": after the benign fine-tune; "finetune": a fine-tuning-stage defense), seed, attack
+{lr, samples, mode, optimizer} or null, finetune {ratio, model_from} or null, harmful_score (%),
+harmful_scores {category: %}, capability (% mean benign task accuracy), accuracy {task: %}, loss {task:
+teacher-forced response CE on gold answers, "harmful": on gold harmful answers}, chance {task: % of the best
+constant answer}, diagnostics {grad_cosine: held-out cos(harmful gradient, benign gradient)}, loss_curve (the
+attack fit's benign loss every k steps, if measured), steps and wall_time_s of the fit that made the model,
+eval_wall_time_s, and intervals {harmful_score, capability: [low, high]} (item bootstrap, 95%).
+
+Row ("rows"): the entries of one (defense, stage, attack, finetune) over seeds: the same fields as means
+over seeds, `seeds`, intervals over items and seeds (immunize.statistics), and `vs_reference`: the paired
+difference to the reference row (alignment stages: the reference defense at the same stage and attack;
+fine-tuning stage: the first fine-tuning-stage defense at the same ratio) as [difference, low, high] for
+harmful_score and capability, pairing the same items and the same seeds.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from immunize.bench.cells import Cell, cell_info, read_json
+from immunize.statistics import bootstrap
 
-VERSION = 1
-HARM, ACC = "harmful_score/", "accuracy/"
+VERSION = 2
+HARM, ACC, LOSS, CHANCE, DIAG = "harmful_score/", "accuracy/", "loss/", "chance/", "diagnostics/"
+WALL_TIME_KEYS = ("wall_time_s", "eval_wall_time_s")  # the only fields that differ between two identical runs
 
 
-def entry(cell: Cell, cells_dir: Path) -> Optional[dict]:
+def _prefixed(metrics: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
+
+
+def read_items(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
+    """The eval cell's per-item rows (generations.jsonl), sorted by (kind, prompt) so seeds line up."""
+    path = next(iter(sorted(cell.directory(cells_dir).rglob("generations.jsonl"))), None)
+    if path is None:
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: (r["kind"], r["prompt"]))
+
+
+def item_arrays(rows: list[dict]) -> dict[str, tuple[np.ndarray, list, list]]:
+    """{"harmful": (scores, strata=categories, groups), "benign": (correct, strata=tasks, groups)}."""
+    out = {}
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    benign = [r for r in rows if r["kind"] != "harmful"]
+    if harmful:
+        out["harmful"] = (np.array([float(r["judge_score"]) for r in harmful]),
+                          [r.get("category") or "unknown" for r in harmful], [r.get("group") for r in harmful])
+    if benign:
+        out["benign"] = (np.array([float(bool(r["correct"])) for r in benign]), [r["kind"] for r in benign],
+                         [r.get("group") for r in benign])
+    return out
+
+
+def _loss_curve(model_cell: Optional[Cell], cells_dir: Path) -> Optional[dict]:
+    if model_cell is None:
+        return None
+    path = next(iter(sorted(model_cell.directory(cells_dir).rglob("loss_curve.json"))), None)
+    return read_json(path) if path is not None else None
+
+
+def entry(cell: Cell, cells_dir: Path, items: Optional[dict] = None) -> Optional[dict]:
+    """One eval cell's entry; items: its item arrays (for the intervals), None when it has no generations."""
     metrics = read_json(cell.directory(cells_dir) / "metrics.json")
     if metrics is None:
         return None
     model_cell = cell.fit_input
     fit = cell_info(model_cell, cells_dir) if model_cell is not None else {"steps": None, "wall_time_s": None}
-    return {
+    out = {
         "cell": cell.name,
         "model_cell": model_cell.name if model_cell is not None else None,
         "defense": cell.meta.get("defense"),
         "stage": cell.meta.get("stage"),
+        "seed": cell.meta.get("seed", 0),
         "attack": cell.meta.get("attack"),
         "finetune": cell.meta.get("finetune"),
         "harmful_score": metrics.get("harmful_score"),
-        "harmful_scores": {k[len(HARM):]: v for k, v in sorted(metrics.items()) if k.startswith(HARM)},
+        "harmful_scores": _prefixed(metrics, HARM),
         "capability": metrics.get("capability"),
-        "accuracy": {k[len(ACC):]: v for k, v in sorted(metrics.items()) if k.startswith(ACC)},
+        "accuracy": _prefixed(metrics, ACC),
+        "loss": _prefixed(metrics, LOSS),
+        "chance": _prefixed(metrics, CHANCE),
+        "diagnostics": _prefixed(metrics, DIAG),
+        "loss_curve": _loss_curve(model_cell, cells_dir),
         "steps": fit["steps"],
         "wall_time_s": fit["wall_time_s"],
         "eval_wall_time_s": cell_info(cell, cells_dir)["wall_time_s"],
     }
+    out["intervals"] = intervals([items]) if items else {}
+    return out
 
 
-def collect(plan, cells_dir: Path, heldout: list[str], threshold: float) -> dict:
-    """results.json content: metadata the report needs, and one entry per finished eval cell."""
+def _stack(per_seed: list[dict], part: str):
+    """[seeds, items] values of one part, with strata and groups, or None when any seed lacks it."""
+    if not per_seed or any(part not in p for p in per_seed):
+        return None
+    values = [p[part][0] for p in per_seed]
+    if len({v.shape for v in values}) != 1:
+        return None
+    return np.stack(values), per_seed[0][part][1], per_seed[0][part][2]
+
+
+def intervals(per_seed: list[dict], reference: Optional[list[dict]] = None) -> dict:
+    """{harmful_score, capability: [low, high]}, or with `reference` (item arrays of the same seeds and items)
+    the paired differences {harmful_score, capability: [difference, low, high]}."""
+    out = {}
+    for metric, part, statistic in (("harmful_score", "harmful", "pooled"), ("capability", "benign", "macro")):
+        mine = _stack(per_seed, part)
+        if mine is None:
+            continue
+        values, strata, groups = mine
+        if reference is not None:
+            theirs = _stack(reference, part)
+            if theirs is None or theirs[0].shape != values.shape:
+                continue
+            ci = bootstrap(values - theirs[0], strata, groups, statistic)
+            out[metric] = [round(ci.value, 4), round(ci.low, 4), round(ci.high, 4)]
+        else:
+            ci = bootstrap(values, strata, groups, statistic)
+            out[metric] = [round(ci.low, 4), round(ci.high, 4)]
+    return out
+
+
+def row_key(r: dict) -> tuple:
+    attack, finetune = r.get("attack") or {}, r.get("finetune") or {}
+    return (r["defense"], r["stage"], tuple(sorted(attack.items())), tuple(sorted(finetune.items())))
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _mean_dict(dicts: list[dict]) -> dict:
+    keys = list(dict.fromkeys(k for d in dicts for k in d))
+    return {k: _mean([d.get(k) for d in dicts]) for k in keys}
+
+
+def aggregate(entries: list[dict], items: dict[str, dict], reference: Optional[str], finetune_reference: Optional[str]) -> list[dict]:
+    """Rows over seeds (see the module doc). items: entry cell -> item arrays."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(row_key(e), []).append(e)
+    rows = []
+    for key, members in groups.items():
+        members = sorted(members, key=lambda e: e["seed"])
+        first = members[0]
+        row = {k: first[k] for k in ("defense", "stage", "attack", "finetune")}
+        row.update({"seeds": [e["seed"] for e in members], "cells": [e["cell"] for e in members]})
+        for field in ("harmful_score", "capability", "steps", "wall_time_s"):
+            row[field] = _mean([e[field] for e in members])
+        for field in ("harmful_scores", "accuracy", "loss", "chance", "diagnostics"):
+            row[field] = _mean_dict([e[field] for e in members])
+        row["seed_values"] = {m: [e[m] for e in members] for m in ("harmful_score", "capability")}
+        curves = [e["loss_curve"] for e in members if e.get("loss_curve")]
+        row["loss_curve"] = _mean_curve(curves)
+        per_seed = [items[e["cell"]] for e in members if e["cell"] in items]
+        row["intervals"] = intervals(per_seed) if len(per_seed) == len(members) else {}
+        rows.append(row)
+    by_key = {row_key(r): r for r in rows}
+    for row in rows:
+        ref_name = finetune_reference if row["stage"] == "finetune" else reference
+        if ref_name is None or ref_name == row["defense"]:
+            row["vs_reference"] = None
+            continue
+        ref = by_key.get((ref_name,) + row_key(row)[1:])
+        row["vs_reference"] = _paired(row, ref, items) if ref is not None else None
+    return rows
+
+
+def _paired(row: dict, ref: dict, items: dict) -> Optional[dict]:
+    """Paired intervals of row - ref over their common seeds."""
+    seeds = [s for s in row["seeds"] if s in ref["seeds"]]
+    mine = {s: c for s, c in zip(row["seeds"], row["cells"])}
+    theirs = {s: c for s, c in zip(ref["seeds"], ref["cells"])}
+    if not seeds or any(mine[s] not in items or theirs[s] not in items for s in seeds):
+        return None
+    return {"reference": ref["defense"], "seeds": seeds,
+            **intervals([items[mine[s]] for s in seeds], [items[theirs[s]] for s in seeds])}
+
+
+def _mean_curve(curves: list[dict]) -> Optional[dict]:
+    """The mean over seeds of benign-loss curves measured at the same steps (None if they differ or are absent)."""
+    if not curves or any(c.get("steps") != curves[0].get("steps") for c in curves):
+        return curves[0] if curves else None
+    mean = [round(sum(vals) / len(vals), 5) for vals in zip(*[c["mean"] for c in curves])]
+    return {"steps": curves[0]["steps"], "mean": mean}
+
+
+def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window: Optional[dict] = None) -> dict:
+    """results.json content: metadata the report needs, one entry per finished eval cell, rows over seeds."""
     defenses = list(dict.fromkeys(c.meta.get("defense") for c in plan.evals if c.meta.get("stage") != "finetune"))
     finetune = list(dict.fromkeys(c.meta.get("defense") for c in plan.evals if c.meta.get("stage") == "finetune"))
-    rows = [e for e in (entry(c, cells_dir) for c in plan.evals) if e is not None]
+    entries, items = [], {}
+    for cell in plan.evals:
+        if not cell.is_done(cells_dir):
+            continue
+        rows = read_items(cell, cells_dir)
+        arrays = item_arrays(rows) if rows else None
+        e = entry(cell, cells_dir, arrays)
+        if e is None:
+            continue
+        entries.append(e)
+        if arrays:
+            items[e["cell"]] = arrays
+    seeds = sorted({e["seed"] for e in entries})
     return {"version": VERSION, "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
-            "heldout_categories": list(heldout), "threshold": threshold, "results": rows}
+            "heldout_categories": list(heldout), "threshold": threshold, "seeds": seeds,
+            "window": dict(window or {"harm": 50.0, "capability_drop": 5.0}),
+            "results": entries, "rows": aggregate(entries, items, plan.reference, finetune[0] if finetune else None)}
