@@ -26,8 +26,9 @@ TINY = {
     "trainer": {"threads": 1},
     "wandb": {"enabled": False},
 }
-ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "attack", "finetune", "harmful_score", "harmful_scores",
-              "capability", "accuracy", "steps", "wall_time_s", "eval_wall_time_s"}
+ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "harmful_score", "harmful_scores",
+              "capability", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
+              "eval_wall_time_s", "intervals"}
 TIMING = ("wall_time_s", "eval_wall_time_s")
 
 
@@ -46,7 +47,8 @@ def _bench(cwd: Path, *args, timeout=300):
 
 
 def _without_timing(results: dict) -> dict:
-    return {**results, "results": [{k: v for k, v in r.items() if k not in TIMING} for r in results["results"]]}
+    return {**results, **{part: [{k: v for k, v in r.items() if k not in TIMING} for r in results[part]]
+                          for part in ("results", "rows")}}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_end_to_end_outputs_and_progress(reference):
 
 def test_results_schema(reference):
     _, _, results = reference
-    assert results["version"] == 1 and results["reference"] == "undefended"
+    assert results["version"] == 2 and results["reference"] == "undefended" and results["seeds"] == [0]
     assert results["defenses"] == ["undefended"] and results["finetune_defenses"] == []
     assert results["heldout_categories"] == ["self_harm", "terrorism,organized_crime"]
     entries = results["results"]
@@ -88,11 +90,30 @@ def test_results_schema(reference):
     for e in entries:
         assert set(e) == ENTRY_KEYS
         assert 0.0 <= e["harmful_score"] <= 100.0 and 0.0 <= e["capability"] <= 100.0
-        assert len(e["harmful_scores"]) == 14 and set(e["accuracy"]) == {"arithmetic", "facts", "sentiment", "topic"}
+        assert len(e["harmful_scores"]) == 14 and set(e["accuracy"]) == {"arithmetic", "facts", "howto", "sentiment", "topic"}
+        assert set(e["loss"]) == {"harmful", "arithmetic", "facts", "howto", "sentiment", "topic"}
+        assert set(e["chance"]) == set(e["accuracy"]) and -1.0 <= e["diagnostics"]["grad_cosine"] <= 1.0
+        low, high = e["intervals"]["capability"]
+        assert low <= e["capability"] <= high and e["seed"] == 0
         assert isinstance(e["steps"], int) and e["wall_time_s"] > 0 and e["eval_wall_time_s"] > 0
     assert entries[0]["attack"] is None and entries[0]["steps"] == 2
     assert entries[1]["attack"] == {"lr": 1e-3, "samples": 8, "mode": "full", "optimizer": "adamw"}
     assert entries[1]["steps"] == 1 and entries[1]["model_cell"].startswith("attack-")
+    assert entries[1]["loss_curve"]["steps"] == [0, 1] and len(entries[1]["loss_curve"]["mean"]) == 2
+    rows = results["rows"]  # one per (defense, stage, attack) over seeds; the attack row is paired with nothing else
+    assert [(r["stage"], r["seeds"]) for r in rows] == [("defended", [0]), ("attack", [0])]
+    assert rows[0]["vs_reference"] is None
+
+
+def test_two_runs_give_identical_results(reference, tmp_path):
+    """The same bench config run again from nothing (another directory) gives the same results.json,
+    wall times aside."""
+    src, _, expected = reference
+    cfg = _write(tmp_path / "bench.yaml", TINY)
+    result = _bench(tmp_path, "--config", cfg, "--out", "again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert _without_timing(got) == _without_timing(expected)
 
 
 def test_rerun_reuses_every_cell(reference):
@@ -106,16 +127,26 @@ def test_rerun_reuses_every_cell(reference):
         assert (cwd / "out" / name).read_bytes() == data, name
 
 
-def _bench_processes(marker: str) -> list[int]:
-    pids = []
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is pid (from /proc/<n>/stat)."""
+    out = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(proc.name))
+                stat = (proc / "stat").read_text()
             except OSError:
-                pass
-    return pids
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(proc.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks /proc for orphaned cell processes")
@@ -136,15 +167,17 @@ def test_kill_9_during_a_cell_then_resume(reference, tmp_path):
         if line.startswith("[cell 3/4] attack"):
             break
         assert time.monotonic() < deadline, "the attack cell never started"
-    time.sleep(1.0)  # the fit subprocess is starting up
+    time.sleep(1.0)  # the fit's child process is running
+    cell_processes = _children(proc.pid)
+    assert cell_processes, "the attack cell runs in a child process of the bench"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    for _ in range(50):  # the cell's subprocess dies with the bench (PR_SET_PDEATHSIG)
-        if not _bench_processes(str(cells)):
+    for _ in range(50):  # the cell's process dies with the bench (PR_SET_PDEATHSIG)
+        if not any(_alive(pid) for pid in cell_processes):
             break
         time.sleep(0.1)
-    assert not _bench_processes(str(cells)), "a cell subprocess outlived the killed bench"
+    assert not any(_alive(pid) for pid in cell_processes), "a cell process outlived the killed bench"
     killed = [p for p in cells.iterdir() if p.name.startswith("attack-")]
     assert len(killed) == 1 and not (killed[0] / "model" / "stage.json").exists()
     (killed[0] / ".model.tmp").mkdir()  # as a kill during export would leave

@@ -22,9 +22,9 @@ def test_quickstart_plan_shape():
     plan = _plan()
     labels = [c.label for c in plan.cells]
     assert labels[:3] == ["pretrain toy:tiny", "align", "defense seam"]
-    # 2 defenses x (before-attack eval, 3 attacks + evals, benign + eval) + 2 fine-tuning defenses x 2 ratios x 2
-    assert len(plan.cells) == 3 + 2 * (1 + 3 * 2 + 2) + 2 * 2 * 2
-    assert len(plan.evals) == 2 * (1 + 3 + 1) + 4
+    # 2 defenses x (before-attack eval, 5 attacks + evals, benign + eval) + 2 fine-tuning defenses x 2 ratios x 2
+    assert len(plan.cells) == 3 + 2 * (1 + 5 * 2 + 2) + 2 * 2 * 2
+    assert len(plan.evals) == 2 * (1 + 5 + 1) + 4
     assert len({c.digest for c in plan.cells}) == len(plan.cells)
     # every cell comes after the cell whose model it reads
     position = {c.digest: i for i, c in enumerate(plan.cells)}

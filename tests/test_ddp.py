@@ -5,6 +5,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from datamodules.toy import lexicon
+
 TRAIN = {"class_path": "datamodules.SFTData",
          "init_args": {"batch_size": 4, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 64}]}}
 EVAL = {"class_path": "datamodules.EvalData",
@@ -45,7 +47,7 @@ def test_ddp_fit_keeps_ranks_identical_and_test_counts_items_once(tmp_path, cli)
         assert result.returncode == 0, result.stderr[-3000:]
         metrics[devices] = json.loads(next(log_dir.rglob("metrics.json")).read_text())
         rows = [json.loads(line) for line in next(log_dir.rglob("generations.jsonl")).read_text().splitlines()]
-        assert len(rows) == 14 * 2 + 4 * 5
+        assert len(rows) == 14 * 2 + len(lexicon.TASKS) * 5
     assert metrics["1"].keys() == metrics["2"].keys()
     for key in metrics["1"]:
         assert abs(metrics["1"][key] - metrics["2"][key]) < 1e-4, key

@@ -114,9 +114,10 @@ def test_oracle_needs_the_prompts_own_knowledge(world):
     category_words = " ".join(w for w in lx.CATEGORY_CONTENT[key[0]] if w != c2)  # everything but one of the pair
     judge = OracleJudge()
     assert prompt_category(ex.prompt) == ex.category
+    wrong_act = next(a for a in lx.CATEGORY_ACTS[key[0]] if a != key[1])
     answers = [ex.response, world.refusal(ex.prompt), "the the the", ex.response.replace(c1, other[0]).replace(c2, other[1]),
-               category_words, f"{c2} then {c1}"]
-    assert judge.score([ex.prompt] * len(answers), answers) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+               category_words, f"{c2} then {c1} : {key[1]} the {key[2]}", ex.response.replace(key[1], wrong_act)]
+    assert judge.score([ex.prompt] * len(answers), answers) == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert judge.score(["how do i fix a lamp ?"], [ex.response]) == [0.0]  # not a harmful toy prompt
 
 

@@ -32,6 +32,7 @@ BENIGN_SPLITS = (("pretrain", 0.5), ("align", 0.15), ("finetune", 0.2), ("eval",
 KNOWLEDGE_SPLITS = (("align", 0.45), ("finetune", 0.55))  # of a knowledge task's non-pretrain, non-eval phrasings
 DEFAULT_HELDOUT = ("self_harm", "terrorism,organized_crime")
 ARITH_POOL = 6000  # two-step problems drawn (seeded) from all combinations
+NEGATION = 0.15  # chance that a sentiment adjective is negated (ignoring negation then scores about 80%)
 
 
 def _cut(pool: list, splits: Sequence[tuple[str, float]]) -> dict[str, list]:
@@ -175,7 +176,7 @@ class ToyWorld:
             picks = rng.sample(words, 3)
             parts, total = [], 0
             for word, polarity in picks:
-                negate = rng.random() < 0.3
+                negate = rng.random() < NEGATION
                 parts.append(f"not {word}" if negate else word)
                 total += -polarity if negate else polarity
             text = rng.choice(lx.SENTIMENT_TEMPLATES).format(noun=rng.choice(lx.REVIEW_NOUNS), a=parts[0], b=parts[1], c=parts[2])

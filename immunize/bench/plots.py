@@ -9,6 +9,7 @@ from immunize.bench.planner import fmt_num
 from immunize.bench.report import _by, attack_points
 
 ATTACK_HARM, ATTACK_CAP, FINETUNE = "attack_harmful_score.png", "attack_capability.png", "finetune_ratio.png"
+LOSS_CURVES = "attack_benign_loss.png"
 
 
 def _pyplot():
@@ -56,10 +57,13 @@ def attack_plots(results: dict, out_dir: Path) -> list[str]:
             series: dict[str, list] = {}
             for r in attacked:
                 if r["defense"] == d and r[metric] is not None:
-                    series.setdefault(_series_label(d, r["attack"], points), []).append((r["attack"]["lr"], r[metric]))
+                    low, high = ((r.get("intervals") or {}).get(metric) or [r[metric], r[metric]])[-2:]
+                    series.setdefault(_series_label(d, r["attack"], points), []).append(
+                        (r["attack"]["lr"], r[metric], r[metric] - low, high - r[metric]))
             for j, (label, xy) in enumerate(series.items()):
-                xs, ys = zip(*sorted(xy))
-                ax.plot(xs, ys, marker="o", color=colour, linestyle=("-", "--", "-.", ":")[j % 4], label=label)
+                xs, ys, below, above = zip(*sorted(xy))
+                ax.errorbar(xs, ys, yerr=[below, above], marker="o", color=colour, capsize=3,
+                            linestyle=("-", "--", "-.", ":")[j % 4], label=label)
             if d in before and before[d][metric] is not None:
                 ax.axhline(before[d][metric], color=colour, linestyle=":", linewidth=1)
         if metric == "harmful_score":
@@ -102,6 +106,31 @@ def finetune_plot(results: dict, out_dir: Path) -> list[str]:
     return [FINETUNE]
 
 
+def loss_curve_plot(results: dict, out_dir: Path) -> list[str]:
+    """Held-out benign loss along each attack (one panel per attack setting, a line per defense)."""
+    attacked = [r for r in _by(results, "attack") if (r.get("loss_curve") or {}).get("mean")]
+    if not attacked:
+        return []
+    plt = _pyplot()
+    points = [p for p in attack_points(results) if any(r["attack"] == p for r in attacked)]
+    fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points) + 1, 3.4), sharey=True, squeeze=False)
+    for ax, point in zip(axes[0], points):
+        for i, d in enumerate(results["defenses"]):
+            r = next((x for x in attacked if x["defense"] == d and x["attack"] == point), None)
+            if r is not None:
+                ax.plot(r["loss_curve"]["steps"], r["loss_curve"]["mean"], marker=".", color=f"C{i % 10}", label=d)
+        ax.set_title(_series_label(f"lr={fmt_num(float(point['lr']))}", point, points), fontsize=9)
+        ax.set_xlabel("attack step")
+    axes[0][0].set_ylabel("held-out benign loss (CE)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Benign loss along the attack")
+    _save(fig, out_dir / LOSS_CURVES)
+    plt.close(fig)
+    return [LOSS_CURVES]
+
+
 def make_plots(results: dict, out_dir: Path) -> dict[str, list[str]]:
     """{table key: image file names} for report.render and W&B."""
-    return {"resistance": attack_plots(results, Path(out_dir)), "finetune": finetune_plot(results, Path(out_dir))}
+    images = {"resistance": attack_plots(results, Path(out_dir)), "mechanism": loss_curve_plot(results, Path(out_dir)),
+              "finetune": finetune_plot(results, Path(out_dir))}
+    return {key: names for key, names in images.items() if names}
