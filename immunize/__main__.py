@@ -1,3 +1,3 @@
-from immunize.cli import main
+from immunize.main import main
 
 main()

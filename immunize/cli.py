@@ -11,7 +11,7 @@ from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from immunize.errors import find_user_error
+from immunize.errors import fail, find_user_error, summarize_parser_error
 from immunize.stage_cache import cached, config_hash, mark_done
 
 DEFAULT_LOGGER = {
@@ -68,11 +68,7 @@ class ImmunizeCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "bench":
-        from immunize.bench.command import bench_main
-
-        return bench_main(argv[1:])
+    """`immunize fit|validate|test|predict ...` (LightningCLI); bad input ends with one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
     try:
@@ -91,22 +87,6 @@ def main(args: Optional[list[str]] = None) -> None:
         if type(err).__name__ == "ArgumentError":  # jsonargparse: unknown key, bad type, missing value
             fail(summarize_parser_error(str(err)))
         raise
-
-
-_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
-
-
-def summarize_parser_error(text: str) -> str:
-    """jsonargparse's nested multi-line report, squeezed to the lines that say what is wrong."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    kept = [line.lstrip("- ") for line in lines if not line.startswith(_NOISE)]
-    return " ".join(kept)[:400] + " (see --help, or --print_config for the valid keys)"
-
-
-def fail(message: str) -> None:
-    """Print one line and exit with code 2 (bad input)."""
-    print(f"immunize: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

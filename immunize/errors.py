@@ -1,7 +1,8 @@
 """One exception type for bad user input, turned into a one-line message and exit code 2 by the CLI."""
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import NoReturn, Optional
 
 
 class UserError(Exception):
@@ -32,3 +33,19 @@ def find_user_error(err: BaseException) -> Optional[UserError]:
     if last is not None and str(last) in str(err):
         return last
     return None
+
+
+_NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
+
+
+def summarize_parser_error(text: str) -> str:
+    """jsonargparse's nested multi-line report, squeezed to the lines that say what is wrong."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    kept = [line.lstrip("- ") for line in lines if not line.startswith(_NOISE)]
+    return " ".join(kept)[:400] + " (see --help, or --print_config for the valid keys)"
+
+
+def fail(message: str, program: str = "immunize") -> NoReturn:
+    """Print one line and exit with code 2 (bad input)."""
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)

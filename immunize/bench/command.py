@@ -13,7 +13,7 @@ from pathlib import Path
 
 from immunize.bench.schema import BenchConfig
 from immunize.bench.stages import REPO_ROOT
-from immunize.errors import UserError, find_user_error
+from immunize.errors import UserError, fail, find_user_error, summarize_parser_error
 from immunize.io import atomic_write_json, atomic_write_text
 
 QUICKSTART = REPO_ROOT / "configs" / "bench" / "quickstart.yaml"
@@ -27,7 +27,6 @@ def _with_default_config(argv: list[str]) -> list[str]:
 
 def _parse(argv: list[str]) -> tuple[BenchConfig, dict]:
     from immunize.bench.schema import parse
-    from immunize.cli import summarize_parser_error
 
     try:
         return parse(argv)
@@ -131,9 +130,7 @@ def run_bench(bench: BenchConfig, config: dict) -> int:
 
 
 def bench_main(argv: list[str]) -> None:
-    """Entry point of `immunize bench ...` (called by immunize.cli.main)."""
-    from immunize.cli import fail
-
+    """Entry point of `immunize bench ...` (called by immunize.main)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         bench, config = _parse(_with_default_config(list(argv)))

@@ -1,0 +1,20 @@
+"""The `immunize` command: `immunize bench ...` runs the benchmark, anything else goes to LightningCLI."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from immunize.bench.command import bench_main
+from immunize.cli import main as cli_main
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "bench":
+        bench_main(argv[1:])
+    else:
+        cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()
