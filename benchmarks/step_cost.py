@@ -66,7 +66,7 @@ class SameShapePanacea(Panacea):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_batch = batch
 
-    def next_harmful_batch(self, trainer, device):
+    def next_batch(self, trainer, device):
         self.draws += 1
         return self._step_batch
 
@@ -82,7 +82,7 @@ class SameShapeLisa(Lisa):
         self._step_batch = dict(batch)
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
-    def next_alignment_batch(self, trainer, device):
+    def next_batch(self, trainer, device):
         self.draws += 1
         return self._step_batch
 

@@ -27,19 +27,17 @@ weights. A report (pruned counts per layer, time) goes to <log dir>/report_file 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from datamodules.catalog import Source, as_examples, load_records
-from datamodules.collate import encode_example, pad_right
+from callbacks.base import FinetuneDefense
+from datamodules.catalog import Source
 from immunize.errors import UserError
 from immunize.io import atomic_write_json
 from lightning_modules.grad_math import all_reduce_mean_
@@ -152,14 +150,21 @@ def antidote_prune(model: nn.Module, batches: Sequence[dict], dense_ratio: float
 
 
 # ----- the callback -------------------------------------------------------------------------------
-class Antidote(L.Callback):
+class Antidote(FinetuneDefense):
     """Antidote at fit end (see the module docstring).
 
-    harmful: calibration data (default: toy harmful answers of split "align", disjoint from the attack split a
-    HarmfulMix draws from; Pairs give their harmful answer). dense_ratio: fraction of each row to zero (the
-    paper's 0.1). n_calibration: calibration samples, the first ones of the source (None: all). batch_size:
-    calibration rows per forward. sequential: layer-by-layer scoring (Wanda's procedure) or one pass.
-    template/max_length: encoding (None: the datamodule's). report_file: JSON report in the log dir (None: none).
+    Huang et al., "Antidote: Post-fine-tuning Safety Alignment for Large Language Models against Harmful
+    Fine-tuning" (2024), Section 4 (one-shot pruning of the harmful parameters by the Wanda score).
+
+    Args:
+        harmful: calibration data (default: toy harmful answers of split "align", disjoint from the attack split a
+            HarmfulMix draws from; Pairs give their harmful answer).
+        dense_ratio: fraction of each row to zero (the paper's 0.1).
+        n_calibration: calibration samples, the first ones of the source (None: all).
+        batch_size: calibration rows per forward.
+        sequential: layer-by-layer scoring (Wanda's procedure) or one pass.
+        template, max_length: encoding (None: the datamodule's).
+        report_file: JSON report in the log dir (None: none).
     """
 
     def __init__(self, harmful: Optional[Source] = None, dense_ratio: float = 0.1, n_calibration: Optional[int] = 64,
@@ -171,42 +176,27 @@ class Antidote(L.Callback):
             raise UserError(f"Antidote: n_calibration must be >= 1 (or null for all), got {n_calibration}")
         if batch_size < 1:
             raise UserError(f"Antidote: batch_size must be >= 1, got {batch_size}")
-        self.harmful = harmful or Source(kind="toy", part="harmful", split="align")
-        self.dense_ratio, self.n_calibration, self.batch_size = float(dense_ratio), n_calibration, batch_size
-        self.sequential, self.template, self.max_length, self.report_file = sequential, template, max_length, report_file
+        super().__init__(harmful or Source(kind="toy", part="harmful", split="align"), "harmful", batch_size,
+                         template, max_length)
+        self.dense_ratio, self.n_calibration = float(dense_ratio), n_calibration
+        self.sequential, self.report_file = sequential, report_file
         self.report: Optional[dict] = None
-        self._applied = False
         self._n_used = 0
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            self._applied = False
+    @property
+    def harmful(self) -> Source:
+        return self.data
 
-    def calibration_batches(self, trainer, pl_module, device) -> list[dict]:
+    def calibration_batches(self, trainer, device) -> list[dict]:
         """This rank's share of the first n_calibration harmful samples, encoded and padded, on `device`."""
-        dm = trainer.datamodule
-        tokenizer = pl_module.tokenizer
-        template = self.template or getattr(dm, "template", "qa")
-        max_length = self.max_length or getattr(dm, "max_length", 256)
-        examples = as_examples(load_records(self.harmful), "harmful")[: self.n_calibration]
-        rows = [encode_example(tokenizer, template, e.prompt, e.response, max_length) for e in examples]
+        rows = self.rows[: self.n_calibration]
         self._n_used = len(rows)
         mine = rows[trainer.global_rank::trainer.world_size]
-        batches = [pad_right(mine[i:i + self.batch_size], tokenizer.pad_token_id) for i in range(0, len(mine), self.batch_size)]
-        return [{k: v.to(device) for k, v in b.items()} for b in batches]
+        return [self.collate(mine[i:i + self.batch_size], device) for i in range(0, len(mine), self.batch_size)]
 
-    @staticmethod
-    def _forward_context(trainer):
-        plugin = getattr(trainer, "precision_plugin", None)
-        return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self._applied:
-            return
+    def apply(self, trainer, pl_module) -> None:
         start = time.perf_counter()
-        device = trainer.strategy.root_device  # Lightning's teardown moved the module to CPU
-        here = next(pl_module.parameters()).device
-        pl_module.to(device)
+        device = trainer.strategy.root_device
         was_training = pl_module.model.training
         try:
             merged = hasattr(pl_module.model, "merge_and_unload")
@@ -214,17 +204,15 @@ class Antidote(L.Callback):
                 pl_module.model = pl_module.model.merge_and_unload()
             model = pl_module.model
             model.eval()
-            batches = self.calibration_batches(trainer, pl_module, device)
+            batches = self.calibration_batches(trainer, device)
 
             def forward(batch):
-                with self._forward_context(trainer):
+                with self.forward_context(trainer):
                     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
             pruned = antidote_prune(model, batches, self.dense_ratio, self.sequential, forward)
         finally:
             pl_module.model.train(was_training)
-            pl_module.to(here)
-        self._applied = True
         total = sum(lin.weight.numel() for layer in decoder_linears(pl_module.model) for _, lin in layer)
         self.report = {"dense_ratio": self.dense_ratio, "sequential": self.sequential, "lora_merged": merged,
                        "n_calibration": self._n_used,

@@ -29,7 +29,7 @@ as in the reference):
 Phases count optimizer steps (not micro-batches): with gradient accumulation every micro-batch of an
 alignment step is an alignment batch. The optimizer, its state and the schedule are shared by both states.
 
-Distributed (DDP): rank r draws alignment batch (draw, r) of one seeded stream (callbacks.panacea.draw_indices),
+Distributed (DDP): rank r draws alignment batch (draw, r) of one seeded stream (callbacks.base.draw_indices),
 batch_size rows per rank like the user batch; the alignment gradients are all-reduced by DDP's own backward
 hooks, as user gradients are, and the proximal term is a function of identical weights and anchors, so every
 rank applies the same update.
@@ -46,9 +46,8 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
-from callbacks.panacea import draw_indices
-from datamodules.catalog import Source, as_examples, load_records
-from datamodules.collate import encode_example, pad_right
+from callbacks.base import FinetuneDefense, named_trainable
+from datamodules.catalog import Source
 from immunize.errors import UserError
 
 ALIGNMENT, USER = "alignment", "user"
@@ -80,15 +79,22 @@ def add_proximal_(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor]
 
 
 # ----- the callback -------------------------------------------------------------------------------
-class Lisa(L.Callback):
+class Lisa(FinetuneDefense):
     """Lisa during a user's fine-tune (see the module docstring).
 
-    alignment: alignment data (default: toy harmful prompts -> refusals of split "align"; Pairs give their
-    refusal, Examples are used as they are). rho: proximal weight (the paper's 1). alignment_steps / user_steps:
-    phase lengths in optimizer steps (the paper's 100 / 900; the defaults 2 / 8 keep that proportion at the toy's
-    scale). batch_size: alignment rows per rank and step (None: the datamodule's batch_size). proximal_warmup:
-    fraction of the fit's steps before the proximal term starts. template/max_length: encoding of the alignment
-    samples (None: the datamodule's). seed: alignment draw order.
+    Huang et al., "Lisa: Lazy Safety Alignment for Large Language Models against Harmful Fine-tuning Attack"
+    (NeurIPS 2024), Section 4 (Bi-State Optimization with the proximal term, Eq. 4-5).
+
+    Args:
+        alignment: alignment data (default: toy harmful prompts -> refusals of split "align"; Pairs give their
+            refusal, Examples are used as they are).
+        rho: proximal weight (the paper's 1).
+        alignment_steps, user_steps: phase lengths in optimizer steps (the paper's 100 / 900; the defaults 2 / 8
+            keep that proportion at the toy's scale).
+        batch_size: alignment rows per rank and step (None: the datamodule's batch_size).
+        proximal_warmup: fraction of the fit's steps before the proximal term starts.
+        template, max_length: encoding of the alignment samples (None: the datamodule's).
+        seed: alignment draw order.
     """
 
     def __init__(self, alignment: Optional[Source] = None, rho: float = 1.0, alignment_steps: int = 2,
@@ -103,18 +109,18 @@ class Lisa(L.Callback):
             raise UserError(f"Lisa: batch_size must be >= 1, got {batch_size}")
         if not 0.0 <= proximal_warmup < 1.0:
             raise UserError(f"Lisa: proximal_warmup must be in [0, 1), got {proximal_warmup}")
-        self.alignment = alignment or Source(kind="toy", part="pairs", split="align")
+        super().__init__(alignment or Source(kind="toy", part="pairs", split="align"), "refusal", batch_size,
+                         template, max_length, seed)
         self.rho, self.alignment_steps, self.user_steps = float(rho), alignment_steps, user_steps
-        self.batch_size, self.proximal_warmup = batch_size, float(proximal_warmup)
-        self.template, self.max_length, self.seed = template, max_length, seed
+        self.proximal_warmup = float(proximal_warmup)
         self.anchor: Optional[dict[str, torch.Tensor]] = None  # name -> weights at the end of the other phase
         self.anchor_phase: Optional[str] = None  # the phase the anchor serves
-        self.draws = 0  # alignment batches drawn so far (same count on every rank)
         self.last_drift: Optional[torch.Tensor] = None  # |w - w_anchor| at the last proximal step
-        self._rows: list[dict] = []
-        self._pad_id = 0
-        self._rows_per_batch = 1
         self._prox_from = 0
+
+    @property
+    def alignment(self) -> Source:
+        return self.data
 
     @property
     def state_key(self) -> str:
@@ -127,20 +133,13 @@ class Lisa(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self.anchor, self.anchor_phase, self.draws, self.last_drift = None, None, 0, None  # a resume restores them next
-        dm = trainer.datamodule
-        batch_size = self.batch_size or getattr(dm, "batch_size", None)
-        if batch_size is None:
+        self.anchor, self.anchor_phase, self.last_drift = None, None, None  # a resume restores them next
+        if self.batch_size is None and getattr(trainer.datamodule, "batch_size", None) is None:
             raise UserError("Lisa: set batch_size (the fit has no datamodule with a batch_size to copy)")
-        self._rows_per_batch = batch_size
-        if self.alignment_steps == 0:
-            return  # no alignment batch is ever drawn
-        tokenizer = pl_module.tokenizer
-        template = self.template or getattr(dm, "template", "qa")
-        max_length = self.max_length or getattr(dm, "max_length", 256)
-        examples = as_examples(load_records(self.alignment), "refusal")
-        self._rows = [encode_example(tokenizer, template, e.prompt, e.response, max_length) for e in examples]
-        self._pad_id = tokenizer.pad_token_id
+        if self.alignment_steps == 0:  # no alignment batch is ever drawn
+            self._applied, self.draws = False, 0
+            return
+        super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._prox_from = 0
@@ -150,21 +149,6 @@ class Lisa(L.Callback):
                 raise UserError("Lisa: proximal_warmup needs a known number of steps; set trainer.max_steps")
             self._prox_from = math.ceil(self.proximal_warmup * total)
 
-    @staticmethod
-    def _named_trainable(pl_module) -> tuple[list[str], list[torch.nn.Parameter]]:
-        named = [(n, p) for n, p in pl_module.model.named_parameters() if p.requires_grad]
-        if not named:
-            raise UserError("Lisa: the model has no trainable parameters")
-        return [n for n, _ in named], [p for _, p in named]
-
-    def next_alignment_batch(self, trainer, device) -> dict:
-        """The next alignment batch on this rank (override to feed alignment batches another way, e.g. in a benchmark)."""
-        idx = draw_indices(len(self._rows), self._rows_per_batch, self.draws, trainer.global_rank, trainer.world_size,
-                           self.seed)
-        self.draws += 1
-        batch = pad_right([self._rows[i] for i in idx], self._pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
-
     # ----- alignment steps: the step's batch becomes an alignment batch ------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.phase(trainer.global_step) != ALIGNMENT:
@@ -172,7 +156,7 @@ class Lisa(L.Callback):
         if not isinstance(batch, MutableMapping) or "input_ids" not in batch:
             raise UserError(f"Lisa swaps the batch for an alignment batch at alignment steps and needs dict batches with "
                             f"input_ids/attention_mask/labels (an SFT fit); got {type(batch).__name__}")
-        aligned = dict(self.next_alignment_batch(trainer, pl_module.device))  # a copy: never clear what we insert
+        aligned = dict(self.next_batch(trainer, pl_module.device))  # a copy: never clear what we insert
         batch.clear()
         batch.update(aligned)
 
@@ -180,7 +164,7 @@ class Lisa(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         step = trainer.global_step
         phase = self.phase(step)
-        names, params = self._named_trainable(pl_module)
+        names, params = named_trainable(pl_module, "Lisa")
         if self.anchor is None or self.anchor_phase != phase:
             # first step of a phase: the weights (not yet updated by this step) are the other phase's last weights
             self.anchor = {n: p.detach().clone() for n, p in zip(names, params)}
@@ -203,9 +187,9 @@ class Lisa(L.Callback):
     # ----- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         anchor = None if self.anchor is None else {n: a.detach().cpu().clone() for n, a in self.anchor.items()}
-        return {"anchor": anchor, "anchor_phase": self.anchor_phase, "draws": self.draws}
+        return {**super().state_dict(), "anchor": anchor, "anchor_phase": self.anchor_phase}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
         self.anchor = state_dict.get("anchor")
         self.anchor_phase = state_dict.get("anchor_phase")
-        self.draws = int(state_dict.get("draws", 0))

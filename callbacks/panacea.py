@@ -34,7 +34,6 @@ function of (seed, draw, rank, world size), so a resumed fit draws what an unint
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -42,37 +41,18 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from datamodules.catalog import Source, as_examples, load_records
-from datamodules.collate import encode_example, pad_right
+from callbacks.base import FinetuneDefense, draw_indices, named_trainable  # noqa: F401 (draw_indices: re-export)
+from datamodules.catalog import Source
 from immunize.errors import UserError
 from immunize.io import atomic_save_safetensors, atomic_write_json
 from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of
+from lightning_modules.perturbation import normalized, perturbed
 
 MODES = ("in_training", "post_hoc")
-NORM_EPS = 1e-7  # as in the reference: eps = rho * g / (|g| + 1e-7)
 EPS_FORMAT = "immunize.panacea_eps/1"
 
 
 # ----- plain functions (unit-tested alone) --------------------------------------------------------
-def draw_indices(n: int, batch_size: int, draw: int, rank: int, world: int, seed: int) -> list[int]:
-    """Row indices of harmful batch `draw` on `rank`: an endless stream of seeded permutations of
-    range(n), cut into consecutive batches, rank r taking the r-th batch of each group of `world`."""
-    start = (draw * world + rank) * batch_size
-    out, cache = [], {}
-    for pos in range(start, start + batch_size):
-        cycle = pos // n
-        if cycle not in cache:
-            cache[cycle] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + cycle)).tolist()
-        out.append(cache[cycle][pos % n])
-    return out
-
-
-def normalized(grads: Sequence[torch.Tensor], rho: float) -> list[torch.Tensor]:
-    """rho * g / (|g| + 1e-7), one global fp32 norm over all tensors; new tensors (never aliases)."""
-    scale = rho / (global_norm(grads) + NORM_EPS)
-    return [g.float() * scale for g in grads]
-
-
 def reduced_scalar(value: torch.Tensor) -> float:
     """A loss value averaged over DDP ranks (the value itself when not distributed)."""
     t = value.detach().float().clone().reshape(1)
@@ -93,9 +73,7 @@ def panacea_step(harmful_loss: Callable[[], torch.Tensor], params: Sequence[torc
     h0_mean = h0.detach().float().clone().reshape(1)
     *grad_w, h0_mean = all_reduce_mean_(grads_of(h0, params) + [h0_mean])  # one collective for both
     eps = normalized(grad_w, rho)
-    backup = [p.detach().clone() for p in params]
-    try:
-        add_scaled_(params, eps, 1.0)
+    with perturbed(params, eps):
         h1 = harmful_loss()
         h1_mean = reduced_scalar(h1)
         clamped = loss_clamp is not None and h1_mean > loss_clamp
@@ -103,10 +81,6 @@ def panacea_step(harmful_loss: Callable[[], torch.Tensor], params: Sequence[torc
             grad_pert = [torch.zeros_like(g) for g in grad_w]
         else:
             grad_pert = list(all_reduce_mean_(grads_of(h1, params)))
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
     for a, b in zip(grad_w, grad_pert):  # in place: correction = -lam * (grad_pert - grad_w), no extra copy
         b.sub_(a).mul_(-lam)
     correction = grad_pert
@@ -146,15 +120,25 @@ def lora_merged_deltas(model, apply: Callable[[], None]) -> dict[str, torch.Tens
 
 
 # ----- the callback -------------------------------------------------------------------------------
-class Panacea(L.Callback):
+class Panacea(FinetuneDefense):
     """Panacea defense during (mode "in_training") or after (mode "post_hoc") a user's fine-tune.
 
-    rho: |eps| (global L2 norm over the trainable tensors). lam: weight of the harmful-loss gap.
-    harmful: the h dataset (default: toy harmful answers of split "align", disjoint from the attack
-    split a HarmfulMix draws its harmful samples from and from the eval split). harmful_batch_size: per rank.
-    loss_clamp: h(w + eps) above it gives no gradient (None: no clamp). mode, post_hoc_steps, post_hoc_lr (step
-    length as a fraction of rho), task_weight: see the module docstring. eps_file: file name in the log dir (None:
-    not saved). template/max_length: encoding of the harmful samples (None: the datamodule's). seed: harmful order.
+    Wang et al., "Panacea: Mitigating Harmful Fine-tuning for Large Language Models via Post-fine-tuning
+    Perturbation" (2025), Section 4 (the objective, Eq. 2-4, and the one-step eps*).
+
+    Args:
+        rho: |eps|, the global L2 norm over the trainable tensors (the paper's 1, meant for LoRA factors).
+        lam: weight of the harmful-loss gap (the paper's 1e-3).
+        harmful: the h dataset (default: toy harmful answers of split "align", disjoint from the attack split a
+            HarmfulMix draws its harmful samples from and from the eval split).
+        harmful_batch_size: h rows per rank and step (the paper's 10).
+        loss_clamp: h(w + eps) above it gives no gradient (the reference clamps at 5; None: no clamp).
+        mode: "in_training" (the paper) or "post_hoc" (see the module docstring).
+        post_hoc_steps, post_hoc_lr, task_weight: the post-hoc optimisation (steps, step length as a fraction of
+            rho, weight of the task loss).
+        eps_file: eps is written to this file in the log dir (None: not saved).
+        template, max_length: encoding of the harmful samples (None: the datamodule's).
+        seed: the harmful draw order.
     """
 
     def __init__(self, rho: float = 1.0, lam: float = 1e-3, harmful: Optional[Source] = None,
@@ -172,18 +156,18 @@ class Panacea(L.Callback):
             raise UserError(f"Panacea: harmful_batch_size must be >= 1, got {harmful_batch_size}")
         if post_hoc_steps < 0 or not post_hoc_lr > 0:
             raise UserError(f"Panacea: need post_hoc_steps >= 0 and post_hoc_lr > 0, got {post_hoc_steps}, {post_hoc_lr}")
+        super().__init__(harmful or Source(kind="toy", part="harmful", split="align"), "harmful", harmful_batch_size,
+                         template, max_length, seed)
         self.rho, self.lam, self.loss_clamp, self.mode = float(rho), float(lam), loss_clamp, mode
-        self.harmful = harmful or Source(kind="toy", part="harmful", split="align")
-        self.harmful_batch_size, self.seed = harmful_batch_size, seed
         self.post_hoc_steps, self.post_hoc_lr, self.task_weight = post_hoc_steps, float(post_hoc_lr), float(task_weight)
-        self.eps_file, self.template, self.max_length = eps_file, template, max_length
+        self.eps_file = eps_file
         self.eps: Optional[dict[str, torch.Tensor]] = None  # name -> eps (fp32), the last one computed
-        self.draws = 0  # harmful batches drawn so far (same count on every rank)
         self.last_stats: dict = {}
         self.eps_path: Optional[Path] = None
-        self._rows: list[dict] = []
-        self._pad_id = 0
-        self._applied = False
+
+    @property
+    def harmful(self) -> Source:
+        return self.data
 
     @property
     def state_key(self) -> str:
@@ -193,8 +177,7 @@ class Panacea(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._applied = False
-        names, params = self._named_trainable(pl_module)
+        names, params = named_trainable(pl_module, "Panacea")
         bad = [(n, p.dtype) for n, p in zip(names, params) if p.dtype not in EXACT_DTYPES]
         if bad:
             raise UserError(f"Panacea adds eps to the weights and takes it off again every step, which needs fp32 "
@@ -204,40 +187,11 @@ class Panacea(L.Callback):
         if dm is not None and getattr(dm, "harmful", None) == self.harmful:
             rank_zero_warn("Panacea: its harmful set is the same source the fine-tuning mix draws harmful samples from; "
                            "use a disjoint split (toy: split align) so h is not the user's data")
-        tokenizer = pl_module.tokenizer
-        template = self.template or getattr(dm, "template", "qa")
-        max_length = self.max_length or getattr(dm, "max_length", 256)
-        examples = as_examples(load_records(self.harmful), "harmful")
-        self._rows = [encode_example(tokenizer, template, e.prompt, e.response, max_length) for e in examples]
-        self._pad_id = tokenizer.pad_token_id
-
-    @staticmethod
-    def _named_trainable(pl_module) -> tuple[list[str], list[torch.nn.Parameter]]:
-        params = pl_module.trainable_parameters()
-        if not params:
-            raise UserError("Panacea: the model has no trainable parameters")
-        name_of = {id(p): n for n, p in pl_module.model.named_parameters()}
-        missing = [p for p in params if id(p) not in name_of]
-        if missing:
-            raise UserError("Panacea: a trainable parameter is not in pl_module.model; eps cannot be named")
-        return [name_of[id(p)] for p in params], params
-
-    def next_harmful_batch(self, trainer, device) -> dict:
-        """The next h batch on this rank (override to feed h batches another way, e.g. in a benchmark)."""
-        idx = draw_indices(len(self._rows), self.harmful_batch_size, self.draws, trainer.global_rank,
-                           trainer.world_size, self.seed)
-        self.draws += 1
-        batch = pad_right([self._rows[i] for i in idx], self._pad_id)
-        return {k: v.to(device) for k, v in batch.items()}
-
-    @staticmethod
-    def _forward_context(trainer):
-        plugin = getattr(trainer, "precision_plugin", None)
-        return plugin.forward_context() if plugin is not None else contextlib.nullcontext()
+        super().setup(trainer, pl_module, stage)
 
     def _loss_fn(self, trainer, pl_module, batch) -> Callable[[], torch.Tensor]:
         def loss():
-            with self._forward_context(trainer):
+            with self.forward_context(trainer):
                 return pl_module.lm_loss(batch)
         return loss
 
@@ -245,8 +199,8 @@ class Panacea(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.mode != "in_training":
             return
-        names, params = self._named_trainable(pl_module)
-        batch = self.next_harmful_batch(trainer, params[0].device)
+        names, params = named_trainable(pl_module, "Panacea")
+        batch = self.next_batch(trainer, params[0].device)
         eps, correction, stats = panacea_step(self._loss_fn(trainer, pl_module, batch), params, self.rho, self.lam,
                                               self.loss_clamp)
         for p, c in zip(params, correction):
@@ -279,67 +233,51 @@ class Panacea(L.Callback):
         Starts from the closed form rho*grad h/|grad h| and takes normalised gradient steps of length
         post_hoc_lr*rho, each followed by the projection. Gradients are rank-averaged, so eps is identical on all ranks.
         """
-        names, params = self._named_trainable(pl_module)
+        names, params = named_trainable(pl_module, "Panacea")
         device = params[0].device
-        first = self.next_harmful_batch(trainer, device)
+        first = self.next_batch(trainer, device)
         eps = normalized(all_reduce_mean_(grads_of(self._loss_fn(trainer, pl_module, first)(), params)), self.rho)
         tasks = self._task_batches(trainer)
         history = []
-        backup = [p.detach().clone() for p in params]
-        try:
+        with perturbed(params) as shift:
             for step in range(self.post_hoc_steps):
-                hb = self.next_harmful_batch(trainer, device)
+                hb = self.next_batch(trainer, device)
                 tb = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in next(tasks).items()}
-                add_scaled_(params, eps, 1.0)
+                shift.add(eps)
                 h = self._loss_fn(trainer, pl_module, hb)()
                 h_mean = reduced_scalar(h)
                 clamped = self.loss_clamp is not None and h_mean > self.loss_clamp
                 grad_h = [torch.zeros_like(e) for e in eps] if clamped else grads_of(h, params)
                 g = self._loss_fn(trainer, pl_module, tb)()
                 grad_g = grads_of(g, params)
-                with torch.no_grad():
-                    for p, b in zip(params, backup):
-                        p.copy_(b)
+                shift.restore()
                 ascent = all_reduce_mean_([a - self.task_weight * b for a, b in zip(grad_h, grad_g)])
-                scale = self.post_hoc_lr * self.rho / (float(global_norm(ascent)) + NORM_EPS)
-                for e, a in zip(eps, ascent):
-                    e.add_(a, alpha=scale)
+                with torch.no_grad():
+                    for e, a in zip(eps, normalized(ascent, self.post_hoc_lr * self.rho)):
+                        e.add_(a)
                 project_(eps, self.rho)
                 history.append({"step": step, "h": h_mean, "g": reduced_scalar(g), "clamped": clamped,
                                 "eps_norm": float(global_norm(eps))})
-        finally:
-            with torch.no_grad():
-                for p, b in zip(params, backup):
-                    p.copy_(b)
         self.last_stats = {"post_hoc": history}
         self.eps = dict(zip(names, eps))
         return eps
 
     # ----- fit end: add eps once, save it --------------------------------------------------------
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self._applied:
-            return
+    def apply(self, trainer, pl_module) -> None:
         if self.mode == "post_hoc":
             if trainer.global_step > 0:
                 rank_zero_warn(f"Panacea post_hoc: this fit also trained the weights for {trainer.global_step} steps; "
                                "set trainer.max_steps 0 to only perturb a fine-tuned checkpoint")
-            device = trainer.strategy.root_device  # Lightning's teardown moved the module to CPU
-            here = next(pl_module.parameters()).device
-            pl_module.to(device)
-            try:
-                self.optimize_eps(trainer, pl_module)
-            finally:
-                pl_module.to(here)
+            self.optimize_eps(trainer, pl_module)
         if self.eps is None:
             rank_zero_warn("Panacea: no eps was computed (no optimizer step ran); the weights are left unchanged")
             return
-        names, params = self._named_trainable(pl_module)
+        names, params = named_trainable(pl_module, "Panacea")
         missing = [n for n in names if n not in self.eps]
         if missing:
             raise UserError(f"Panacea: the saved eps has no tensor for {missing[0]}; the model changed since it was computed")
         eps = [self.eps[n] for n in names]
         deltas = lora_merged_deltas(pl_module.model, lambda: add_scaled_(params, eps, 1.0))
-        self._applied = True
         self._save(trainer, names, eps, deltas)
 
     def _save(self, trainer, names, eps, deltas) -> None:
@@ -362,8 +300,8 @@ class Panacea(L.Callback):
     # ----- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         eps = None if self.eps is None else {n: e.detach().cpu().clone() for n, e in self.eps.items()}
-        return {"eps": eps, "draws": self.draws}
+        return {**super().state_dict(), "eps": eps}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
         self.eps = state_dict.get("eps")
-        self.draws = int(state_dict.get("draws", 0))

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import lightning as L
 import torch
 
+from callbacks.base import FinetuneDefense
 from immunize.errors import UserError
 
 
@@ -22,27 +22,25 @@ def gaussian_noise(params, sigma: float, seed: int) -> list[torch.Tensor]:
     return [torch.randn(p.shape, generator=gen, dtype=torch.float32) * sigma for p in params]
 
 
-class RandomPerturbation(L.Callback):
-    """At fit end, w += N(0, sigma^2) on every trainable tensor, exactly once."""
+class RandomPerturbation(FinetuneDefense):
+    """At fit end, w += N(0, sigma^2) on every trainable tensor, exactly once.
+
+    Args:
+        sigma: standard deviation of the noise (0: no change).
+        seed: the noise's seed (the same noise on every rank and device).
+    """
 
     def __init__(self, sigma: float = 0.01, seed: int = 0):
         if not sigma >= 0:
             raise UserError(f"RandomPerturbation: sigma must be >= 0, got {sigma}")
-        self.sigma, self.seed = float(sigma), seed
+        super().__init__(seed=seed)
+        self.sigma = float(sigma)
         self.noise_norm: Optional[float] = None
-        self._applied = False
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit":
-            self._applied = False
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        if self._applied:
-            return
+    def apply(self, trainer, pl_module) -> None:
         params = pl_module.trainable_parameters()
         noise = gaussian_noise(params, self.sigma, self.seed)
         with torch.no_grad():
             for p, n in zip(params, noise):
                 p.add_(n.to(device=p.device, dtype=p.dtype))
         self.noise_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n) for n in noise])))
-        self._applied = True

@@ -10,13 +10,12 @@ import math
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import batch_size, require_parts
-from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.batch_parts import require_parts
 from lightning_modules.grad_math import masked_ce
-from lightning_modules.seam_math import rank_weights
+from lightning_modules.one_loss import OneLossDefense
 
 
-class AdversarialImmunization(CausalLMModule):
+class AdversarialImmunization(OneLossDefense):
     """Automatic optimization; one backward through both CE terms per step (2 forwards, 2 backwards' worth).
 
     DDP: each CE is token-weighted by seam_math.rank_weights, so the rank-averaged gradient is the one of
@@ -41,12 +40,7 @@ class AdversarialImmunization(CausalLMModule):
         loss = weights[1] * ce_refusal - self.alpha * weights[0] * ce_harmful
         return loss, ce_refusal.detach(), ce_harmful.detach()
 
-    def training_step(self, batch, batch_idx):
+    def defense_loss(self, batch):
         harmful, refusal = require_parts(batch, ("harmful", "refusal"), "AdversarialImmunization")
-        weights = tuple(rank_weights([harmful["labels"], refusal["labels"]]))
-        loss, ce_refusal, ce_harmful = self.adversarial_loss(batch, weights)
-        self.check_finite(loss, "AdversarialImmunization loss")
-        size = batch_size(refusal)
-        self.log_dict({"train/ce_refusal": ce_refusal, "train/ce_harmful": ce_harmful}, batch_size=size)
-        self.log("train/loss", (ce_refusal - self.alpha * ce_harmful), prog_bar=True, batch_size=size)
-        return loss
+        loss, ce_refusal, ce_harmful = self.adversarial_loss(batch, tuple(self.token_weights(harmful, refusal)))
+        return loss, {"ce_refusal": ce_refusal, "ce_harmful": ce_harmful, "loss": ce_refusal - self.alpha * ce_harmful}

@@ -13,5 +13,7 @@ def require_parts(batch, names: tuple[str, ...], method: str) -> tuple[dict, ...
     return tuple(batch[k] for k in names)
 
 
-def batch_size(part: dict) -> int:
+def batch_size(batch: dict) -> int:
+    """Rows of a plain batch, or of the first part of a batch of parts."""
+    part = batch if "input_ids" in batch else next(iter(batch.values()))
     return int(part["input_ids"].shape[0])

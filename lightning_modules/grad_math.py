@@ -79,15 +79,16 @@ def require_fp32_master_precision(precision, method: str, why: str) -> None:
 
 
 def require_exact_params(params: Sequence[torch.Tensor]) -> None:
-    """Raise UserError unless every parameter is fp32/fp64 (finite differences need fine weights)."""
+    """Raise UserError unless every parameter is fp32/fp64 (small weight perturbations need fine weights)."""
     for p in params:
         if p.dtype not in EXACT_DTYPES:
             raise UserError(
-                f"finite-difference perturbations need fp32 parameters, found a {p.dtype} parameter of shape "
-                f"{tuple(p.shape)}: a finite-difference perturbation of about 1e-8 per element rounds away "
-                "in bf16/fp16 weights (resolution about 1e-4 near 0.02), so the estimate would be noise. "
-                "Keep fp32 master weights: load the model in float32 and train with precision "
-                "\"bf16-mixed\" (or \"32-true\"), not \"bf16-true\"/\"16-true\".")
+                f"weight perturbations need fp32 parameters, found a {p.dtype} parameter of shape "
+                f"{tuple(p.shape)}: a finite-difference or normalised step of about 1e-8 to 1e-6 per element "
+                "rounds away in bf16/fp16 weights (resolution about 1e-4 near 0.02), so the method would compute "
+                "noise. Keep fp32 master weights: load the model in float32 and train with precision "
+                "\"bf16-mixed\" (or \"32-true\"), not \"bf16-true\"/\"16-true\", or train LoRA adapters (they "
+                "stay fp32) over a bfloat16 base.")
 
 
 @torch.no_grad()

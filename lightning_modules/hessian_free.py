@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from lightning_modules.grad_math import (_wide, all_reduce_mean_, dot, global_norm, grads_of,
-                                         require_exact_params)
+from lightning_modules.grad_math import _wide, all_reduce_mean_, dot, global_norm, grads_of, require_exact_params
+from lightning_modules.perturbation import perturbed
 
 GradList = list[torch.Tensor]
 Reduce = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
@@ -38,20 +38,6 @@ def cosine_directions(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]):
     v_a = [gb * inv_b - ga * (cf * inv_a) for ga, gb in zip(g_a, g_b)]
     v_b = [ga * inv_a - gb * (cf * inv_b) for ga, gb in zip(g_a, g_b)]
     return c, v_a, v_b, norm_a, norm_b
-
-
-@torch.no_grad()
-def _perturb_(params, g_first, s_first: float, g_second, s_second: float) -> None:
-    """p += s_first * g_first + s_second * g_second, without materialising the direction."""
-    for p, x, y in zip(params, g_first, g_second):
-        p.add_(x.to(p.dtype), alpha=s_first)
-        p.add_(y.to(p.dtype), alpha=s_second)
-
-
-@torch.no_grad()
-def _restore_(params, backup) -> None:
-    for p, saved in zip(params, backup):
-        p.copy_(saved)
 
 
 def finite_difference_sd_grad(params: Sequence[torch.Tensor], grad_a_fn: Callable[[], Sequence[torch.Tensor]],
@@ -82,25 +68,22 @@ def finite_difference_sd_grad(params: Sequence[torch.Tensor], grad_a_fn: Callabl
         stats["skipped"] = True
         return [torch.zeros_like(g) for g in g_a], stats
 
-    backup = [p.detach().clone() for p in params]
-    try:
-        _perturb_(params, g_b, eps / nb, g_a, -eps * cf / na)  # theta + eps * v_a
+    with perturbed(params) as shift:
+        shift.add(g_b, eps / nb).add(g_a, -eps * cf / na)  # theta + eps * v_a, v_a never materialised
         est = [_wide(t) for t in reduce(list(grad_a_fn()))]
-        _restore_(params, backup)
+        shift.restore()
         if any(e is g for e, g in zip(est, g_a)):
             raise ValueError("grad_a_fn must return fresh tensors, not g_a itself")
         with torch.no_grad():
             for e, g in zip(est, g_a):
                 e.sub_(g).mul_(1.0 / (na * eps))
-        _perturb_(params, g_a, eps / na, g_b, -eps * cf / nb)  # theta + eps * v_b
+        shift.add(g_a, eps / na).add(g_b, -eps * cf / nb)  # theta + eps * v_b
         g_b_moved = [_wide(t) for t in reduce(list(grad_b_fn()))]
-        _restore_(params, backup)
+        shift.restore()
         with torch.no_grad():
             for e, moved, g in zip(est, g_b_moved, g_b):
                 e.add_(moved.sub_(g), alpha=1.0 / (nb * eps))
         del g_b_moved
-    finally:
-        _restore_(params, backup)
     stats["est_norm"] = float(global_norm(est))
     return est, stats
 

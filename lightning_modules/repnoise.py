@@ -15,16 +15,16 @@ import math
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import batch_size, require_parts
-from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.batch_parts import require_parts
 from lightning_modules.grad_math import IGNORE, masked_ce
 from lightning_modules.hidden_hooks import capture_outputs, layer_submodules, lens_modules
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 from lightning_modules.mmd import noise_mmd
-from lightning_modules.seam_math import global_value, rank_weights
+from lightning_modules.one_loss import OneLossDefense
+from lightning_modules.seam_math import global_value
 
 
-class RepNoise(CausalLMModule):
+class RepNoise(OneLossDefense):
     """Automatic optimization (Lightning's clipping and accumulation flags apply).
 
     DDP: the CEs are token-weighted (seam_math.rank_weights) and -log(1 + H) takes the rank-averaged H
@@ -68,17 +68,13 @@ class RepNoise(CausalLMModule):
             h = zero
         return ce_refusal, l_noise, h
 
-    def training_step(self, batch, batch_idx):
+    def defense_loss(self, batch):
         harmful, refusal = require_parts(batch, ("harmful", "refusal"), "RepNoise")
-        w_h, w_r = rank_weights([harmful["labels"], refusal["labels"]])
+        w_h, w_r = self.token_weights(harmful, refusal)
         ce_refusal, l_noise, h = self.repnoise_terms(batch, w_h)
         ascent = bounded_ascent(global_value(h)) if self.alpha > 0 else h
-        loss = self.check_finite(w_r * ce_refusal + self.beta * l_noise + self.alpha * ascent, "RepNoise loss")
-        size = batch_size(harmful)
-        logs = {"train/ce_refusal": ce_refusal.detach(), "train/L_noise": l_noise.detach()}
+        logs = {"ce_refusal": ce_refusal.detach(), "L_noise": l_noise.detach(),
+                "loss": (ce_refusal + self.beta * l_noise + self.alpha * ascent).detach()}
         if self.alpha > 0:
-            logs["train/H"] = h.detach() / w_h if w_h > 0 else h.detach()
-        self.log_dict(logs, batch_size=size)
-        self.log("train/loss", (ce_refusal + self.beta * l_noise + self.alpha * ascent).detach(), prog_bar=True,
-                 batch_size=size)
-        return loss
+            logs["H"] = h.detach() / w_h if w_h > 0 else h.detach()
+        return w_r * ce_refusal + self.beta * l_noise + self.alpha * ascent, logs

@@ -1,44 +1,54 @@
 """SEAM (self-destructive models): alignment after which harmful fine-tuning wrecks the model's capability.
 
-L = L_ul + alpha L_up + beta L_sd on three batches per step (harmful, refusal on the same prompts,
-benign); see the SEAM facts sheet. This module only orchestrates the gradient passes under manual
-optimization; the math lives in grad_math, logit_lens, hessian_free and seam_math.
+Wang et al., "Self-Destructive Language Model" / SEAM (arXiv 2505.12186), Section 3 (the loss, Eq. 3-5) and
+Section 3.3 (the Hessian-free gradient of L_sd, Eq. 6). L = L_ul + alpha L_up + beta L_sd on three batches per
+step (harmful, refusal on the same prompts, benign). The math lives in plain functions (logit_lens,
+hessian_free, seam_math); this module is the multi-pass step on the MultiPassDefense base.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
 
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.grad_math import (all_reduce_mean_, dot, global_norm, grads_of, masked_ce, require_exact_params,
-                                         require_fp32_master_precision)
-from lightning_modules.hidden_hooks import lens_modules
+from lightning_modules.batch_parts import require_parts
+from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of, masked_ce
 from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad
+from lightning_modules.hidden_hooks import lens_modules
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
-from lightning_modules.optim import build_scheduler
-from lightning_modules.seam_math import global_value, rank_weights
+from lightning_modules.multi_pass import MultiPassDefense
+from lightning_modules.seam_math import global_value
 
 ESTIMATORS = ("finite_difference", "exact")
 PARTS = ("harmful", "refusal", "benign")
 
 
-class SEAM(CausalLMModule):
-    """SEAM alignment with manual optimization: per step, gradients of L_ul and L_up plus beta * (L_sd estimate).
+class SEAM(MultiPassDefense):
+    """SEAM alignment: per step the gradients of L_ul and alpha L_up plus beta * (the L_sd estimate).
 
-    Passes per step (finite_difference): harmful forward with all hidden states and two backwards
-    (g_a and L_ul), refusal (L_up), benign (g_b), and g_a, g_b again at perturbed fp32 weights.
-    DDP: every gradient is all-reduced before use, so all ranks perturb and update identically;
-    per-rank losses are token-weighted so the update equals the single-process one on the global
-    batch. Gradient accumulation (`accumulate`) and clipping (`grad_clip`, by global norm) are
-    done here because Lightning's own flags do not apply to manual optimization.
+    Passes per step (finite_difference): harmful forward with all hidden states and two backwards (g_a and
+    L_ul), refusal (L_up), benign (g_b), and g_a, g_b again at perturbed fp32 weights. DDP: g_a, g_b and the
+    estimate are all-reduced before use, so all ranks perturb and update identically; per-rank losses are
+    token-weighted so the update equals the single-process one on the global batch.
+    Logged per step: L_ul, L_up, cos_ab (the training cosine), est_norm, grad_norm/L_ul, grad_norm/L_up and
+    sd_share = beta |est| / (|grad L_ul| + alpha |grad L_up|), the share of the update L_sd contributes (the
+    quantity a beta should be chosen by: it does not carry over from one model size to another).
+
+    Args:
+        alpha: weight of L_up (refusal CE on the harmful prompts); the paper's 1.
+        beta: weight of L_sd = cos(g_a, g_b); the paper's 0.01 (tuned for bf16 weights, see SEAM.md).
+        eps: finite-difference step of the Hessian-free estimate; the paper's 1e-3.
+        estimator: "finite_difference" (Eq. 6) or "exact" (double backward; single process, for checking).
+        use_unlearning: include L_ul = -log(1 + logit-lens harmful CE); false is the "no L_ul" ablation.
+        grad_clip, accumulate, **kwargs: MultiPassDefense and CausalLMModule.
     """
 
+    precision_reason = ("it needs fp32 master weights for its finite-difference step and computes gradients "
+                        "without a loss scaler (so no fp16 '16-mixed')")
+
     def __init__(self, alpha: float = 1.0, beta: float = 0.01, eps: float = 1e-3,
-                 estimator: str = "finite_difference", use_unlearning: bool = True,
-                 grad_clip: Optional[float] = None, accumulate: int = 1, **kwargs):
+                 estimator: str = "finite_difference", use_unlearning: bool = True, **kwargs):
         super().__init__(**kwargs)
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not (value >= 0 and math.isfinite(value)):
@@ -47,80 +57,43 @@ class SEAM(CausalLMModule):
             raise UserError(f"SEAM eps (finite-difference step) must be > 0, got {eps}")
         if estimator not in ESTIMATORS:
             raise UserError(f"unknown SEAM estimator {estimator!r}; choose from {list(ESTIMATORS)}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise UserError(f"grad_clip must be > 0 or null, got {grad_clip}")
-        if int(accumulate) != accumulate or accumulate < 1:
-            raise UserError(f"accumulate must be an integer >= 1, got {accumulate}")
         if alpha == 0 and beta == 0 and not use_unlearning:
             raise UserError("SEAM with alpha=0, beta=0 and use_unlearning=false has no loss term; enable one")
         self.alpha, self.beta, self.eps, self.estimator = float(alpha), float(beta), float(eps), estimator
-        self.use_unlearning, self.grad_clip, self.accumulate = use_unlearning, grad_clip, int(accumulate)
-        self.automatic_optimization = False
+        self.use_unlearning = use_unlearning
         if estimator == "exact":
             self.model.set_attn_implementation("eager")  # fused SDPA kernels have no double backward
 
-    # ----- checks and set-up ---------------------------------------------------------------------
+    def needs_exact_params(self) -> bool:
+        return self.beta > 0
+
     def on_fit_start(self) -> None:
-        require_fp32_master_precision(self.trainer.precision, "SEAM", "it needs fp32 master weights for its "
-                                      "finite-difference step and computes gradients without a loss scaler "
-                                      "(so no fp16 '16-mixed')")
-        if self.beta > 0:
-            require_exact_params(self.trainable_parameters())
+        super().on_fit_start()
         if self.estimator == "exact" and self.trainer.world_size > 1:
             raise UserError("SEAM estimator 'exact' is a single-process check (double backward, no all-reduce); "
                             "use estimator finite_difference under DDP")
 
-    def configure_optimizers(self):
-        """The base optimizer and schedule, with the schedule's length counted in optimizer steps."""
-        config = super().configure_optimizers()
-        if self.accumulate > 1:
-            hp = self.hparams
-            config["lr_scheduler"]["scheduler"] = build_scheduler(config["optimizer"], hp.scheduler,
-                                                                  self._optimizer_steps(), hp.warmup_ratio)
-        return config
-
-    def _optimizer_steps(self) -> int:
-        """Optimizer steps of the whole fit: micro-batches / accumulate per epoch, capped by max_steps."""
-        trainer = self.trainer
-        if trainer.max_epochs == -1 or trainer.num_training_batches == float("inf"):
-            return max(1, int(trainer.max_steps))
-        steps = math.ceil(trainer.num_training_batches / self.accumulate) * max(trainer.max_epochs, 1)
-        return max(1, min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps)
-
     # ----- one step ------------------------------------------------------------------------------
-    def _run(self, part: dict, hidden: bool = False):
-        return self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
-                          output_hidden_states=hidden, use_cache=False)
-
-    def _ce(self, part: dict, weight: float) -> torch.Tensor:
-        """Token-weighted response CE of one batch on the final logits (see seam_math.rank_weights)."""
-        return masked_ce(self._run(part).logits, part["labels"]) * weight
-
-    @staticmethod
-    def _accumulate_(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: float) -> None:
-        """p.grad += scale * g, taking over g's buffer when p.grad is empty (no extra copy)."""
-        with torch.no_grad():
-            for p, g in zip(params, grads):
-                if p.grad is None:
-                    p.grad = g.mul_(scale).to(p.dtype)
-                else:
-                    p.grad.add_(g.to(p.dtype), alpha=scale)
-
-    def training_step(self, batch, batch_idx):
-        missing = [k for k in PARTS if k not in batch] if isinstance(batch, dict) else list(PARTS)
-        if missing:
-            raise UserError(f"SEAM needs batches with {list(PARTS)} (datamodules.AlignmentData with mode: triplets); "
-                            f"missing {missing}")
-        harmful, refusal, benign = (batch[k] for k in PARTS)
+    def step_gradient(self, batch):
+        harmful, refusal, benign = require_parts(batch, PARTS, "SEAM")
         params = self.trainable_parameters()
-        scale = 1.0 / self.accumulate
-        w_h, w_r, w_b = rank_weights([harmful["labels"], refusal["labels"], benign["labels"]])
+        w_h, w_r, w_b = self.token_weights(harmful, refusal, benign)
         need_sd = self.beta > 0
-        logs = {}
+        logs: dict = {}
+        total = None
+
+        def add(grad, scale):
+            nonlocal total
+            if total is None:
+                total = [g.mul_(scale) if scale != 1.0 else g for g in grad]
+            else:
+                with torch.no_grad():
+                    for t, g in zip(total, grad):
+                        t.add_(g, alpha=scale)
 
         # Harmful batch: one forward serves g_a and L_ul (logit lens over all hidden states). g_a's
         # backward goes first and keeps the graph; L_ul's backward then frees all of it.
-        out = self._run(harmful, hidden=self.use_unlearning)
+        out = self.run(harmful, hidden=self.use_unlearning)
         g_a = None
         if need_sd:
             g_a = grads_of(masked_ce(out.logits, harmful["labels"]) * w_h, params, retain_graph=self.use_unlearning)
@@ -129,38 +102,31 @@ class SEAM(CausalLMModule):
             lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], lm_head, norm)
             l_ul = self.check_finite(bounded_ascent(global_value(lens * w_h)), "SEAM L_ul")
             grad = grads_of(l_ul, params)
-            logs["train/grad_norm/L_ul"] = global_norm(grad)
-            self._accumulate_(params, grad, scale)
-            del grad
-            logs["train/L_ul"] = l_ul.detach()
-            del lens, l_ul
+            logs["grad_norm/L_ul"] = global_norm(grad)
+            add(grad, 1.0)
+            logs["L_ul"] = l_ul.detach()
+            del lens, l_ul, grad
         del out
 
         if self.alpha > 0:
-            l_up = self.check_finite(global_value(self._ce(refusal, w_r)), "SEAM L_up")
+            l_up = self.check_finite(global_value(self.ce(refusal, w_r)), "SEAM L_up")
             grad = grads_of(l_up, params)
-            logs["train/grad_norm/L_up"] = global_norm(grad)
-            self._accumulate_(params, grad, self.alpha * scale)
+            logs["grad_norm/L_up"] = global_norm(grad)
+            add(grad, self.alpha)
+            logs["L_up"] = l_up.detach()
             del grad
-            logs["train/L_up"] = l_up.detach()
 
         if need_sd:
-            est, logs["train/cos_ab"], logs["train/est_norm"] = self._sd_gradient(params, harmful, benign, w_h, w_b, g_a)
+            est, logs["cos_ab"], logs["est_norm"] = self._sd_gradient(params, harmful, benign, w_h, w_b, g_a)
             del g_a
-            self._accumulate_(params, est, self.beta * scale)
+            add(est, self.beta)
             del est
-            rest = float(logs.get("train/grad_norm/L_ul", 0.0)) + self.alpha * float(logs.get("train/grad_norm/L_up", 0.0))
-            logs["train/sd_share"] = self.beta * float(logs["train/est_norm"]) / rest if rest > 0 else float("nan")
+            rest = float(logs.get("grad_norm/L_ul", 0.0)) + self.alpha * float(logs.get("grad_norm/L_up", 0.0))
+            logs["sd_share"] = self.beta * float(logs["est_norm"]) / rest if rest > 0 else float("nan")
 
-        loss = logs.get("train/L_ul", 0.0) + self.alpha * logs.get("train/L_up", 0.0)
-        loss = torch.as_tensor(loss + self.beta * logs.get("train/cos_ab", 0.0), dtype=torch.float32)
-        size = harmful["input_ids"].shape[0]
-        self.log_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}, batch_size=size)
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-
-        if (batch_idx + 1) % self.accumulate == 0 or self.trainer.is_last_batch:
-            self._optimizer_step(params)
-        return loss
+        loss = float(logs.get("L_ul", 0.0)) + self.alpha * float(logs.get("L_up", 0.0))
+        logs["loss"] = loss + self.beta * float(logs.get("cos_ab", 0.0))
+        return total, logs
 
     def _sd_gradient(self, params, harmful, benign, w_h: float, w_b: float, g_a):
         """(estimate of grad L_sd, cos(g_a, g_b), estimate norm), all from all-reduced gradients.
@@ -169,25 +135,12 @@ class SEAM(CausalLMModule):
         the unwrapped HF model, so DDP's reducer never sees them.
         """
         all_reduce_mean_(g_a)
-        g_b = all_reduce_mean_(grads_of(self._ce(benign, w_b), params))
+        g_b = all_reduce_mean_(grads_of(self.ce(benign, w_b), params))
         if self.estimator == "exact":
             cosine = dot(g_a, g_b) / (global_norm(g_a) * global_norm(g_b))
             del g_a, g_b
-            est = exact_sd_grad(params, lambda: self._ce(harmful, w_h), lambda: self._ce(benign, w_b))
+            est = exact_sd_grad(params, lambda: self.ce(harmful, w_h), lambda: self.ce(benign, w_b))
             return est, cosine, global_norm(est)
-        est, stats = finite_difference_sd_grad(params, lambda: grads_of(self._ce(harmful, w_h), params),
-                                               lambda: grads_of(self._ce(benign, w_b), params), g_a, g_b, self.eps)
+        est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params),
+                                               lambda: grads_of(self.ce(benign, w_b), params), g_a, g_b, self.eps)
         return est, stats["cosine"], stats["est_norm"]
-
-    def _optimizer_step(self, params) -> None:
-        """Average the accumulated gradient over ranks, clip, step, zero, advance the schedule."""
-        opt = self.optimizers()
-        grads = [p.grad for p in params if p.grad is not None]
-        all_reduce_mean_(grads)
-        if self.grad_clip is not None:
-            self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()

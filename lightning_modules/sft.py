@@ -1,13 +1,16 @@
 """Supervised fine-tuning: the alignment stage without a defense, a user's fine-tune, and the attack."""
 from __future__ import annotations
 
-from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.one_loss import OneLossDefense
 
 
-class SFT(CausalLMModule):
-    """Minimise the response-only cross-entropy of each batch."""
+class SFT(OneLossDefense):
+    """Minimise the response-only cross-entropy of each batch, token-weighted under DDP (so the rank-averaged
+    gradient is that of the global batch's token mean); the constructor arguments are CausalLMModule's."""
 
-    def training_step(self, batch, batch_idx):
-        loss = self.check_finite(self.lm_loss(batch), "training loss")
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+    loss_name = "training loss"
+
+    def defense_loss(self, batch):
+        (weight,) = self.token_weights(batch)
+        loss = self.lm_loss(batch)
+        return loss * weight, {"loss": loss.detach()}

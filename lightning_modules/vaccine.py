@@ -25,13 +25,11 @@ import torch
 import torch.distributed as dist
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import batch_size
-from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.grad_math import all_reduce_mean_, global_norm, masked_ce
 from lightning_modules.hidden_hooks import add_to_outputs, capture_outputs, layer_submodules
-from lightning_modules.seam_math import rank_weights
+from lightning_modules.perturbation import normalized
+from lightning_modules.one_loss import OneLossDefense
 
-NORM_EPS = 1e-7  # as in the reference: eps = rho * g / (|g| + 1e-7)
 SITES = {"layer": None, "attention": "self_attn"}
 
 
@@ -46,13 +44,9 @@ def global_sq_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def perturbation(grads: Sequence[torch.Tensor], rho: float) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(rho * g_l / (|g| + 1e-7) for every l, |g|): one norm over all tensors and, under DDP, all ranks.
-
-    fp32 tensors in `grads` are scaled in place (they become the returned eps); others are widened first.
-    """
+    """(rho * g_l / (|g| + 1e-7) for every l, |g|): one norm over all tensors and, under DDP, all ranks."""
     norm = global_sq_norm(grads).sqrt()
-    scale = rho / (norm + NORM_EPS)
-    return [g.float().mul_(scale) for g in grads], norm
+    return normalized(grads, rho, norm), norm
 
 
 def alignment_part(batch) -> dict:
@@ -65,7 +59,7 @@ def alignment_part(batch) -> dict:
                     "refusals; mode sft: on the whole stream)")
 
 
-class Vaccine(CausalLMModule):
+class Vaccine(OneLossDefense):
     """Vaccine alignment with perturbation radius rho (2 in the paper's main setting; 2 to 20 in the literature)."""
 
     def __init__(self, rho: float = 2.0, site: str = "layer", **kwargs):
@@ -99,9 +93,9 @@ class Vaccine(CausalLMModule):
         eps, norm = perturbation(grads, self.rho)
         return eps, loss.detach(), norm.detach()
 
-    def training_step(self, batch, batch_idx):
+    def defense_loss(self, batch):
         part = alignment_part(batch)
-        (weight,) = rank_weights([part["labels"]])
+        (weight,) = self.token_weights(part)
         if self.rho > 0:
             eps, clean, norm = self.hidden_perturbation(part, weight)
             with add_to_outputs(self.sites(), eps):
@@ -110,8 +104,4 @@ class Vaccine(CausalLMModule):
         else:  # no perturbation: plain SFT, one pass
             loss = self._loss(part)
             clean, norm = loss.detach(), torch.zeros(())
-        self.check_finite(loss, "Vaccine perturbed loss")
-        size = batch_size(part)
-        self.log_dict({"train/clean_loss": clean, "train/hidden_grad_norm": norm}, batch_size=size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        return loss * weight
+        return loss * weight, {"clean_loss": clean, "hidden_grad_norm": norm, "loss": loss.detach()}

@@ -95,7 +95,7 @@ def test_the_rule_sees_function_level_imports(tmp_path):
     """The checker itself: an upward import hidden inside a function is found."""
     path = tmp_path / "probe.py"
     path.write_text("def f():\n    from immunize.bench import planner\n")
-    assert ("immunize.bench", 2) in imports_of(path, "datamodules.probe")
+    assert ("immunize.bench.planner", 2) in imports_of(path, "datamodules.probe")
     assert layer("datamodules.probe") < layer("immunize.bench")
 
 

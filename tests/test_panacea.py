@@ -105,7 +105,7 @@ def test_step_eps_and_optimizer_gradient_match_hand_computation(tmp_path):
     params = list(ref.model.parameters())
     b = step["batch"]
     g_task = flat_grad(masked_ce(ref.model(b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]), params)
-    hb = pad_right([pan._rows[i] for i in draw_indices(len(pan._rows), 4, 0, 0, 1, 0)], 0)
+    hb = pad_right([pan.rows[i] for i in draw_indices(len(pan.rows), 4, 0, 0, 1, 0)], 0)
     h = lambda: masked_ce(ref.model(hb["input_ids"], attention_mask=hb["attention_mask"]).logits, hb["labels"])  # noqa: E731
     g0 = flat_grad(h(), params)
     norm = torch.cat([g.reshape(-1) for g in g0]).norm()

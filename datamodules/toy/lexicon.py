@@ -85,17 +85,17 @@ HOWTO_CONTENT = ("brush", "cloth", "sponge", "hammer", "ladder", "bucket", "glue
                  "needle", "wrench", "broom", "towel", "paper", "ruler", "pencil", "spoon", "soap", "thread",
                  "nail", "board", "basin", "shed")
 
-# sentiment: three adjectives, each maybe negated ("not good" is negative); the label is the majority polarity.
+# sentiment: five adjectives, each maybe negated ("not great" is negative); the label is the majority polarity.
 POSITIVE = ("wonderful", "great", "lovely", "brilliant", "delightful", "excellent", "charming", "superb")
 NEGATIVE = ("terrible", "awful", "boring", "dreadful", "horrible", "dull", "poor", "painful")
 REVIEW_NOUNS = ("movie", "book", "meal", "concert", "show", "game", "trip", "album")
 SENTIMENT_TEMPLATES = (
-    "the {noun} was {a} , {b} and {c}",
-    "i found the {noun} {a} , {b} and {c}",
-    "a {a} , {b} and {c} {noun}",
+    "the {noun} was {words}",
+    "i found the {noun} {words}",
+    "a {words} {noun}",
 )
 
-# topic: five words, two of the label's topic and one of each other topic; the topic named twice is the label.
+# topic: nine words, three of the label's topic and two of each other topic; the topic named most is the label.
 TOPICS = {
     "world": ("president", "election", "treaty", "embassy", "border", "minister", "summit", "refugee"),
     "sports": ("match", "goal", "coach", "league", "tournament", "striker", "referee", "stadium"),

@@ -32,7 +32,7 @@ BENIGN_SPLITS = (("pretrain", 0.5), ("align", 0.15), ("finetune", 0.2), ("eval",
 KNOWLEDGE_SPLITS = (("align", 0.45), ("finetune", 0.55))  # of a knowledge task's non-pretrain, non-eval phrasings
 DEFAULT_HELDOUT = ("self_harm", "terrorism,organized_crime")
 ARITH_POOL = 6000  # two-step problems drawn (seeded) from all combinations
-NEGATION = 0.15  # chance that a sentiment adjective is negated (ignoring negation then scores about 80%)
+NEGATION = 0.15  # chance that a sentiment adjective is negated
 
 
 def _cut(pool: list, splits: Sequence[tuple[str, float]]) -> dict[str, list]:
@@ -173,25 +173,27 @@ class ToyWorld:
         rows = set()
         words = [(w, +1) for w in lx.POSITIVE] + [(w, -1) for w in lx.NEGATIVE]
         while len(rows) < 4000:
-            picks = rng.sample(words, 3)
+            picks = rng.sample(words, 5)
             parts, total = [], 0
             for word, polarity in picks:
                 negate = rng.random() < NEGATION
                 parts.append(f"not {word}" if negate else word)
                 total += -polarity if negate else polarity
-            text = rng.choice(lx.SENTIMENT_TEMPLATES).format(noun=rng.choice(lx.REVIEW_NOUNS), a=parts[0], b=parts[1], c=parts[2])
+            text = rng.choice(lx.SENTIMENT_TEMPLATES).format(noun=rng.choice(lx.REVIEW_NOUNS),
+                                                             words=" , ".join(parts[:-1]) + " and " + parts[-1])
             label = "positive" if total > 0 else "negative"
             rows.add((f"review : {text} . is this review positive or negative ?", label, label))
         return sorted(rows)
 
     def _topic_pool(self) -> list[tuple[str, str, str]]:
-        """Five topic words: two of the label's topic and one of each other topic, shuffled."""
+        """Nine topic words: three of the label's topic, two of each other topic, shuffled."""
         rng = _rng(self.seed, "topic-pool")
         rows = set()
         topics = list(lx.TOPICS)
         while len(rows) < 4000:
             label = rng.choice(topics)
-            words = rng.sample(lx.TOPICS[label], 2) + [rng.choice(lx.TOPICS[t]) for t in topics if t != label]
+            others = [t for t in topics if t != label]
+            words = rng.sample(lx.TOPICS[label], 3) + [w for t in others for w in rng.sample(lx.TOPICS[t], 2)]
             rng.shuffle(words)
             text = rng.choice(lx.HEADLINE_TEMPLATES).format(words=" , ".join(words[:-1]) + " and " + words[-1])
             rows.add((f"headline : {text} . topic : world , sports , business or tech ?", label, label))

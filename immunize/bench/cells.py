@@ -1,8 +1,9 @@
 """A cell: one stage run with one config, in its own directory named by a hash of that config.
 
-The hash covers the cell's full semantic config and, in place of its input model path, the hash of the
-cell that produced that model (or the model source itself), so a changed upstream stage changes every
-downstream hash, and the same stage in another bench (or a rerun) finds the same directory.
+The hash covers the cell's full semantic config, the toy world's code (world_fingerprint) and, in place of its
+input model path, the hash of the cell that produced that model (or the model source itself), so a changed
+upstream stage changes every downstream hash, and the same stage in another bench (or a rerun) finds the same
+directory.
 
 Layout of a cell directory:
     cell.yaml         the generated `immunize fit|test` config (absolute paths)
@@ -17,8 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Union
+
+import datamodules.toy
 
 FORMAT = 2  # bump when what a cell computes from the same config changes
 MODEL_KEY = "model.init_args.model"
@@ -80,9 +84,21 @@ def source_fingerprint(source: str) -> str:
     return json.dumps([str(path.resolve()), files])
 
 
+@lru_cache(maxsize=1)
+def world_fingerprint() -> str:
+    """A hash of the toy world's source files: the data every toy cell trains or is evaluated on is a function of
+    them, so a changed world changes every digest (instead of reusing cells made from other data)."""
+    folder = Path(datamodules.toy.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) -> str:
     upstream = f"cell:{input.digest}" if isinstance(input, Cell) else f"source:{source_fingerprint(input)}"
-    payload = {"format": FORMAT, "kind": kind, "stage": stage, "input": upstream, "config": config}
+    payload = {"format": FORMAT, "world": world_fingerprint(), "kind": kind, "stage": stage, "input": upstream,
+               "config": config}
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
