@@ -60,36 +60,51 @@ def alignment_part(batch) -> dict:
 
 
 class Vaccine(OneLossDefense):
-    """Vaccine alignment with perturbation radius rho (2 in the paper's main setting; 2 to 20 in the literature)."""
+    """Vaccine alignment (Huang et al., "Vaccine: Perturbation-aware Alignment for Large Language Models against
+    Harmful Fine-tuning Attack", NeurIPS 2024, Section 4, Algorithm 1).
+
+    Args:
+        rho: perturbation radius (2 in the paper's main setting; 2 to 20 in the literature).
+        site: "layer" (decoder-layer outputs, the paper) or "attention" (self-attention outputs, the released code).
+        **kwargs: CausalLMModule's arguments.
+    """
 
     def __init__(self, rho: float = 2.0, site: str = "layer", **kwargs):
         super().__init__(**kwargs)
         if not (rho >= 0 and math.isfinite(rho)):
-            raise UserError(f"Vaccine rho must be a finite number >= 0, got {rho}")
+            raise UserError(f"{type(self).__name__} rho must be a finite number >= 0, got {rho}")
         if site not in SITES:
-            raise UserError(f"unknown Vaccine site {site!r}; choose from {list(SITES)}")
+            raise UserError(f"unknown {type(self).__name__} site {site!r}; choose from {list(SITES)}")
         self.rho, self.site = float(rho), site
 
-    def sites(self) -> list[torch.nn.Module]:
-        """The modules whose outputs are perturbed, in layer order."""
+    def all_sites(self) -> list[torch.nn.Module]:
+        """Every module whose output can be perturbed, in layer order."""
         return layer_submodules(self.model, SITES[self.site])
+
+    def sites(self) -> list[torch.nn.Module]:
+        """The modules perturbed this step (Vaccine: all of them)."""
+        return self.all_sites()
 
     def _loss(self, part: dict) -> torch.Tensor:
         out = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False)
         return masked_ce(out.logits, part["labels"])
 
-    def hidden_perturbation(self, part: dict, weight: float = 1.0):
-        """Pass 1: (eps per site, the clean loss, |g|). weight scales the loss (DDP token weight)."""
-        modules = self.sites()
+    def hidden_gradients(self, part: dict, modules, weight: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(d (weight * CE) / d output of each module, the CE): one forward and one backward to the hidden states
+        only (no weight gradient is formed)."""
         with capture_outputs(modules) as hidden:
             loss = self._loss(part)
         if any(h is None for h in hidden):
-            raise UserError("Vaccine: a perturbation site did not run in the forward pass")
+            raise UserError(f"{type(self).__name__}: a perturbation site did not run in the forward pass")
         live = [i for i, h in enumerate(hidden) if h.requires_grad]  # all of them unless early layers are frozen
         found = dict(zip(live, torch.autograd.grad(loss * weight, [hidden[i] for i in live], allow_unused=True)
                          if live else []))
         grads = [torch.zeros_like(h) if found.get(i) is None else found[i] for i, h in enumerate(hidden)]
-        del hidden, found
+        return grads, loss
+
+    def hidden_perturbation(self, part: dict, weight: float = 1.0):
+        """Pass 1: (eps per site, the clean loss, |g|). weight scales the loss (DDP token weight)."""
+        grads, loss = self.hidden_gradients(part, self.sites(), weight)
         eps, norm = perturbation(grads, self.rho)
         return eps, loss.detach(), norm.detach()
 

@@ -5,55 +5,17 @@ from __future__ import annotations
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from datamodules import AlignmentData, Source
 from immunize.errors import UserError
 from lightning_modules import AdversarialImmunization, Booster, RepNoise, Vaccine
 from lightning_modules.booster import booster_gradient
-from lightning_modules.grad_math import global_norm, grads_of, masked_ce
+from lightning_modules.grad_math import global_norm, grads_of
 from lightning_modules.logit_lens import logit_lens_ce
 from lightning_modules.mmd import mmd2, noise_mmd
-from test_seam import BENIGN, PAIRS, Capture, write_ddp_config  # noqa: F401  (shared test helpers)
-
-
-def data(batch_size=2, limit=8):
-    return AlignmentData(pairs=Source(**{**PAIRS, "limit": limit}), benign=Source(**{**BENIGN, "limit": limit}),
-                         mode="triplets", template="qa", batch_size=batch_size)
-
-
-def first_batch(module, **kwargs) -> dict:
-    dm = data(**kwargs)
-    dm.connect(module.tokenizer)
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
-def fit(module, steps=1, callbacks=(), precision="32-true", **data_kwargs):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=list(callbacks))
-    trainer.fit(module, datamodule=data(**data_kwargs))
-    return trainer
-
-
-def params_of(module):
-    return [p.detach().clone() for p in module.trainable_parameters()]
-
-
-def rel_err(a, b) -> float:
-    return float(global_norm([x - y for x, y in zip(a, b)]) / global_norm(b))
-
-
-def run(model, part, **kw):
-    return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], **kw)
-
-
-def ce(model, part):
-    return masked_ce(run(model, part).logits, part["labels"])
+from helpers.alignment import Capture, ce, first_batch, fit, params_of, rel_err, run, write_ddp_config
 
 
 # ----- MMD (RepNoise's L_noise) ------------------------------------------------------------------------

@@ -13,12 +13,12 @@ import yaml
 from safetensors.torch import load_file
 
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
-from test_panacea import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, params_of, trainer  # noqa: F401
+from helpers.finetune import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, params_of, trainer  # noqa: F401
 
 from callbacks import Antidote, Lisa
 from callbacks.antidote import decoder_linears, wanda_mask
 from callbacks.lisa import ALIGNMENT, USER, lisa_phase
-from callbacks.panacea import draw_indices
+from callbacks.base import draw_indices
 from datamodules import Source
 from datamodules.catalog import as_examples, load_records
 from datamodules.collate import encode_example, pad_right
@@ -221,12 +221,13 @@ def test_antidote_merges_lora_then_prunes_merged_weights(tmp_path):
 @pytest.mark.parametrize("name", ["lisa", "antidote"])
 def test_finetune_config_runs_end_to_end(tmp_path, cli, name):
     export = tmp_path / "export"
-    proc = cli("fit", "--config", str(REPO / "configs" / "finetune" / f"{name}.yaml"), "--trainer.max_steps", "3",
+    proc = cli("fit", "--config", str(REPO / "configs" / "finetune" / "toy.yaml"),
+               "--config", str(REPO / "configs" / "finetune" / f"{name}.yaml"), "--trainer.max_steps", "3",
                "--export_dir", str(export), "--model.init_args.model", "toy:tiny", "--trainer.log_every_n_steps", "1",
                "--trainer.enable_progress_bar", "false", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     weights = load_file(str(export / "model.safetensors"))
-    log_dir = next((tmp_path / "runs" / "toy" / f"ft_{name}").glob("version_*"))
+    log_dir = next((tmp_path / "runs" / "toy" / "finetune").glob("version_*"))
     if name == "lisa":  # steps 0, 1 alignment, 2 user (2 / 8 split)
         with open(log_dir / "metrics.csv") as f:
             reader = csv.reader(f)
@@ -252,7 +253,7 @@ def test_ddp_lisa_and_antidote_keep_ranks_identical(tmp_path, cli):
                                                                        "user_steps": 2, "batch_size": 4}},
                         {"class_path": "callbacks.Antidote", "init_args": {"harmful": vars(H_SET), "n_calibration": 6,
                                                                            "batch_size": 2, "dense_ratio": 0.1}},
-                        {"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
+                        {"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     proc = cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",

@@ -25,7 +25,7 @@ def test_ddp_fit_keeps_ranks_identical_and_test_counts_items_once(tmp_path, cli)
         "model": {"class_path": "lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 3e-3}},
         "data": TRAIN,
         "trainer": {"max_steps": 4, "logger": False, "enable_checkpointing": False,
-                    "callbacks": [{"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
+                    "callbacks": [{"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
     })
     result = cli("fit", "--config", fit_cfg, *COMMON, "--trainer.strategy", "ddp", "--trainer.devices", "2",
                  "--export_dir", str(tmp_path / "model"))

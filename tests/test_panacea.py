@@ -14,76 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from callbacks import Panacea, RandomPerturbation
+from helpers.finetune import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, params_of, trainer
 from callbacks.panacea import draw_indices, panacea_step
-from datamodules import HarmfulMix, Source
 from datamodules.collate import pad_right
-from lightning_modules import CausalLMModule, LoraSpec, SFT
+from lightning_modules import CausalLMModule
 from lightning_modules.grad_math import masked_ce
 
 REPO = Path(__file__).resolve().parents[1]
-BENIGN = Source(kind="toy", part="benign", split="finetune", tasks=["arithmetic"], limit=40)
-ATTACK = Source(kind="toy", part="harmful", split="attack", limit=20)
-H_SET = Source(kind="toy", part="harmful", split="align", limit=30)
-
-
-def data(n: int = 16, batch_size: int = 4) -> HarmfulMix:
-    return HarmfulMix(benign=BENIGN, harmful=ATTACK, n=n, p=0.25, batch_size=batch_size)
-
-
-def module(lora: bool = False, **kw) -> SFT:
-    spec = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
-    return SFT(model="toy:tiny", lora=spec, **kw)
-
-
-def trainer(tmp_path, callbacks, **kw) -> L.Trainer:
-    kw.setdefault("max_steps", 2)
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=kw.pop("enable_checkpointing", False),
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                     default_root_dir=str(tmp_path), **kw)
-
-
-def params_of(m) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in m.model.named_parameters()}
-
-
-class Recorder(L.Callback):
-    """Snapshots: weights and batch at step start, p.grad and weights when the optimizer is about to step, weights at train end."""
-
-    def __init__(self):
-        self.steps, self.at_train_end = [], None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.steps.append({"before": params_of(pl_module), "batch": {k: v.clone() for k, v in batch.items()}})
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.steps[-1]["grad"] = {n: p.grad.clone() for n, p in pl_module.model.named_parameters() if p.grad is not None}
-        self.steps[-1]["at_hook"] = params_of(pl_module)
-
-    def on_train_end(self, trainer, pl_module):
-        self.at_train_end = params_of(pl_module)
-
-
-class Crash(L.Callback):
-    """Stops a fit with an error at a given step (a crash after the checkpoint)."""
-
-    def __init__(self, at_step: int):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
-
-
-class DumpState(L.Callback):
-    """Test-only (used by the DDP subprocess): each rank writes its parameters and Panacea's eps at fit end."""
-
-    def __init__(self, out_dir: str):
-        self.out_dir = out_dir
-
-    def on_fit_end(self, trainer, pl_module):
-        pan = next(cb for cb in trainer.callbacks if isinstance(cb, Panacea))
-        state = {"params": params_of(pl_module), "eps": {n: e.cpu() for n, e in pan.eps.items()}, "draws": pan.draws}
-        torch.save(state, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
 
 
 def flat_grad(loss, params):
@@ -274,7 +211,7 @@ def test_ddp_ranks_hold_identical_weights_and_eps(tmp_path, cli):
         "trainer": {"max_steps": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                     "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"), "callbacks": [
                         {"class_path": "callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
-                        {"class_path": "tests.test_panacea.DumpState", "init_args": {"out_dir": str(tmp_path)}}]},
+                        {"class_path": "tests.helpers.ranks.DumpState", "init_args": {"out_dir": str(tmp_path)}}]},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     proc = cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",

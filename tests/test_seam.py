@@ -3,60 +3,16 @@ from __future__ import annotations
 
 import copy
 
-import lightning as L
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from datamodules import AlignmentData, Source
+from helpers.alignment import Capture, cosine, fit, params_of, rel_err, write_ddp_config
 from immunize.errors import UserError
 from lightning_modules import SEAM
-from lightning_modules.grad_math import dot, global_norm, grads_of, masked_ce
+from lightning_modules.grad_math import global_norm, grads_of, masked_ce
 from lightning_modules.hessian_free import finite_difference_sd_grad
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
-
-PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
-BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
-
-
-class Capture(L.Callback):
-    """Keeps each training batch and the gradients the optimizer is about to apply."""
-
-    def __init__(self):
-        self.batches, self.grads = [], []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(copy.deepcopy(batch))
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append([p.grad.detach().clone() for p in pl_module.trainable_parameters()])
-
-
-def data(batch_size=2, limit=8, **kwargs):
-    return AlignmentData(pairs=Source(**{**PAIRS, "limit": limit}), benign=Source(**{**BENIGN, "limit": limit}),
-                         mode="triplets", template="qa", batch_size=batch_size, **kwargs)
-
-
-def fit(module, steps=1, callbacks=(), precision="32-true", **data_kwargs):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=list(callbacks))
-    trainer.fit(module, datamodule=data(**data_kwargs))
-    return trainer
-
-
-def params_of(module):
-    return [p.detach().clone() for p in module.trainable_parameters()]
-
-
-def cosine(a, b) -> float:
-    return float(dot(a, b) / (global_norm(a) * global_norm(b)))
-
-
-def rel_err(a, b) -> float:
-    return float(global_norm([x - y for x, y in zip(a, b)]) / global_norm(b))
-
 
 def by_hand(model, batch, alpha, beta, eps):
     """grad L_ul + alpha grad L_up + beta * est, straight from the plain functions (single process)."""
@@ -141,22 +97,6 @@ def test_bad_arguments_are_user_errors():
         SEAM(model="toy:tiny", estimator="central")
     with pytest.raises(UserError, match="no loss term"):
         SEAM(model="toy:tiny", alpha=0.0, beta=0.0, use_unlearning=False)
-
-
-def write_ddp_config(tmp_path, name: str, init: dict, steps: int, dump) -> str:
-    """A 2-process DDP fit of lightning_modules.<name> on 4 triplets; each rank dumps its parameters to `dump`."""
-    config = {
-        "model": {"class_path": f"lightning_modules.{name}", "init_args": init},
-        "data": {"class_path": "datamodules.AlignmentData",
-                 "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
-                               "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
-        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
-                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "tests.rank_dump.DumpParameters", "init_args": {"dirpath": str(dump)}}]},
-    }
-    path = tmp_path / "ddp.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return str(path)
 
 
 def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):

@@ -105,6 +105,20 @@ class Planner:
         return self.plan.add(Cell("test", "eval", self._label(label), self._finish(self._eval_cfg, input), input,
                                   {**meta, "seed": self.seed}))
 
+    def _defense_stage(self) -> Optional[dict]:
+        """The alignment-defense stage (data, trainer) registry defenses are merged over, or None."""
+        spec = self.bench.defense_stage
+        if spec is None or not (spec.config or spec.data or spec.trainer):
+            return None
+        cfg = {}
+        if spec.config:
+            cfg = {k: v for k, v in read_yaml(find_file(spec.config, "defense_stage"), "defense_stage").items()
+                   if k in ("data", "trainer")}
+        for key in ("data", "trainer"):
+            if getattr(spec, key, None) is not None:
+                cfg[key] = deep_merge(cfg.get(key) or {}, getattr(spec, key))
+        return cfg
+
     def _load_eval(self) -> dict:
         spec = self.bench.eval
         cfg = load_stage(spec, "eval")
@@ -155,8 +169,11 @@ class Planner:
             else:
                 spec = copy.copy(d)
                 spec.config = config
-                models[d.name] = self._fit("defense", f"defense {d.name}", load_stage(spec, f"defense {d.name!r}"),
-                                           start, defense=d.name)
+                # a registry defense's config is its model section only: the defense stage gives data and trainer
+                stage_base = self._defense_stage() if not d.config else None
+                models[d.name] = self._fit("defense", f"defense {d.name}",
+                                           load_stage(spec, f"defense {d.name!r}", base=stage_base), start,
+                                           defense=d.name)
 
         for name, model in models.items():
             self._eval(f"eval {name} (no attack)", model, defense=name, stage="defended")

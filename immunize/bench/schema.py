@@ -51,8 +51,8 @@ class ModelSource:
 class DefenseSpec(StageSpec):
     """A defense to compare: a name plus, unless the name is in the registry, its stage config.
 
-    Alignment stage: "undefended" is the aligned model itself; another name with no config reads
-    configs/defenses/<name>.yaml. init_from: the model the defense starts from ("aligned" or "base").
+    Alignment stage: "undefended" is the aligned model itself; another name with no config is looked up in the
+    registry (immunize.bench.registry). init_from: the model the defense starts from ("aligned" or "base").
     Fine-tuning stage: "sft" is the plain fine-tune; "panacea" and "random" add callbacks.Panacea /
     callbacks.RandomPerturbation; `callbacks` lists trainer callbacks (class_path + init_args) appended to
     the fine-tune; `config` (merged over the fine-tuning stage config) and model/data/trainer also apply.
@@ -93,7 +93,7 @@ class FinetuneStage(StageSpec):
     (set as data.init_args.p); model_from: which alignment-stage defense's model is fine-tuned.
     """
 
-    config: Optional[str] = "configs/bench/toy_finetune.yaml"
+    config: Optional[str] = "configs/finetune/toy.yaml"
     defenses: list[DefenseSpec] = field(default_factory=lambda: [DefenseSpec(name="sft")])
     ratios: list[float] = field(default_factory=lambda: [0.1])
     model_from: str = "undefended"
@@ -153,7 +153,9 @@ class BenchConfig:
 
     out: output directory (results.json, report.md, plots). cells_dir: where cells live (null: OUT/cells;
     point several benches at one directory to share finished stages). alignment, attack, benign, finetune:
-    null skips that stage. progress: auto (bars on a terminal, else lines), bars, lines or quiet.
+    null skips that stage. defense_stage: the data and trainer of every alignment defense named from the
+    registry (whose configs hold only the model section); a defense with its own `config` file uses that file
+    as its whole stage. progress: auto (bars on a terminal, else lines), bars, lines or quiet.
     dry_run: validate and list the cells (done or not) without running anything.
     seeds: training seeds; the whole pipeline (pretraining included) runs once per seed (seed_everything, the toy
     init and the data order), every seed is evaluated on the same items, and the report aggregates over seeds
@@ -163,6 +165,7 @@ class BenchConfig:
     out: str = "runs/bench"
     model: ModelSource = field(default_factory=ModelSource)
     alignment: Optional[StageSpec] = None
+    defense_stage: Optional[StageSpec] = field(default_factory=lambda: StageSpec(config="configs/toy/defense.yaml"))
     defenses: list[DefenseSpec] = field(default_factory=lambda: [DefenseSpec(name="undefended")])
     attack: Optional[AttackGrid] = field(default_factory=AttackGrid)
     benign: Optional[StageSpec] = None
@@ -233,7 +236,8 @@ def _section(value: Optional[dict]) -> Optional[dict]:
 
 def normalize(cfg: BenchConfig) -> BenchConfig:
     """Apply coerce/_section to every stage override of the config (in place)."""
-    specs = [cfg.model.pretrain, cfg.alignment, cfg.attack, cfg.benign, cfg.finetune, cfg.eval, *cfg.defenses]
+    specs = [cfg.model.pretrain, cfg.alignment, cfg.defense_stage, cfg.attack, cfg.benign, cfg.finetune, cfg.eval,
+             *cfg.defenses]
     if cfg.finetune is not None:
         specs += cfg.finetune.defenses
     for spec in specs:

@@ -1,0 +1,111 @@
+"""T-Vaccine (targeted Vaccine): Vaccine's hidden-state perturbation on safety-critical layers only.
+
+Liu et al., "Targeted Vaccine: Safety Alignment for Large Language Models against Harmful Fine-Tuning via
+Layer-wise Perturbation" (arXiv 2410.09760), Section 4 (layer-wise importance from harmful gradients, and the
+sampling of perturbed layers; the released trainer, turn 2 of our notes):
+- every `probability_every` optimizer steps, the harmful batch's CE is back-propagated to the output of every
+  decoder layer; layer l's sampling probability is |g_l| / sum_j |g_j| (norms over all ranks' samples);
+- every `resample_every` steps, `active_layers` layers are drawn without replacement with those probabilities
+  (one seeded generator, so every rank draws the same layers);
+- the step is Vaccine's (pass 1: eps = rho * g / |g| on the refusals' hidden-state gradients, pass 2: the loss
+  with eps added) with eps only at the active layers, and only the active layers' weights are updated: the
+  others (and the embeddings, final norm and head) are frozen for that step (their gradients are dropped
+  before the optimizer step, so neither they nor their optimizer state change).
+Deviation: the reference saves memory by not forming the frozen layers' gradients at all; here they are formed
+and dropped, which keeps Lightning's DDP reducer (all parameters always trainable) and costs Vaccine's memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from immunize.errors import UserError
+from lightning_modules.batch_parts import require_parts
+from lightning_modules.hidden_hooks import decoder_layers
+from lightning_modules.vaccine import Vaccine, global_sq_norm
+
+
+def layer_probabilities(grads: list[torch.Tensor]) -> torch.Tensor:
+    """|g_l| / sum_j |g_j| over all DDP ranks' samples (fp32, on the CPU); uniform when every norm is 0."""
+    norms = torch.stack([global_sq_norm([g]).sqrt().float().cpu() for g in grads])
+    total = float(norms.sum())
+    return norms / total if total > 0 and math.isfinite(total) else torch.full_like(norms, 1.0 / len(norms))
+
+
+def sample_layers(probabilities: torch.Tensor, count: int, seed: int) -> list[int]:
+    """`count` distinct layer indices drawn with the given probabilities (a pure function of its arguments)."""
+    generator = torch.Generator().manual_seed(seed)
+    positive = int((probabilities > 0).sum())
+    count = min(count, len(probabilities))
+    if positive < count:  # not enough layers with a gradient: fill with the others, uniformly
+        probabilities = probabilities + 1e-12
+    return sorted(torch.multinomial(probabilities, count, replacement=False, generator=generator).tolist())
+
+
+class TVaccine(Vaccine):
+    """T-Vaccine on triplet batches: layer probabilities from `harmful`, Vaccine's step on `refusal`.
+
+    Args:
+        rho: perturbation radius (the authors' scripts use 3).
+        active_layers: layers perturbed and trained per step (the authors' 8 of 32 on Llama-2-7B).
+        resample_every: steps between two draws of the active layers (the authors' 20).
+        probability_every: steps between two measurements of the layer probabilities (the authors' 200).
+        seed: the draws' seed.
+        site, **kwargs: Vaccine's and CausalLMModule's arguments.
+    """
+
+    def __init__(self, rho: float = 3.0, active_layers: int = 8, resample_every: int = 20,
+                 probability_every: int = 200, seed: int = 0, **kwargs):
+        super().__init__(rho=rho, **kwargs)
+        for name, value in (("active_layers", active_layers), ("resample_every", resample_every),
+                            ("probability_every", probability_every)):
+            if int(value) != value or value < 1:
+                raise UserError(f"TVaccine {name} must be an integer >= 1, got {value}")
+        self.active_layers, self.resample_every = int(active_layers), int(resample_every)
+        self.probability_every, self.seed = int(probability_every), int(seed)
+        self.probabilities: Optional[torch.Tensor] = None
+        self.active: list[int] = []
+
+    def sites(self) -> list[torch.nn.Module]:
+        """The perturbation sites of the active layers."""
+        every = self.all_sites()
+        return [every[i] for i in self.active]
+
+    def update_layers(self, harmful: dict, weight: float) -> None:
+        """Measure the layer probabilities and draw the active layers when their schedules say so."""
+        step = self.global_step
+        if self.probabilities is None or step % self.probability_every == 0:
+            grads, _ = self.hidden_gradients(harmful, self.all_sites(), weight)
+            self.probabilities = layer_probabilities(grads)
+            del grads
+        if not self.active or step % self.resample_every == 0:
+            self.active = sample_layers(self.probabilities, self.active_layers, self.seed * 1_000_003 + step)
+
+    def defense_loss(self, batch):
+        harmful, refusal = require_parts(batch, ("harmful", "refusal"), "TVaccine")
+        w_h, w_r = self.token_weights(harmful, refusal)
+        self.update_layers(harmful, w_h)
+        loss, logs = super().defense_loss(batch)
+        logs["active_layers"] = float(len(self.active))
+        return loss, logs
+
+    def frozen_parameters(self) -> list[torch.nn.Parameter]:
+        """Every trainable tensor outside the active decoder layers (frozen for this step)."""
+        active = {id(p) for i, layer in enumerate(decoder_layers(self.model)) if i in self.active
+                  for p in layer.parameters()}
+        return [p for p in self.trainable_parameters() if id(p) not in active]
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for p in self.frozen_parameters():
+            p.grad = None  # the optimizer skips a tensor without a gradient (no update, no state change)
+        super().on_before_optimizer_step(optimizer)
+
+    # ----- resume: the layer schedule is state ------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["t_vaccine"] = {"probabilities": self.probabilities, "active": list(self.active)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("t_vaccine") or {}
+        self.probabilities, self.active = state.get("probabilities"), list(state.get("active") or [])
