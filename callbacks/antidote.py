@@ -1,6 +1,6 @@
 """Antidote: one-shot pruning of the fine-tuned model's most harmful weights, at fit end.
 
-The method (reference/BASELINES.md): after fine-tuning, score every weight of the model's linear layers with
+The method (Huang et al., Antidote, 2024, Section 4): after fine-tuning, score every weight of the model's linear layers with
 the Wanda score |W_ij| * ||X_j||_2, where X_j is input feature j of that layer collected over harmful
 calibration samples (prompt + harmful answer), and zero, in every output row, the `dense_ratio` fraction of
 weights with the largest scores: the weights that matter most when the model produces harmful content.

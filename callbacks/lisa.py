@@ -1,6 +1,6 @@
 """Lisa (Lazy safety alignment): bi-state optimization with a proximal term, inside a user's fine-tune.
 
-The method (reference/BASELINES.md; Lisa's public reference trainer): the fine-tune alternates two states,
+The method (Huang et al., Lisa, NeurIPS 2024, Section 4; its public reference trainer): the fine-tune alternates two states,
 `alignment_steps` optimizer steps on alignment data (harmful prompt -> refusal), then `user_steps` on the
 user's data (e.g. 100 / 900), over and over, starting with alignment. Each state minimises its own loss plus
 rho/2 |w - w_other|^2, where w_other is the other state's latest weights: the weights at the end of the

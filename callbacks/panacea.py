@@ -1,6 +1,6 @@
 """Panacea: learn a perturbation eps during a user's fine-tune and add it to the weights at fit end.
 
-Objective (reference/PANACEA.md): max_w lambda * (h(w + eps*) - h(w)) - g(w) with the one-step
+Objective (the Panacea paper, Wang et al. 2025, Section 4, Eq. 2-4): max_w lambda * (h(w + eps*) - h(w)) - g(w) with the one-step
 eps* = rho * grad h(w) / |grad h(w)|, g the user's task loss and h the loss on harmful
 (prompt -> harmful answer) data. Per optimizer step, after the task gradient is in p.grad:
 

@@ -17,6 +17,15 @@ MODES = ("sft", "triplets")
 
 
 class AlignmentData(TokenizedData):
+    """Safety-alignment data from paired records (see the module docstring).
+
+    Args:
+        pairs: paired harmful prompts (harmful answer + refusal): a toy "pairs" source or BeaverTails with refusals.
+        benign: benign examples (replayed in "sft" mode; the third part of each triplet in "triplets" mode).
+        mode: "sft" (one stream of refusals and benign examples) or "triplets" ({harmful, refusal, benign} batches).
+        **kwargs: TokenizedData's arguments (template, max_length, batch_size, num_workers, seed).
+    """
+
     def __init__(self, pairs: Source, benign: Optional[Source] = None, mode: str = "sft", **kwargs):
         super().__init__(**kwargs)
         if mode not in MODES:

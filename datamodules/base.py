@@ -40,7 +40,15 @@ class EpochSeededSampler(Sampler):
 
 
 class TokenizedData(L.LightningDataModule):
-    """Base datamodule: records -> token ids with the model's tokenizer and the chosen prompt template."""
+    """Base datamodule: records -> token ids with the model's tokenizer and the chosen prompt template.
+
+    Args:
+        template: prompt template: alpaca, qa ("Question: ... Answer:"), plain, or chat (the tokenizer's own).
+        max_length: token limit of prompt + response.
+        batch_size: rows per batch (per rank under DDP).
+        num_workers: DataLoader workers.
+        seed: the shuffle order (a pure function of seed and epoch, so resumed fits see the same order).
+    """
 
     def __init__(self, template: str = "qa", max_length: int = 256, batch_size: int = 8, num_workers: int = 0, seed: int = 0):
         super().__init__()

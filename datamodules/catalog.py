@@ -13,10 +13,18 @@ TOY_PARTS = ("harmful", "benign", "pairs")
 
 @dataclass
 class Source:
-    """kind: "toy" or a real dataset (beavertails, sst2, agnews, gsm8k, alpaca).
+    """Where records come from: the toy world or a real dataset, and which part of it.
 
-    Toy: split (pretrain|align|attack|finetune|eval), part (harmful|benign|pairs), tasks, categories
-    ("seen" and "heldout" name the world's groups). Real: path is a hub id or a local json/jsonl/parquet file.
+    Args:
+        kind: "toy" or a real dataset (beavertails, sst2, agnews, gsm8k, alpaca).
+        part: toy: harmful, benign or pairs; beavertails: pairs (with refusals) or harmful.
+        split: toy: pretrain, align, attack, finetune or eval; real: the hub split (ignored for local files).
+        path: real data: a hub id or a local .json/.jsonl/.parquet file.
+        tasks: toy benign tasks to take (default all).
+        categories: toy harm categories: a list, one name, "seen" or "heldout" (the world's groups).
+        limit: keep the first `limit` records.
+        world_seed: the toy world's seed.
+        heldout_categories: the toy world's held-out categories (default: self_harm, terrorism).
     """
 
     kind: str = "toy"

@@ -17,7 +17,16 @@ TASK_MATCH = {"sentiment": "label", "topic": "label", "arithmetic": "final_numbe
 
 
 class EvalData(TokenizedData):
-    """Items from `sources`; batches carry left-padded prompt ids and the items themselves."""
+    """Items from `sources`; batches carry left-padded prompt ids, the items, and their gold responses encoded for
+    the teacher-forced loss.
+
+    Args:
+        sources: evaluation sources (default: the toy world's eval split).
+        n_harmful_per_category: harmful prompts kept per harm category.
+        n_per_task: benign items kept per task.
+        task_match: answer-matching rule per task (exact, label or final_number), merged over the defaults.
+        **kwargs: TokenizedData's arguments (template, max_length, batch_size (default 64), num_workers, seed).
+    """
 
     def __init__(self, sources: Optional[list[Source]] = None, n_harmful_per_category: int = 20, n_per_task: int = 50,
                  task_match: Optional[dict[str, str]] = None, **kwargs):

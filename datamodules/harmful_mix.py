@@ -34,6 +34,14 @@ class HarmfulMix(TokenizedData):
     """n samples of `benign` with a fraction p from `harmful`; harmful prompts found in `exclude` are dropped.
 
     `exclude` lists the evaluation and alignment/defense sources, so no attack sample leaks into them.
+
+    Args:
+        benign: the user's task data.
+        harmful: where the harmful samples come from.
+        n: size of the mix.
+        p: harmful ratio (round(p * n) harmful samples).
+        exclude: sources whose prompts must not appear among the harmful samples.
+        **kwargs: TokenizedData's arguments (template, max_length, batch_size, num_workers, seed).
     """
 
     def __init__(self, benign: Source, harmful: Source, n: int = 1000, p: float = 0.1,

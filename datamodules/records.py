@@ -7,7 +7,15 @@ from typing import Optional
 
 @dataclass
 class Example:
-    """One supervised example: the loss is taken on `response` only."""
+    """One supervised example: the loss is taken on `response` only.
+
+    Args:
+        prompt: the instruction or question.
+        response: the answer trained on.
+        category: harm category, if any.
+        is_harmful: whether the response is harmful.
+        task: the task or dataset it comes from.
+    """
 
     prompt: str
     response: str
@@ -18,7 +26,14 @@ class Example:
 
 @dataclass
 class Pair:
-    """A harmful prompt with its harmful (compliant) response and a refusal, paired by index."""
+    """A harmful prompt with its harmful (compliant) response and a refusal, paired by index.
+
+    Args:
+        prompt: the harmful request.
+        harmful_response: a compliant answer.
+        refusal: a refusal of the same request.
+        category: its harm category.
+    """
 
     prompt: str
     harmful_response: str
@@ -30,9 +45,14 @@ class Pair:
 class EvalItem:
     """An evaluation prompt. kind is "harmful" or a benign task name; reference is the gold answer.
 
-    response: a gold response (the full worked answer of a benign item, the harmful answer of a harmful one),
-    for teacher-forced losses and gradient diagnostics; None when the source has none. group: items that
-    share one piece of knowledge (bootstrap intervals resample groups); None: the item is its own group.
+    Args:
+        prompt: the prompt given to the model.
+        kind: "harmful" or the benign task's name.
+        reference: the gold answer a benign response is matched against.
+        category: harm category of a harmful item.
+        response: a gold response (the full worked answer of a benign item, the harmful answer of a harmful one), for
+            teacher-forced losses and gradient diagnostics; None when the source has none.
+        group: items that share one piece of knowledge (bootstrap intervals resample groups); None: its own group.
     """
 
     prompt: str

@@ -8,7 +8,14 @@ from datamodules.catalog import Source, as_examples, load_records
 
 
 class SFTData(TokenizedData):
-    """Train on every example of `train` (pairs contribute their `pairs_use` side); optional `val` for loss."""
+    """Train on every example of `train` (pairs contribute their `pairs_use` side); optional `val` for loss.
+
+    Args:
+        train: the training sources (concatenated).
+        val: validation sources (their loss is logged as val/loss).
+        pairs_use: which side of paired records to train on: "harmful" or "refusal".
+        **kwargs: TokenizedData's arguments (template, max_length, batch_size, num_workers, seed).
+    """
 
     def __init__(self, train: list[Source], val: Optional[list[Source]] = None, pairs_use: str = "harmful", **kwargs):
         super().__init__(**kwargs)

@@ -20,6 +20,11 @@ class AdversarialImmunization(OneLossDefense):
 
     DDP: each CE is token-weighted by seam_math.rank_weights, so the rank-averaged gradient is the one of
     the global batch's token means (the same as one process on the whole batch).
+    Rosati et al., "Immunization against harmful fine-tuning attacks" (EMNLP Findings 2024), Section 5.
+
+    Args:
+        alpha: weight of the harmful-answer CE that is ascended (the paper's 0.1).
+        **kwargs: CausalLMModule's arguments.
     """
 
     def __init__(self, alpha: float = 0.1, **kwargs):

@@ -29,7 +29,25 @@ from lightning_modules.optim import build_optimizer, build_scheduler
 
 
 class CausalLMModule(L.LightningModule):
-    """A Hugging Face causal LM (hub id, local dir, GGUF file in a dir, or toy:<preset>) with optional LoRA."""
+    """A Hugging Face causal LM (hub id, local dir, GGUF file in a dir, or toy:<preset>) with optional LoRA.
+
+    Args:
+        model: hub id, local model directory, directory holding a GGUF file, or toy:<preset> (tiny, small, base).
+        gguf_file: the GGUF file's name inside `model` (transformers dequantises it to `dtype`).
+        dtype: weight dtype: float32 (fp32 master weights; use with bf16-mixed), bfloat16 or float16.
+        trust_remote_code: allow model code from the hub (off unless you set it).
+        lora: train LoRA adapters (peft) instead of all weights.
+        optimizer: adamw or sgd.
+        lr: learning rate.
+        weight_decay, betas, momentum: the optimizer's settings (betas for adamw, momentum for sgd).
+        scheduler: constant or cosine (with linear warmup over warmup_ratio of the steps).
+        warmup_ratio: fraction of the optimizer steps spent in linear warmup.
+        judge: harmfulness judge of `immunize test` (oracle, keyword, classifier, moderation, or {name: ..., ...}).
+        max_new_tokens: greedy generation length of `immunize test`.
+        init_seed: seed of a toy preset's random initialisation.
+        diagnostic_items: held-out harmful and benign items for the gradient-cosine diagnostic of `immunize test`
+            (0: not measured).
+    """
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ def _cosine_stats(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]):
 
 @torch.no_grad()
 def cosine_directions(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]):
-    """(c, v_a, v_b, |g_a|, |g_b|): cosine of the two gradients and the directions of SEAM.md, in fp32+.
+    """(c, v_a, v_b, |g_a|, |g_b|): cosine of the two gradients and the directions of SEAM Eq. 6, in fp32+.
 
     v_a = u_b - c u_a and v_b = u_a - c u_b, with u = g/|g|; both have norm sqrt(1 - c^2).
     """

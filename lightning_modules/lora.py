@@ -8,6 +8,15 @@ from immunize.errors import UserError
 
 @dataclass
 class LoraSpec:
+    """LoRA adapters (peft) on the named modules.
+
+    Args:
+        r: rank of the adapters.
+        alpha: LoRA scaling numerator (the update is alpha / r * B A).
+        dropout: dropout on the adapters' input.
+        target_modules: module names to adapt (e.g. q_proj, k_proj, v_proj).
+    """
+
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

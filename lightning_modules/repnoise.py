@@ -31,6 +31,13 @@ class RepNoise(OneLossDefense):
     (seam_math.global_value), so those terms follow the global batch exactly. L_noise is a batch statistic
     (kernel bandwidth and MMD over the rank's own samples): under DDP it is the mean of per-rank MMDs, the
     estimator a per-device implementation computes (the reference's, with its per-GPU batches).
+    Rosati et al., "Representation Noising: A Defence Mechanism Against Harmful Finetuning" (NeurIPS 2024), Section 3.
+
+    Args:
+        alpha: weight of the bounded ascent -log(1 + H) (the paper's 1).
+        beta: weight of L_noise (the paper's 1e-3).
+        kernel_mul, kernel_num: the MMD's Gaussian kernel bandwidths (kernel_num of them, a factor kernel_mul apart).
+        **kwargs: CausalLMModule's arguments.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1e-3, kernel_mul: float = 2.0, kernel_num: int = 5,

@@ -37,7 +37,7 @@ class SEAM(MultiPassDefense):
 
     Args:
         alpha: weight of L_up (refusal CE on the harmful prompts); the paper's 1.
-        beta: weight of L_sd = cos(g_a, g_b); the paper's 0.01 (tuned for bf16 weights, see SEAM.md).
+        beta: weight of L_sd = cos(g_a, g_b); the paper's 0.01, tuned for bf16 weights where the finite difference mostly rounds away.
         eps: finite-difference step of the Hessian-free estimate; the paper's 1e-3.
         estimator: "finite_difference" (Eq. 6) or "exact" (double backward; single process, for checking).
         use_unlearning: include L_ul = -log(1 + logit-lens harmful CE); false is the "no L_ul" ablation.
