@@ -5,7 +5,8 @@ batch of the same model. SFT trains on the harmful part of a (harmful, refusal, 
 the whole triplet, as in real use. Memory: on GPU torch.cuda.max_memory_allocated over the step; on CPU
 the torch profiler's allocation events (running total of CPU-allocator bytes, profiled from the start
 of training, its maximum inside the step) plus the parameters' bytes.
-Usage: python benchmarks/step_cost.py [--json] [--steps N] [--rounds R] [--threads T] [--model toy:small]
+The methods are the registry's (immunize.bench.registry), each with its toy config's settings.
+Usage: python benchmarks/step_cost.py [--json] [--steps N] [--rounds R] [--threads T] [--model toy:small] [--methods a,b]
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,10 +26,15 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from lightning_modules import SEAM, SFT, AdversarialImmunization, Booster, RepNoise, Vaccine  # noqa: E402
+from lightning_modules import SFT  # noqa: E402
 from callbacks import Lisa, Panacea  # noqa: E402
 from callbacks.antidote import antidote_prune  # noqa: E402
 from datamodules import Source  # noqa: E402
+from immunize.bench import registry  # noqa: E402
+from immunize.bench.stages import read_yaml  # noqa: E402
+from immunize.bench.validate import import_class  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A ~0.5B-parameter Llama (random init, untied embeddings) for the GPU run.
 LLAMA_05B = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=20,
@@ -43,17 +50,34 @@ class Method:
     callbacks: Callable[[], list] = field(default=list)
 
 
-# Add a method with one entry, e.g. "panacea": Method(SFT-builder, "harmful", lambda: [Panacea(...)]).
-METHODS: dict[str, Method] = {
-    "sft": Method(lambda **kw: SFT(**kw)),
-    "seam": Method(lambda **kw: SEAM(**kw), part=None),
-    "panacea": Method(lambda **kw: SFT(**kw), callbacks=lambda: [SameShapePanacea()]),
-    "lisa": Method(lambda **kw: SFT(**kw), callbacks=lambda: [SameShapeLisa()]),
-    "adversarial": Method(lambda **kw: AdversarialImmunization(**kw), part=None),
-    "repnoise": Method(lambda **kw: RepNoise(**kw), part=None),
-    "vaccine": Method(lambda **kw: Vaccine(**kw), part=None),
-    "booster": Method(lambda **kw: Booster(**kw), part=None),
-}
+def _alignment_method(defense) -> Method:
+    """A registered alignment defense with its toy config's settings, on the whole triplet batch."""
+    init = dict(((read_yaml(REPO / defense.config, defense.name).get("model") or {}).get("init_args") or {}))
+    for key in ("model", "lr", "optimizer", "scheduler", "warmup_ratio"):
+        init.pop(key, None)
+    cls = import_class(defense.class_path, defense.name)
+    return Method(lambda _cls=cls, _init=init, **kw: _cls(**{**_init, **kw}), part=None)
+
+
+# Fine-tuning-stage defenses that act every step, measured on the SFT step they hook; the others act once at fit end.
+PER_STEP_CALLBACKS = {"panacea": lambda: [SameShapePanacea()], "lisa": lambda: [SameShapeLisa()]}
+ONE_SHOT = {"antidote": "antidote_one_shot (pruning once after fine-tuning)",
+            "random": "no step cost (one noise draw at fit end)"}
+
+
+def registry_methods() -> dict[str, Method]:
+    """Every registered defense, from immunize.bench.registry (the reference SFT step first)."""
+    methods = {"sft": Method(lambda **kw: SFT(**kw))}
+    for d in registry.DEFENSES:
+        if d.class_path is None:
+            continue
+        if d.stage == registry.ALIGNMENT:
+            methods[d.name] = _alignment_method(d)
+        elif d.name in PER_STEP_CALLBACKS:
+            methods[d.name] = Method(lambda **kw: SFT(**kw), callbacks=PER_STEP_CALLBACKS[d.name])
+        elif d.name not in ONE_SHOT:
+            raise SystemExit(f"step_cost: registered defense {d.name!r} has no step-cost measurement; add it")
+    return methods
 
 
 class SameShapePanacea(Panacea):
@@ -85,6 +109,9 @@ class SameShapeLisa(Lisa):
     def next_batch(self, trainer, device):
         self.draws += 1
         return self._step_batch
+
+
+METHODS: dict[str, Method] = {}
 
 
 def antidote_one_shot(model: str, batch: dict, sft_step_seconds: float) -> dict:
@@ -276,8 +303,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the registry (sft is always in)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    methods = registry_methods()
+    if args.methods:
+        wanted = {"sft", *(m.strip() for m in args.methods.split(","))}
+        unknown = wanted - set(methods)
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}; choose from {sorted(methods)}")
+        methods = {k: v for k, v in methods.items() if k in wanted}
+    METHODS.update(methods)
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -286,7 +322,8 @@ def main(argv=None) -> int:
     del probe
     batch = make_batch(vocab, args.batch_size, args.length, prompt=args.length // 4)
     result = measure(args.model, batch, args.steps, args.rounds, "32-true")
-    result["antidote_one_shot"] = antidote_one_shot(args.model, batch["harmful"], result["median_step_seconds"]["sft"])
+    if not args.methods or "antidote" in args.methods:
+        result["antidote_one_shot"] = antidote_one_shot(args.model, batch["harmful"], result["median_step_seconds"]["sft"])
     if torch.cuda.is_available():  # real-scale shape: ~0.5B Llama, bf16 autocast over fp32 weights, 8 x 256
         big = make_batch(LLAMA_05B["vocab_size"], 8, 256, prompt=64)
         result = {"cpu_or_small": result, "gpu_0.5b": measure("toy:tiny", big, 5, 1, "bf16-mixed", LLAMA_05B)}
