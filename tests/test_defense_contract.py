@@ -102,6 +102,7 @@ def test_alignment_defense_precisions(defense):
     assert all(p.dtype == torch.float32 for p in m.trainable_parameters())
 
 
+@pytest.mark.slow  # 20-25 s per defense; SEAM, Booster and Vaccine also have DDP tests in the default run
 @pytest.mark.parametrize("defense", ALIGNMENT, ids=lambda d: d.name)
 def test_alignment_defense_ddp_ranks_stay_identical(defense, tmp_path, cli):
     init = {**toy_init_args(defense), "optimizer": "sgd", "lr": 0.05}
