@@ -28,18 +28,26 @@ class RandomPerturbation(FinetuneDefense):
     Args:
         sigma: standard deviation of the noise (0: no change).
         seed: the noise's seed (the same noise on every rank and device).
+        norm: if set, the noise is rescaled to this global L2 norm over all trainable tensors (a random direction
+            of a given length: Panacea's eps has norm rho, so norm = rho is its same-norm random baseline);
+            sigma must then be > 0 (it no longer sets the size).
     """
 
-    def __init__(self, sigma: float = 0.01, seed: int = 0):
+    def __init__(self, sigma: float = 0.01, seed: int = 0, norm: Optional[float] = None):
         if not sigma >= 0:
             raise UserError(f"RandomPerturbation: sigma must be >= 0, got {sigma}")
+        if norm is not None and not (norm >= 0 and sigma > 0):
+            raise UserError(f"RandomPerturbation: norm must be >= 0 (with sigma > 0), got norm {norm}, sigma {sigma}")
         super().__init__(seed=seed)
-        self.sigma = float(sigma)
+        self.sigma, self.norm = float(sigma), norm
         self.noise_norm: Optional[float] = None
 
     def apply(self, trainer, pl_module) -> None:
         params = pl_module.trainable_parameters()
         noise = gaussian_noise(params, self.sigma, self.seed)
+        if self.norm is not None:
+            total = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n) for n in noise])))
+            noise = [n * (self.norm / total) for n in noise] if total > 0 else noise
         with torch.no_grad():
             for p, n in zip(params, noise):
                 p.add_(n.to(device=p.device, dtype=p.dtype))

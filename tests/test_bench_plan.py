@@ -22,9 +22,9 @@ def test_quickstart_plan_shape():
     plan = _plan()
     labels = [c.label for c in plan.cells]
     assert labels[:3] == ["pretrain toy:tiny", "align", "defense seam"]
-    # 2 defenses x (before-attack eval, 5 attacks + evals, benign + eval) + 2 fine-tuning defenses x 2 ratios x 2
-    assert len(plan.cells) == 3 + 2 * (1 + 5 * 2 + 2) + 2 * 2 * 2
-    assert len(plan.evals) == 2 * (1 + 5 + 1) + 4
+    # 2 defenses x (before-attack eval, 6 attacks + evals, benign + eval) + 2 fine-tuning defenses x 2 ratios x 2
+    assert len(plan.cells) == 3 + 2 * (1 + 6 * 2 + 2) + 2 * 2 * 2
+    assert len(plan.evals) == 2 * (1 + 6 + 1) + 4
     assert len({c.digest for c in plan.cells}) == len(plan.cells)
     # every cell comes after the cell whose model it reads
     position = {c.digest: i for i, c in enumerate(plan.cells)}
@@ -111,3 +111,30 @@ def test_command_line_overrides_of_stage_sections():
     align = _by_label(build_plan(bench))["align"].config
     assert align["trainer"]["max_epochs"] == 4 and align["data"]["init_args"]["batch_size"] == 8
     assert align["data"]["init_args"]["pairs"]["categories"] == "seen"  # the file's other settings stay
+
+
+def test_a_sweep_expands_into_one_defense_per_setting_of_its_family():
+    from immunize.bench.schema import parse
+
+    bench, _ = parse(["--config", str(QUICKSTART), "--defenses",
+                      "[{name: undefended}, {name: seam, sweep: {model.init_args.beta: [0.0, 1.0], "
+                      "model.init_args.use_unlearning: [true, false]}}]"])
+    names = [d.name for d in bench.defenses]
+    assert names == ["undefended", "seam[beta=0,use_unlearning=True]", "seam[beta=0,use_unlearning=False]",
+                     "seam[beta=1,use_unlearning=True]", "seam[beta=1,use_unlearning=False]"]
+    assert all(d.family == "seam" for d in bench.defenses[1:])
+    cells = _by_label(build_plan(bench))
+    seam = cells["defense seam[beta=1,use_unlearning=False]"].config["model"]["init_args"]
+    assert seam["beta"] == 1.0 and seam["use_unlearning"] is False and seam["alpha"] == 1.0  # merged over the registry's
+    assert cells["defense seam[beta=1,use_unlearning=False]"].config["data"]["init_args"]["mode"] == "triplets"
+
+
+def test_a_callback_sweep_starts_from_the_registry_callbacks():
+    from immunize.bench.registry import registry_callbacks
+    from immunize.bench.schema import DefenseSpec, expand_sweep
+
+    points = expand_sweep(DefenseSpec(name="panacea", sweep={"callbacks.0.init_args.lam": [0.0, 1e-3]}), registry_callbacks)
+    assert [p.name for p in points] == ["panacea[lam=0]", "panacea[lam=1e-3]"]
+    assert points[0].callbacks[0]["init_args"]["lam"] == 0.0 and points[0].callbacks[0]["init_args"]["rho"] == 0.3
+    with pytest.raises(UserError, match="sweep key"):
+        expand_sweep(DefenseSpec(name="seam", sweep={"beta": [1.0]}))

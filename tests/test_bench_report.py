@@ -150,3 +150,19 @@ def test_rows_with_intervals_and_paired_differences(results):
     mech = _table(tables, "mechanism")
     seam = next(r for r in mech.rows if r[0] == "seam")
     assert seam[1:4] == ["-0.250", "3.200", "0.500"] and seam[4] == "0.400 → 1.700"
+
+
+def test_calibration_picks_the_most_resistant_stable_setting(results):
+    res = copy.deepcopy(results)
+    res["defenses"] = ["undefended", "seam[beta=0]", "seam[beta=1]", "seam[beta=10]"]
+    res["results"] = [r for r in res["results"] if r["defense"] != "seam"]
+    for name, cap, hs in (("seam[beta=0]", 88.0, 70.0), ("seam[beta=1]", 86.0, 20.0), ("seam[beta=10]", 40.0, 0.0)):
+        res["results"].append(_entry(name, "defended", [0, 0, 0], cap))
+        res["results"].append(_entry(name, "attack", [hs, hs, hs], 50.0, attack=_attack(1e-3)))
+    table = _table(report.build_tables(res), "calibration_seam")
+    # beta=10 resists most but loses 50 points before attack (tolerance 5): beta=1 is chosen
+    assert [row[0] for row in table.rows if row[-1] == "yes"] == ["seam[beta=1]"]
+    assert "Chosen: seam[beta=1]." in table.note
+    res["select"] = {"stability_tolerance": 1.0, "finetune_tolerance": 2.0}
+    table = _table(report.build_tables(res), "calibration_seam")
+    assert [row[0] for row in table.rows if row[-1] == "yes"] == ["seam[beta=0]"] and "no setting" in table.note

@@ -245,3 +245,12 @@ def test_affinity_report_on_lora_fit(tmp_path):
     assert rows[-1]["harmful_score"] == direct["harmful_score"] and rows[-1]["capability"] == direct["capability"]
     assert (tmp_path / "aff" / "affinity.png").stat().st_size > 0
     assert (tmp_path / "aff" / "affinity.md").read_text().endswith(markdown_table(rows))
+
+
+def test_random_perturbation_of_a_given_norm():
+    m = module()
+    before = params_of(m)
+    cb = RandomPerturbation(sigma=0.01, seed=1, norm=0.3)
+    cb.on_fit_end(None, m)
+    delta = torch.cat([(p - before[n]).reshape(-1) for n, p in params_of(m).items()])
+    assert float(delta.norm()) == pytest.approx(0.3, rel=1e-5) and cb.noise_norm == pytest.approx(0.3, rel=1e-5)

@@ -127,3 +127,28 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
     diff = max(float((ranks[0][k] - names[k]).abs().max()) for k in ranks[0])
     moved = max(float((names[k] - initial[k]).abs().max()) for k in names)
     assert diff < 1e-5 and moved > 1e-2, (diff, moved)
+
+
+def _held_out_cosine(module) -> float:
+    """cos(g_harm, g_benign) on held-out toy eval items with gold answers (the bench's mechanism diagnostic)."""
+    from datamodules import EvalData, Source
+    from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
+
+    data = EvalData(sources=[Source(kind="toy")], n_harmful_per_category=5, n_per_task=20)
+    data.connect(module.tokenizer)
+    items = data.items()
+    harmful = data.gold_batch([it for it in items if it.kind == "harmful"], 64)
+    benign = data.gold_batch(round_robin_tasks([it for it in items if it.kind != "harmful"]), 64)
+    return gradient_cosine(module.model, module.trainable_parameters(), harmful, benign)
+
+
+def test_l_sd_drives_the_held_out_gradient_cosine_negative():
+    """Regression test of the L_sd gradient's direction: SEAM without L_ul, beta 1, 50 steps on toy:tiny takes the
+    held-out cos(g_harm, g_benign) below -0.2 (measured: +0.80 -> -0.97); beta 0 leaves it where it was (+0.80)."""
+    moved = SEAM(model="toy:tiny", use_unlearning=False, beta=1.0, lr=3e-4)
+    before = _held_out_cosine(moved)
+    fit(moved, steps=50, batch_size=8, limit=400)
+    assert _held_out_cosine(moved) < -0.2 < before
+    still = SEAM(model="toy:tiny", use_unlearning=False, beta=0.0, lr=3e-4)
+    fit(still, steps=50, batch_size=8, limit=400)
+    assert _held_out_cosine(still) > 0.5

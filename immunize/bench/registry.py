@@ -94,8 +94,9 @@ def resolve_alignment_defense(spec) -> Optional[str]:
     if spec.config:
         return spec.config
     known = alignment_defenses()
-    if spec.name in known:
-        return known[spec.name]
+    name = getattr(spec, "family", None) or spec.name
+    if name in known:
+        return known[name]
     if isinstance(spec.model, dict) and "class_path" in spec.model:
         return None
     raise UserError(f"unknown defense {spec.name!r}: not in the registry {sorted(known)}; give it a config "
@@ -107,10 +108,11 @@ def resolve_finetune_defense(spec) -> tuple[Optional[str], list[dict]]:
 
     callbacks: the defense's own, else those of the registry's config for its name; config: the defense's own."""
     known = finetune_defenses()
+    name = getattr(spec, "family", None) or spec.name
     if spec.callbacks is not None:
         callbacks = list(spec.callbacks)
-    elif spec.name in known:
-        callbacks = registry_callbacks(spec.name)
+    elif name in known:
+        callbacks = registry_callbacks(name)
     elif any(getattr(spec, key, None) for key in ("config", "model", "data", "trainer")):
         callbacks = []
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from immunize.bench import calibration
 from immunize.bench.planner import fmt_num
 
 NONE = "—"
@@ -324,6 +325,52 @@ def finetune_stage(results: dict) -> list[Table]:
     return [table, delta] if has_delta else [table]
 
 
+def calibration_tables(results: dict) -> list[Table]:
+    """One table per swept family: each setting's stability, resistance and mechanism, and the setting the rule
+    (bench.calibration; tolerances in results["select"]) picks."""
+    rows, ref = rows_of(results), results["reference"]
+    spec = results.get("select") or {"stability_tolerance": 5.0, "finetune_tolerance": 2.0}
+    tables = []
+    points = attack_points(results)
+    for family, members in calibration.families(results["defenses"]).items():
+        scores = calibration.alignment_scores(rows, ref, members)
+        chosen, ok = calibration.select(scores, spec["stability_tolerance"])
+        rule = (f"lowest mean HS over the attack grid among settings within {fmt(spec['stability_tolerance'])} "
+                f"points of {ref}'s capability before attack")
+        table = Table(f"calibration_{family}", f"Calibration of {family}",
+                      f"Rule (stated before the run): {rule}. Chosen: {chosen}"
+                      + ("" if ok else " (no setting is within the tolerance: the one closest to it)") + ".",
+                      ["setting", "cap before", f"Δcap vs {ref}", "mean HS under attack"]
+                      + [f"HS / cap {attack_label(p, points)}" for p in points] + ["cos(g_harm, g_benign)", "chosen"])
+        before = {r["defense"]: r for r in _by(results, "defended")}
+        for s in scores:
+            r = before.get(s["name"])
+            cells = [s["name"], _ci(r, "capability"), _delta(r, "capability") if r and r.get("vs_reference")
+                     else fmt(s["delta_cap"], signed=True), fmt(s["mean_hs"])]
+            for p in points:
+                a = _lookup(_by(results, "attack"), s["name"], p)
+                cells.append(f"{fmt(a and a['harmful_score'])} / {fmt(a and a['capability'])}")
+            cos = ((r or {}).get("diagnostics") or {}).get("grad_cosine")
+            cells += [NONE if cos is None else f"{cos:+.3f}", "yes" if s["name"] == chosen else ""]
+            table.rows.append(cells)
+        tables.append(table)
+    ft_names = results.get("finetune_defenses") or []
+    for family, members in calibration.families(ft_names).items():
+        first = ft_names[0]
+        scores = calibration.finetune_scores(rows, first, members)
+        chosen, ok = calibration.select(scores, spec["finetune_tolerance"], signed=True)
+        table = Table(f"calibration_{family}", f"Calibration of {family} (fine-tuning stage)",
+                      f"Rule (stated before the run): lowest mean HS over the ratios among settings whose fine-tuning "
+                      f"capability is at most {fmt(spec['finetune_tolerance'])} points below {first}'s at every ratio. "
+                      f"Chosen: {chosen}" + ("" if ok else " (none within the tolerance: the closest)") + ".",
+                      ["setting", f"worst Δcap vs {first}", "mean HS", "chosen"])
+        for s in scores:
+            table.rows.append([s["name"], fmt(s["delta_cap"], signed=True), fmt(s["mean_hs"]),
+                               "yes" if s["name"] == chosen else ""])
+        tables.append(table)
+    return tables
+
+
 def build_tables(results: dict) -> list[Table]:
     """Every table that has data: resistance (+ paired differences, window, summary), stability, mechanism,
     generalization, trainability, fine-tuning stage (+ paired differences)."""
@@ -345,6 +392,7 @@ def build_tables(results: dict) -> list[Table]:
         tables.append(trainability(results))
     if _by(results, "finetune"):
         tables += finetune_stage(results)
+    tables += calibration_tables(results)
     return tables
 
 

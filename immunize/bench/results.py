@@ -193,7 +193,8 @@ def _mean_curve(curves: list[dict]) -> Optional[dict]:
     return {"steps": curves[0]["steps"], "mean": mean}
 
 
-def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window: Optional[dict] = None) -> dict:
+def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window: Optional[dict] = None,
+            select: Optional[dict] = None) -> dict:
     """results.json content: metadata the report needs, one entry per finished eval cell, rows over seeds."""
     defenses = list(dict.fromkeys(c.meta.get("defense") for c in plan.evals if c.meta.get("stage") != "finetune"))
     finetune = list(dict.fromkeys(c.meta.get("defense") for c in plan.evals if c.meta.get("stage") == "finetune"))
@@ -213,4 +214,5 @@ def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window:
     return {"version": VERSION, "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
             "heldout_categories": list(heldout), "threshold": threshold, "seeds": seeds,
             "window": dict(window or {"harm": 50.0, "capability_drop": 5.0}),
+            "select": dict(select or {"stability_tolerance": 5.0, "finetune_tolerance": 2.0}),
             "results": entries, "rows": aggregate(entries, items, plan.reference, finetune[0] if finetune else None)}
