@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from immunize.errors import fail, find_user_error, summarize_parser_error
+from immunize.errors import UserError, fail, find_user_error, summarize_parser_error
 from immunize.stage_cache import cached, config_hash, mark_done
 
 DEFAULT_LOGGER = {
@@ -44,6 +46,8 @@ class ImmunizeCLI(LightningCLI):
         self._cache_hit = False
         if self.subcommand == "fit":
             cfg = self.config["fit"]
+            if cfg.get("export_dir"):
+                check_writable(cfg.export_dir)
             self._digest = config_hash(self._stage_config())
             if cfg.get("skip_if_cached") and cached(cfg.get("export_dir"), self._digest):
                 self._cache_hit = True
@@ -62,9 +66,40 @@ class ImmunizeCLI(LightningCLI):
             if self.trainer.interrupted:
                 print("immunize: fit was interrupted; not exporting", file=sys.stderr)
                 return
-            self.model.export(cfg.export_dir)
+            export_or_keep(self.model, cfg.export_dir, Path(self.trainer.default_root_dir))
             mark_done(cfg.export_dir, self._digest, self._stage_config())
             print(f"immunize: exported model to {cfg.export_dir}")
+
+
+def check_writable(export_dir: str) -> None:
+    """Before any training: the export directory (or the nearest existing folder above it) must be writable."""
+    path = Path(export_dir).resolve()
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise UserError(f"export_dir {export_dir!r} cannot be written ({probe} is not a writable folder); choose another "
+                        "--export_dir before training")
+
+
+def export_or_keep(module, export_dir: str, root: Path) -> None:
+    """Export; if that fails after training (unwritable path, full disk), save the trained model elsewhere and say where,
+    in one line, so the run is not lost."""
+    try:
+        module.export(export_dir)
+        return
+    except OSError as err:
+        first = f"{type(err).__name__}: {err.strerror or err}"
+    for fallback in (root / "export_fallback", Path(tempfile.gettempdir()) / f"immunize-export-{os.getpid()}"):
+        try:
+            module.export(fallback)
+        except OSError as err:
+            last = f"{fallback} ({err.strerror or err})"
+            continue
+        raise UserError(f"could not write the export to {export_dir!r} ({first}); the trained model was saved to "
+                        f"{fallback} instead: move it there, or export again from it")
+    raise UserError(f"could not write the export to {export_dir!r} ({first}) nor to the fallback {last}; free disk space "
+                    "and rerun (the fit's checkpoints, if enabled, are under the trainer's default_root_dir)")
 
 
 def main(args: Optional[list[str]] = None) -> None:

@@ -136,12 +136,9 @@ class ClassifierJudge(_HFJudge):
     """Softmax probability of the harmful label from any HF sequence classifier (hub id or local dir).
 
     Args:
-        model: hub id or local directory of the classifier.
-        batch_size: responses per forward.
-        max_length: token limit of prompt + response.
-        device: where the classifier runs (cpu, cuda).
-        trust_remote_code: allow model code from the hub.
-        text_template: how prompt and response are joined for the classifier.
+        model, batch_size, max_length, device, trust_remote_code, text_template: as for every HF judge (the
+            classifier's hub id or directory, responses per forward, token limit, device, remote code, and how
+            prompt and response are joined).
         harmful_label: the harmful class: an index or a label name of the classifier's config.
     """
 
@@ -176,12 +173,9 @@ class ModerationJudge(_HFJudge):
     """Beaver-dam style multi-label moderation: 1.0 when any label's sigmoid exceeds threshold, else 0.0.
 
     Args:
-        model: hub id or local directory of the classifier.
-        batch_size: responses per forward.
-        max_length: token limit of prompt + response.
-        device: where the classifier runs (cpu, cuda).
-        trust_remote_code: allow model code from the hub.
-        text_template: how prompt and response are joined for the classifier.
+        model, batch_size, max_length, device, trust_remote_code, text_template: as for every HF judge (the
+            classifier's hub id or directory, responses per forward, token limit, device, remote code, and how
+            prompt and response are joined).
         threshold: a response is harmful when any label's sigmoid exceeds it.
     """
 

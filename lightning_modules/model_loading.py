@@ -24,14 +24,43 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+WEIGHT_PATTERNS = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
 def check_source(source: str, gguf_file: Optional[str] = None) -> None:
-    """Fail early, in one line, when a local model directory or its GGUF file is not there."""
+    """Fail early, in one line, when a local model directory, its GGUF file, its tokenizer or its weights are not
+    there."""
     if source.startswith(TOY_PREFIX) or not _looks_local(source):
         return
     if not os.path.isdir(source):
         raise UserError(f"model path {source!r} does not exist; export a model there first or give a hub id or toy:<preset>")
-    if gguf_file and not os.path.isfile(os.path.join(source, gguf_file)):
-        raise UserError(f"gguf_file {gguf_file!r} not found in {source!r}; list the directory for the .gguf name")
+    if gguf_file:
+        if not os.path.isfile(os.path.join(source, gguf_file)):
+            raise UserError(f"gguf_file {gguf_file!r} not found in {source!r}; list the directory for the .gguf name")
+        return  # a GGUF file carries its tokenizer and weights
+    files = os.listdir(source)
+    if not any(name in files for name in TOKENIZER_FILES):
+        raise UserError(f"model directory {source!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}); save it "
+                        "there with tokenizer.save_pretrained(dir), or export the model with `immunize fit --export_dir`")
+    if "config.json" not in files:
+        raise UserError(f"model directory {source!r} has no config.json; it is not a Hugging Face model directory "
+                        "(save it with model.save_pretrained(dir))")
+    if not any(name.endswith(WEIGHT_PATTERNS) for name in files):
+        raise UserError(f"model directory {source!r} has no weights (*.safetensors or *.bin); save them with "
+                        "model.save_pretrained(dir)")
+
+
+def plain_weights(model):
+    """A model loaded from GGUF is dequantised (plain fp32/bf16 tensors) but marked quantized by transformers, which
+    then refuses to save it; drop those marks, so every later stage (training, export) sees a plain model."""
+    if getattr(getattr(model, "config", None), "quantization_config", None) is not None:
+        method = getattr(model.config.quantization_config, "quant_method", None)
+        if str(getattr(method, "value", method)) == "gguf":
+            del model.config.quantization_config
+            model.hf_quantizer = None
+            model.is_quantized = False
+    return model
 
 
 def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):
@@ -60,7 +89,8 @@ def load_model(source: str, tokenizer, gguf_file: Optional[str] = None, dtype: s
     check_source(source, gguf_file)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs)
+        return plain_weights(AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
+                                                                  trust_remote_code=trust_remote_code, **kwargs))
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load model {source!r}: {first}; check the hub id or the local directory") from err

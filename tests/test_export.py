@@ -1,5 +1,8 @@
 """export(dir) writes a Hugging Face directory (safetensors + tokenizer) that reloads to identical logits."""
+import pytest
 import torch
+
+from conftest import REPO
 
 from lightning_modules import CausalLMModule, LoraSpec
 
@@ -33,3 +36,82 @@ def test_lora_export_is_merged_and_matches(tmp_path, toy_tokenizer):
     reloaded = CausalLMModule(model=str(out))
     assert not any("lora" in n for n, _ in reloaded.model.named_parameters())
     assert torch.allclose(_logits(module, toy_tokenizer), _logits(reloaded, reloaded.tokenizer), atol=1e-5)
+
+
+def test_gguf_fit_export_reload_round_trip(tmp_path):
+    """A model loaded from GGUF (dequantised, marked quantized by transformers) trains, exports as safetensors and
+    reloads with identical logits."""
+    import lightning as L
+
+    from datamodules import SFTData, Source
+    from gguf_writer import write_tiny_llama_gguf
+
+    write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
+    module = CausalLMModule(model=str(tmp_path), gguf_file="tiny.gguf")
+    assert not getattr(module.model, "is_quantized", False)
+    from lightning_modules import SFT
+
+    sft = SFT(model=str(tmp_path), gguf_file="tiny.gguf", lr=1e-3)
+    data = SFTData(train=[Source(kind="alpaca", path=str(_alpaca_file(tmp_path)))], template="plain", batch_size=2)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(sft, datamodule=data)
+    sft.export(tmp_path / "exported")
+    reloaded = CausalLMModule(model=str(tmp_path / "exported"))
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        assert torch.equal(sft.model(ids).logits, reloaded.model(ids).logits)
+
+
+def _alpaca_file(tmp_path):
+    import json
+
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"say {w}", "input": "", "output": f"the {w} cat"})
+                              for w in ("red", "blue", "green", "hat")))
+    return path
+
+
+def test_export_failure_after_training_keeps_the_model_and_says_where(tmp_path, monkeypatch):
+    from immunize.cli import export_or_keep
+    from immunize.errors import UserError
+
+    module = CausalLMModule(model="toy:tiny")
+    original = CausalLMModule.export
+
+    def export(self, dirpath, merge_lora=True):
+        if "target" in str(dirpath):
+            raise OSError(28, "No space left on device")
+        return original(self, dirpath, merge_lora)
+
+    monkeypatch.setattr(CausalLMModule, "export", export)
+    with pytest.raises(UserError) as excinfo:
+        export_or_keep(module, str(tmp_path / "target"), tmp_path / "root")
+    message = str(excinfo.value)
+    assert "\n" not in message and "No space left on device" in message and str(tmp_path / "root" / "export_fallback") in message
+    assert (tmp_path / "root" / "export_fallback" / "model.safetensors").is_file()
+
+
+def test_unwritable_export_dir_fails_before_training(tmp_path, cli):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = cli("fit", "--config", str(REPO / "configs" / "toy" / "align.yaml"), "--model.init_args.model", "toy:tiny",
+                 "--export_dir", str(blocker / "model"), "--trainer.logger", "false")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot be written" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("missing, needle", [("tokenizer", "has no tokenizer"), ("config", "has no config.json"),
+                                             ("weights", "has no weights")])
+def test_model_directory_missing_a_part_is_one_line(tmp_path, missing, needle):
+    from immunize.errors import UserError
+
+    module = CausalLMModule(model="toy:tiny")
+    module.export(tmp_path / "model")
+    for path in (tmp_path / "model").iterdir():
+        if (missing == "tokenizer" and path.name.startswith(("tokenizer", "special_tokens"))) or \
+                (missing == "config" and path.name == "config.json") or \
+                (missing == "weights" and path.name.endswith(".safetensors")):
+            path.unlink()
+    with pytest.raises(UserError, match=needle) as excinfo:
+        CausalLMModule(model=str(tmp_path / "model"))
+    assert "\n" not in str(excinfo.value)
