@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 import yaml
 
+from immunize.bench.stages import find_file
 from immunize.errors import UserError
 from immunize.io import atomic_write_json, atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -75,10 +75,7 @@ def _eval_parts(eval_config: Path, model_dir: str):
     from datamodules import EvalData, Source
     from lightning_modules import CausalLMModule
 
-    if not eval_config.is_file() and (REPO / eval_config).is_file():
-        eval_config = REPO / eval_config
-    if not eval_config.is_file():
-        raise UserError(f"eval config {eval_config} not found")
+    eval_config = find_file(str(eval_config), "--eval-config")
     cfg = yaml.safe_load(eval_config.read_text()) or {}
     model_args = dict((cfg.get("model") or {}).get("init_args") or {})
     model_args.pop("lora", None)

@@ -1,12 +1,14 @@
 """The bench planner: cells, their hashes, and how the bench config is written into stage configs."""
 import pytest
 
+from conftest import REPO
 from immunize.bench.cells import Cell, cell_digest
-from immunize.bench.command import QUICKSTART
 from immunize.bench.planner import attack_settings, build_plan, fmt_num
 from immunize.bench.schema import parse
 from immunize.bench.stages import apply_heldout, deep_merge, merge_section, set_dotted
 from immunize.errors import UserError
+
+QUICKSTART = REPO / "configs" / "bench" / "quickstart.yaml"
 
 
 def _plan(*args):

@@ -117,3 +117,25 @@ def cell_info(cell: Cell, cells_dir: Path) -> dict:
     run = read_json(d / "run.json") or {}
     train = read_json(d / "train.json") or {}
     return {"steps": train.get("steps"), "wall_time_s": run.get("wall_time_s")}
+
+
+def cell_state(cell: Cell, cells_dir: Path) -> str:
+    """"done" (its marker exists), "incomplete" (a run started and did not finish: killed or failed) or "todo"."""
+    if cell.is_done(cells_dir):
+        return "done"
+    return "incomplete" if cell.directory(cells_dir).is_dir() else "todo"
+
+
+def cell_resources(cell: Cell, threads: Optional[int] = None) -> dict:
+    """What running the cell takes, from its trainer section: accelerator, devices, nodes, strategy, CPU threads."""
+    trainer = cell.config.get("trainer") or {}
+    return {"accelerator": trainer.get("accelerator", "auto"), "devices": trainer.get("devices", 1),
+            "num_nodes": trainer.get("num_nodes", 1), "strategy": trainer.get("strategy", "auto"), "threads": threads}
+
+
+def plan_graph(cells: list[Cell], cells_dir: Path, threads: Optional[int] = None) -> list[dict]:
+    """The plan as data: one row per cell in run order, with the cells it needs, its state and its resources
+    (any launcher executes this graph)."""
+    return [{"cell": c.name, "label": c.label, "kind": c.kind, "stage": c.stage,
+             "needs": [c.fit_input.name] if c.fit_input is not None else [], "state": cell_state(c, cells_dir),
+             "resources": cell_resources(c, threads)} for c in cells]

@@ -12,17 +12,17 @@ import time
 from pathlib import Path
 
 from immunize.bench.schema import BenchConfig
-from immunize.bench.stages import REPO_ROOT
+from immunize.bench.stages import find_file
 from immunize.errors import UserError, fail, find_user_error, summarize_parser_error
 from immunize.io import atomic_write_json, atomic_write_text
 
-QUICKSTART = REPO_ROOT / "configs" / "bench" / "quickstart.yaml"
+QUICKSTART_CONFIG = "configs/bench/quickstart.yaml"
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
     if any(a == "--config" or a.startswith("--config=") for a in argv):
         return argv
-    return ["--config", str(QUICKSTART)] + argv
+    return ["--config", str(find_file(QUICKSTART_CONFIG, "the default bench config"))] + argv
 
 
 def _parse(argv: list[str]) -> tuple[BenchConfig, dict]:
@@ -84,17 +84,26 @@ def _summary(cell, cells_dir: Path) -> str:
     return f"{steps} steps" if steps is not None else ""
 
 
-def run_bench(bench: BenchConfig, config: dict) -> int:
+def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
+    from immunize.bench.cells import plan_graph
     from immunize.bench.runner import CellFailed, Runner, lock
     from immunize.bench.validate import validate
 
     plan = validate(bench)
     out = Path(bench.out)
     cells_dir = Path(bench.cells_dir) if bench.cells_dir else out / "cells"
-    if bench.dry_run:
-        for i, cell in enumerate(plan.cells, start=1):
-            state = "done" if cell.is_done(cells_dir) else "todo"
-            print(f"[cell {i}/{len(plan.cells)}] {state} {cell.kind:4} {cell.label}  ({cell.directory(cells_dir)})")
+    if bench.dry_run or show_plan:
+        graph = plan_graph(plan.cells, cells_dir, bench.trainer.threads)
+        if show_plan:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "plan.json", {"cells_dir": str(cells_dir), "cells": graph})
+        for i, row in enumerate(graph, start=1):
+            res = row["resources"]
+            needs = f" <- {row['needs'][0]}" if row["needs"] else ""
+            where = f"{res['accelerator']} x{res['devices']}" + (f" x{res['num_nodes']} nodes" if res["num_nodes"] != 1 else "")
+            print(f"[cell {i}/{len(graph)}] {row['state']:10} {row['kind']:4} {row['label']}  ({row['cell']}{needs}; {where})")
+        if show_plan:
+            print(f"immunize bench: plan written to {out / 'plan.json'}", file=sys.stderr)
         return 0
     locks = [lock(out)] + ([lock(cells_dir)] if cells_dir.resolve() != out.resolve() else [])
     atomic_write_json(out / "bench.json", config)
@@ -136,8 +145,10 @@ def bench_main(argv: list[str]) -> None:
     """Entry point of `immunize bench ...` (called by immunize.main)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        bench, config = _parse(_with_default_config(list(argv)))
-        code = run_bench(bench, config)
+        argv = list(argv)
+        show_plan = "--plan" in argv
+        bench, config = _parse(_with_default_config([a for a in argv if a != "--plan"]))
+        code = run_bench(bench, config, show_plan)
     except UserError as err:
         fail(str(err))
     sys.exit(code)

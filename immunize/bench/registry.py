@@ -20,8 +20,6 @@ from immunize.errors import UserError
 
 ALIGNMENT, FINETUNE = "alignment", "finetune"
 IDENTITY = "undefended"
-DEFENSE_STAGE = "configs/toy/defense.yaml"
-FINETUNE_STAGE = "configs/finetune/toy.yaml"
 
 
 @dataclass(frozen=True)

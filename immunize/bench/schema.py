@@ -204,6 +204,8 @@ def build_parser():
                             description="Run defenses through a harmful fine-tuning attack grid and report the "
                                         "immunization conditions (resistance, stability, generalization, trainability).")
     parser.add_argument("--config", action=ActionConfigFile, help="bench YAML (default: configs/bench/quickstart.yaml)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the cell graph (each cell's inputs, state and resources), write OUT/plan.json, run nothing")
     parser.add_argument("--full", action="store_true",
                         help=f"the full preset: every seed of {FULL_SEEDS} (replaces seeds), for intervals over seeds")
     parser.add_class_arguments(BenchConfig, None)
@@ -319,7 +321,7 @@ def parse(argv: list[str]) -> tuple[BenchConfig, dict]:
     if namespace.get("full"):
         namespace.seeds = list(FULL_SEEDS)
     plain = namespace.clone()
-    for key in ("config", "full"):
+    for key in ("config", "full", "plan"):
         if hasattr(plain, key):
             del plain[key]
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes

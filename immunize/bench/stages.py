@@ -21,13 +21,21 @@ KNOWN_TOP_KEYS = {"model", "data", "trainer", "optimizer", "lr_scheduler", "seed
 DROPPED_TOP_KEYS = ("export_dir", "skip_if_cached", "ckpt_path")
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/ as installed in a wheel
+
+
 def find_file(path: str, what: str) -> Path:
-    """An existing file: absolute, else relative to the current directory, else to the immunize checkout."""
+    """An existing file: absolute, else relative to the current directory, else to the immunize checkout, else (for
+    configs/...) among the configs installed with the package (a wheel install has no checkout)."""
     p = Path(path).expanduser()
-    for candidate in ([p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]):
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p, REPO_ROOT / p]
+    if not p.is_absolute() and p.parts[:1] == ("configs",):
+        candidates.append(PACKAGED_CONFIGS.joinpath(*p.parts[1:]))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate.resolve()
-    raise UserError(f"{what}: config file {path!r} not found (looked in {Path.cwd()} and {REPO_ROOT})")
+    raise UserError(f"{what}: config file {path!r} not found (looked in {Path.cwd()}, {REPO_ROOT} and the installed "
+                    "configs)")
 
 
 def read_yaml(path: Path, what: str) -> dict:
