@@ -84,6 +84,18 @@ def _summary(cell, cells_dir: Path) -> str:
     return f"{steps} steps" if steps is not None else ""
 
 
+def launcher_for(bench: BenchConfig, out: Path, mode: str):
+    """The slurm (submitit) or ray launcher of the bench's launcher block."""
+    from immunize.bench.launchers import RayLauncher, SubmititLauncher
+
+    spec = bench.launcher
+    if spec.name == "slurm":
+        folder = Path(spec.folder) if spec.folder else out / "launcher"
+        return SubmititLauncher(folder, spec.cluster, spec.partition, spec.account, spec.qos, spec.time_min,
+                                bench.trainer.threads)
+    return RayLauncher(spec.address, bench.trainer.threads)
+
+
 def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
     from immunize.bench.cells import plan_graph
     from immunize.bench.runner import CellFailed, Runner, lock
@@ -123,7 +135,9 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
 
     start = time.monotonic()
     try:
-        counts = Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(plan.cells, on_done)
+        counts = launcher_for(bench, out, mode).run(plan.cells, cells_dir, mode, on_done) \
+            if bench.launcher.name != "local" else \
+            Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(plan.cells, on_done)
     except CellFailed as err:
         print(f"immunize: error: {err}", file=sys.stderr)
         return err.code

@@ -15,6 +15,7 @@ from immunize.errors import UserError
 # parsing a bench config does not import torch; validate.py checks the two agree.
 DEFAULT_HELDOUT = ["self_harm", "terrorism,organized_crime"]
 PROGRESS_MODES = ("auto", "bars", "lines", "quiet")
+LAUNCHERS = ("local", "slurm", "ray")
 FULL_SEEDS = (0, 1, 2)
 ATTACK_MODES = ("full", "lora")
 
@@ -139,6 +140,26 @@ class TrainerSpec:
 
 
 @dataclass
+class LauncherSpec:
+    """Where the cells run (immunize.bench.launchers): "local" (here, one after the other), "slurm" (one submitit job
+    per cell) or "ray" (one Ray task per cell). `--launcher slurm` is short for `--launcher.name slurm`.
+
+    cluster: submitit's cluster for slurm: slurm, or local / debug (no Slurm needed). folder: submitit's job folder
+    (null: OUT/launcher). partition, account, qos, time_min: the Slurm job's. address: the Ray cluster ("auto" finds
+    a running one; null starts a local Ray).
+    """
+
+    name: str = "local"
+    cluster: str = "slurm"
+    folder: Optional[str] = None
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = 60
+    address: Optional[str] = None
+
+
+@dataclass
 class WandbSpec:
     enabled: bool = True
     project: str = "immunize"
@@ -195,6 +216,7 @@ class BenchConfig:
     dry_run: bool = False
     wandb: WandbSpec = field(default_factory=WandbSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
+    launcher: LauncherSpec = field(default_factory=LauncherSpec)
 
 
 def build_parser():
@@ -314,8 +336,26 @@ def expand_sweep(spec: "DefenseSpec", registry_callbacks=None) -> list["DefenseS
     return out
 
 
+def _launcher_shorthand(argv: list[str]) -> list[str]:
+    """`--launcher slurm` (a bare name) means `--launcher.name slurm`."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--launcher" and i + 1 < len(argv) and argv[i + 1].strip()[:1] not in ("{", "["):
+            out += ["--launcher.name", argv[i + 1]]
+            i += 2
+            continue
+        if a.startswith("--launcher=") and a.split("=", 1)[1].strip()[:1] not in ("{", "["):
+            out += ["--launcher.name", a.split("=", 1)[1]]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def parse(argv: list[str]) -> tuple[BenchConfig, dict]:
     """(the instantiated config, its plain-dict form) from command-line arguments."""
+    argv = _launcher_shorthand(list(argv))
     parser = build_parser()
     namespace = parser.parse_args(argv)
     if namespace.get("full"):

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Any
 
-from immunize.bench.schema import ATTACK_MODES, PROGRESS_MODES, BenchConfig
+from immunize.bench.schema import ATTACK_MODES, LAUNCHERS, PROGRESS_MODES, BenchConfig
 from immunize.errors import UserError
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -33,6 +33,10 @@ def _unique(names: list[str], what: str) -> None:
 
 def check_config(b: BenchConfig) -> None:
     """Checks that need no imports beyond the config itself."""
+    if b.launcher.name not in LAUNCHERS:
+        raise UserError(f"launcher must be one of {list(LAUNCHERS)}, got {b.launcher.name!r}")
+    if b.launcher.name == "slurm" and b.launcher.cluster not in ("slurm", "local", "debug"):
+        raise UserError(f"launcher.cluster must be slurm, local or debug, got {b.launcher.cluster!r}")
     if b.progress not in PROGRESS_MODES:
         raise UserError(f"progress must be one of {list(PROGRESS_MODES)}, got {b.progress!r}")
     if b.wandb.mode not in WANDB_MODES:
