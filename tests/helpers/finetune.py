@@ -5,7 +5,10 @@ import lightning as L
 import torch
 
 from datamodules import HarmfulMix, Source
+from datamodules.catalog import as_examples, load_records
+from datamodules.collate import encode_example
 from lightning_modules import LoraSpec, SFT
+from lightning_modules.grad_math import masked_ce
 
 BENIGN = Source(kind="toy", part="benign", split="finetune", tasks=["arithmetic"], limit=40)
 ATTACK = Source(kind="toy", part="harmful", split="attack", limit=20)
@@ -58,3 +61,18 @@ class Crash(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.at_step:
             raise RuntimeError("simulated crash")
+
+
+def grads_at(weights: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """Response-only CE gradient of a fresh toy:tiny holding `weights`, on `batch`."""
+    ref = module()
+    with torch.no_grad():
+        for n, p in ref.model.named_parameters():
+            p.copy_(weights[n])
+    loss = masked_ce(ref.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    names, params = zip(*ref.model.named_parameters())
+    return dict(zip(names, torch.autograd.grad(loss, params)))
+
+
+def encoded(source: Source, use: str, tokenizer) -> list[dict]:
+    return [encode_example(tokenizer, "qa", e.prompt, e.response, 256) for e in as_examples(load_records(source), use)]
