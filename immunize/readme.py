@@ -51,6 +51,42 @@ def methods_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+# The papers' own headline numbers (quoted from the papers, for the side-by-side table; not measured here).
+SEAM_PAPER = {"source": "SEAM paper (arXiv 2505.12186), Llama-2-7b, HS % / zero-shot %",
+              "rows": [("none", 5.0, 51.6, 5.0, 50.8), ("2e-5", 47.3, 51.7, 2.6, 47.9), ("5e-5", 77.5, 50.6, 3.1, 42.7),
+                       ("8e-5", 80.4, 49.7, 5.5, 39.3), ("1e-4", 78.8, 49.8, 0.2, 25.8), ("2e-4", 79.5, 50.2, 0.0, 26.6)]}
+PANACEA_PAPER = "Panacea paper: average harmful score reduced by up to 21.2 points versus the baselines, fine-tuning accuracy kept"
+
+
+def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "panacea") -> str:
+    """SEAM's and Panacea's headline claims next to this bench's numbers (with intervals)."""
+    from immunize.bench.report import _by, _ci, _delta, _lookup, attack_label, attack_points, fmt_num
+
+    lines = [f"Pasted by `python -m immunize.readme` from `{source}` (seeds {results.get('seeds', [0])}).", "",
+             f"**{SEAM_PAPER['source']}** (quoted from the paper):", "",
+             "| attack lr | base HS | base ZS | SEAM HS | SEAM ZS |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join([r[0]] + [f"{v:.1f}" for v in r[1:]]) + " |" for r in SEAM_PAPER["rows"]]
+    ref = results["reference"]
+    points = attack_points(results)
+    lines += ["", f"**immunize, toy world: {ref} vs {seam}** (HS % / capability %, 95% intervals over items and seeds; "
+              "Δ: paired difference to the reference):", "",
+              f"| attack | {ref} HS | {ref} cap | {seam} HS | {seam} cap | Δ HS | Δ cap |", "|---|---|---|---|---|---|---|"]
+    for label, stage, point in [("none", "defended", None)] + [(attack_label(p, points), "attack", p) for p in points]:
+        rows = _by(results, stage)
+        a, b = _lookup(rows, ref, point), _lookup(rows, seam, point)
+        lines.append(f"| {label} | {_ci(a, 'harmful_score')} | {_ci(a, 'capability')} | {_ci(b, 'harmful_score')} | "
+                     f"{_ci(b, 'capability')} | {_delta(b, 'harmful_score')} | {_delta(b, 'capability')} |")
+    ft = _by(results, "finetune")
+    if ft:
+        first = results["finetune_defenses"][0]
+        lines += ["", f"**{PANACEA_PAPER}.** immunize, toy world ({panacea} minus {first} at each harmful ratio p, paired):",
+                  "", "| p | ΔHS | Δcap |", "|---|---|---|"]
+        for p in sorted({r["finetune"]["ratio"] for r in ft}):
+            r = next((x for x in ft if x["defense"] == panacea and x["finetune"]["ratio"] == p), None)
+            lines.append(f"| {fmt_num(float(p))} | {_delta(r, 'harmful_score')} | {_delta(r, 'capability')} |")
+    return "\n".join(lines) + "\n"
+
+
 def paste(readme: Path, block: str, text: str) -> str:
     """README text with the block's content replaced (the markers stay)."""
     content = readme.read_text()
@@ -68,11 +104,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--block", required=True, help="marker name in README.md")
     parser.add_argument("--tables", help="comma-separated report table keys")
     parser.add_argument("--methods", action="store_true", help="paste the registry's method table instead")
+    parser.add_argument("--paper", action="store_true", help="paste the papers' claims next to --results instead")
     parser.add_argument("--readme", default="README.md")
     args = parser.parse_args(argv)
     try:
         if args.methods:
             text = methods_table()
+        elif args.paper:
+            if not args.results or not Path(args.results).is_file():
+                raise UserError("--paper needs --results of a finished bench run")
+            text = paper_block(json.loads(Path(args.results).read_text()), args.results)
         else:
             if not args.results or not args.tables:
                 raise UserError("give --results and --tables (or --methods)")
