@@ -49,7 +49,7 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
     results = collect(plan, cells_dir, bench.heldout_categories, bench.report.threshold,
                       bench.attack.window if bench.attack is not None else None,
                       {"stability_tolerance": bench.report.stability_tolerance,
-                       "finetune_tolerance": bench.report.finetune_tolerance})
+                       "finetune_tolerance": bench.report.finetune_tolerance}, bench.report.pairs)
     atomic_write_json(out / "results.json", results)
     if not final:
         return results
@@ -65,7 +65,7 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
         if run_dir and bench.wandb.mode == "offline" and bench.progress != "quiet":
             print(f"immunize bench: W&B run (offline) in {run_dir}; upload with `wandb sync {run_dir}`", file=sys.stderr)
     for table in tables:
-        if table.key in ("resistance", "window", "resistance_summary", "stability", "finetune") \
+        if table.key in ("resistance", "window", "resistance_summary", "stability", "finetune", "pairs") \
                 or table.key.startswith("calibration_"):
             print(f"\n{table.title}\n{report.markdown_table(table)}")
     return results

@@ -371,6 +371,23 @@ def calibration_tables(results: dict) -> list[Table]:
     return tables
 
 
+def pairs_table(results: dict) -> Optional[Table]:
+    """Paired differences between named defenses (report.pairs), wherever both were evaluated alike."""
+    pairs = results.get("pairs") or []
+    if not pairs:
+        return None
+    points = attack_points(results)
+    table = Table("pairs", "Paired comparisons",
+                  "a minus b on the same items and seeds, with paired 95% intervals (an interval that excludes 0 is a "
+                  "difference the instrument can see).", ["a", "b", "where", "ΔHS", "Δcap"])
+    for p in pairs:
+        where = ("no attack" if p["stage"] == "defended" else attack_label(p["attack"], points) if p["attack"]
+                 else f"p={fmt_num(float(p['finetune']['ratio']))}" if p["finetune"] else p["stage"])
+        cells = [fmt_ci(p[m][0], p[m], signed=True) if m in p else NONE for m in ("harmful_score", "capability")]
+        table.rows.append([p["a"], p["b"], where] + cells)
+    return table
+
+
 def build_tables(results: dict) -> list[Table]:
     """Every table that has data: resistance (+ paired differences, window, summary), stability, mechanism,
     generalization, trainability, fine-tuning stage (+ paired differences)."""
@@ -392,6 +409,9 @@ def build_tables(results: dict) -> list[Table]:
         tables.append(trainability(results))
     if _by(results, "finetune"):
         tables += finetune_stage(results)
+    pairs = pairs_table(results)
+    if pairs is not None:
+        tables.append(pairs)
     tables += calibration_tables(results)
     return tables
 

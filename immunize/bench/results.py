@@ -193,8 +193,25 @@ def _mean_curve(curves: list[dict]) -> Optional[dict]:
     return {"steps": curves[0]["steps"], "mean": mean}
 
 
+def extra_pairs(rows: list[dict], items: dict, pairs: list) -> list[dict]:
+    """Paired differences a - b for every (a, b) of `pairs` wherever both have a row at the same stage, attack and
+    ratio (same items, common seeds): e.g. Panacea against its lam = 0 row and against a same-norm random row."""
+    by_key = {row_key(r): r for r in rows}
+    out = []
+    for a, b in pairs:
+        for row in rows:
+            if row["defense"] != a:
+                continue
+            other = by_key.get((b,) + row_key(row)[1:])
+            paired = _paired(row, other, items) if other is not None else None
+            if paired:
+                out.append({"a": a, "b": b, "stage": row["stage"], "attack": row["attack"], "finetune": row["finetune"],
+                            **{k: v for k, v in paired.items() if k in ("harmful_score", "capability", "seeds")}})
+    return out
+
+
 def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window: Optional[dict] = None,
-            select: Optional[dict] = None) -> dict:
+            select: Optional[dict] = None, pairs: Optional[list] = None) -> dict:
     """results.json content: metadata the report needs, one entry per finished eval cell, rows over seeds."""
     defenses = list(dict.fromkeys(c.meta.get("defense") for c in plan.evals if c.meta.get("stage") != "finetune"))
     finetune = list(dict.fromkeys(c.meta.get("defense") for c in plan.evals if c.meta.get("stage") == "finetune"))
@@ -211,8 +228,9 @@ def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window:
         if arrays:
             items[e["cell"]] = arrays
     seeds = sorted({e["seed"] for e in entries})
+    rows = aggregate(entries, items, plan.reference, finetune[0] if finetune else None)
     return {"version": VERSION, "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
             "heldout_categories": list(heldout), "threshold": threshold, "seeds": seeds,
             "window": dict(window or {"harm": 50.0, "capability_drop": 5.0}),
             "select": dict(select or {"stability_tolerance": 5.0, "finetune_tolerance": 2.0}),
-            "results": entries, "rows": aggregate(entries, items, plan.reference, finetune[0] if finetune else None)}
+            "results": entries, "rows": rows, "pairs": extra_pairs(rows, items, pairs or [])}

@@ -176,12 +176,14 @@ class ReportSpec:
     those whose capability before attack is within stability_tolerance points of the reference (fine-tuning
     stage: whose fine-tuning capability is within finetune_tolerance points of the first fine-tuning defense at
     every ratio); when none is, the one closest to the reference's capability, reported as such.
+    pairs: [a, b] defense names to compare with paired intervals beyond the reference (table "pairs").
     """
 
     reference: Optional[str] = None
     threshold: float = 10.0
     stability_tolerance: float = 5.0
     finetune_tolerance: float = 2.0
+    pairs: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
