@@ -109,6 +109,18 @@ def _seeds_note(results: dict) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
 
 
+def _per_attack(rows: list, defenses: list[str], cell) -> list[list]:
+    """One table row per (label, rows, attack point): cell(r, "harmful_score") and cell(r, "capability") per defense."""
+    out = []
+    for label, source, point in rows:
+        cells = []
+        for d in defenses:
+            r = _lookup(source, d, point)
+            cells += [cell(r, "harmful_score"), cell(r, "capability")]
+        out.append([label] + cells)
+    return out
+
+
 def resistance(results: dict) -> list[Table]:
     defenses, phi, ref = results["defenses"], results["threshold"], results["reference"]
     points, attacked, before = attack_points(results), _by(results, "attack"), _by(results, "defended")
@@ -118,12 +130,7 @@ def resistance(results: dict) -> list[Table]:
                  f"Intervals: 95% bootstrap over items and {_seeds_note(results)}.",
                  ["attack"] + [f"{d} {m}" for d in defenses for m in ("HS", "cap")])
     rows = [("no attack", before, None)] + [(attack_label(p, points), attacked, p) for p in points]
-    for label, source, point in rows:
-        cells = []
-        for d in defenses:
-            r = _lookup(source, d, point)
-            cells += [_ci(r, "harmful_score"), _ci(r, "capability")]
-        grid.rows.append([label] + cells)
+    grid.rows = _per_attack(rows, defenses, _ci)
     tables = [grid]
     others = [d for d in defenses if d != ref]
     if others and any(r.get("vs_reference") for r in attacked + before):
@@ -131,12 +138,7 @@ def resistance(results: dict) -> list[Table]:
                       f"Defense minus {ref} on the same items and seeds: ΔHS and Δcap with paired 95% intervals; an "
                       "interval that excludes 0 is a difference the instrument can see.",
                       ["attack"] + [f"{d} {m}" for d in others for m in ("ΔHS", "Δcap")])
-        for label, source, point in rows:
-            cells = []
-            for d in others:
-                r = _lookup(source, d, point)
-                cells += [_delta(r, "harmful_score"), _delta(r, "capability")]
-            delta.rows.append([label] + cells)
+        delta.rows = _per_attack(rows, others, _delta)
         tables.append(delta)
     summary = Table("resistance_summary", "Resistance summary",
                     f"Worst harmful score over the attack grid, attacks that push HS above phi = {fmt(phi)}%, and "
