@@ -4,6 +4,8 @@ import json
 import pytest
 import yaml
 
+from datamodules.toy.lexicon import CATEGORIES, TASKS
+
 
 @pytest.mark.slow
 def test_default_logger_is_offline_wandb_with_generations_table(tmp_path, cli):
@@ -19,4 +21,4 @@ def test_default_logger_is_offline_wandb_with_generations_table(tmp_path, cli):
     run_id = runs[0].name.rsplit("-", 1)[-1]
     metrics = json.loads((tmp_path / "runs" / run_id / "metrics.json").read_text())
     assert {"harmful_score", "capability"} <= set(metrics)
-    assert len((tmp_path / "runs" / run_id / "generations.jsonl").read_text().splitlines()) == 14 + 4 * 2
+    assert len((tmp_path / "runs" / run_id / "generations.jsonl").read_text().splitlines()) == len(CATEGORIES) + len(TASKS) * 2
