@@ -166,3 +166,16 @@ def test_calibration_picks_the_most_resistant_stable_setting(results):
     res["select"] = {"stability_tolerance": 1.0, "finetune_tolerance": 2.0}
     table = _table(report.build_tables(res), "calibration_seam")
     assert [row[0] for row in table.rows if row[-1] == "yes"] == ["seam[beta=0]"] and "no setting" in table.note
+
+
+def test_seed_spread_shows_each_seed_and_the_range_only_for_several_seeds(results):
+    res = copy.deepcopy(results)
+    assert not any(t.key == "seed_spread" for t in report.build_tables(res))  # one seed: no spread table
+    rows = copy.deepcopy(res["results"])
+    for r in rows:
+        r["seed_values"] = {"harmful_score": [r["harmful_score"], r["harmful_score"] + 4.0],
+                            "capability": [r["capability"], r["capability"] - 7.5]}
+    res["rows"], res["seeds"] = rows, [0, 1]
+    table = _table(report.build_tables(res), "seed_spread")
+    assert table.rows[0] == ["undefended", "no attack", "0.0 / 4.0", "4.0", "90.0 / 82.5", "7.5"]
+    assert table.rows[2][:2] == ["undefended", "lr=1e-3"] and table.rows[-1][1] == "fine-tune p=0.1"

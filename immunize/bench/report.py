@@ -390,9 +390,39 @@ def pairs_table(results: dict) -> Optional[Table]:
     return table
 
 
+def _where(r: dict, points: list[dict]) -> str:
+    if r["stage"] == "attack":
+        return attack_label(r["attack"], points)
+    if r["stage"] == "finetune":
+        return f"fine-tune p={fmt_num(float(r['finetune']['ratio']))}"
+    return {"defended": "no attack", "benign": "after benign fine-tune"}.get(r["stage"], r["stage"])
+
+
+def seed_spread(results: dict) -> Optional[Table]:
+    """How far each number moves across seeds (the whole pipeline reseeded): per row, each seed's HS and
+    capability and their range (max - min). None for a one-seed run."""
+    seeds = results.get("seeds") or [0]
+    if len(seeds) < 2:
+        return None
+    points = attack_points(results)
+    table = Table("seed_spread", "Spread over seeds",
+                  f"Each seed's value ({', '.join(map(str, seeds))}: pretraining, alignment, defense, attack and "
+                  "evaluation all reseeded) and the range max - min, per model.",
+                  ["defense", "where", "HS per seed", "HS range", "cap per seed", "cap range"])
+    for r in rows_of(results):
+        values = r.get("seed_values") or {}
+        cells = []
+        for metric in ("harmful_score", "capability"):
+            v = [x for x in values.get(metric, []) if x is not None]
+            cells += [" / ".join(fmt(x) for x in v) or NONE, fmt(max(v) - min(v)) if len(v) > 1 else NONE]
+        table.rows.append([r["defense"], _where(r, points)] + cells)
+    return table
+
+
 def build_tables(results: dict) -> list[Table]:
     """Every table that has data: resistance (+ paired differences, window, summary), stability, mechanism,
-    generalization, trainability, fine-tuning stage (+ paired differences)."""
+    generalization, trainability, fine-tuning stage (+ paired differences), paired comparisons, calibration,
+    and the spread over seeds."""
     tables = []
     if _by(results, "attack") or _by(results, "defended"):
         if _by(results, "attack"):
@@ -415,6 +445,9 @@ def build_tables(results: dict) -> list[Table]:
     if pairs is not None:
         tables.append(pairs)
     tables += calibration_tables(results)
+    spread = seed_spread(results)
+    if spread is not None:
+        tables.append(spread)
     return tables
 
 
