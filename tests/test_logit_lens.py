@@ -11,16 +11,24 @@ from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 from helpers.math import batch, tiny_llama
 
 
+def _forward_capturing_layers(model, ids):
+    """The model's output (with hidden states) and each decoder layer's raw output, captured by forward hooks."""
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    try:
+        out = model(input_ids=ids, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, captured
+
+
 def test_hidden_states_layout_last_is_post_norm():
     """transformers 5.x: embedding + layers 1..L-1 (pre-norm) and, last, the final output AFTER model.norm."""
     model = tiny_llama(layers=3)
     ids, _ = batch(0)
-    captured = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
-    out = model(input_ids=ids, output_hidden_states=True)
-    for h in hooks:
-        h.remove()
+    out, captured = _forward_capturing_layers(model, ids)
     hs = out.hidden_states
     assert len(hs) == 3 + 1
     assert torch.equal(hs[0], model.model.embed_tokens(ids))
@@ -34,12 +42,7 @@ def test_hidden_states_layout_last_is_post_norm():
 def test_logit_lens_ce_matches_manual_loop():
     model = tiny_llama(layers=3)
     ids, labels = batch(3)
-    captured = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
-    out = model(input_ids=ids, output_hidden_states=True)
-    for h in hooks:
-        h.remove()
+    out, captured = _forward_capturing_layers(model, ids)
     got = logit_lens_ce(out.hidden_states, out.logits, labels, model.lm_head, model.model.norm)
 
     # Independent: normalise the embedding and every raw layer output once, project, CE by hand.
