@@ -8,7 +8,10 @@ model it reads, finished cells are reused, and a cell that failed is run again f
   laptops) have no dependencies: there a cell is submitted once its input's job has finished. A multi-node fit
   runs as one Slurm task per GPU, each entering `immunize fit` itself (Lightning's SLURMEnvironment wires them).
 - ray: one Ray task per cell with the cell's CPUs and GPUs; a cell's task takes its input cell's result as an
-  argument, so Ray starts it after that task. An existing cluster (address) or a local Ray started here.
+  argument, so Ray starts it after that task. An existing cluster (address) or a local Ray started here. A
+  worker process that dies mid-cell (kill -9, a node lost) is retried by Ray itself inside the same call (its
+  default for system failures); a cell that fails (an error in the cell) is not, it is reported and rerun on the
+  next call as under the other launchers.
 The cell itself always runs as `immunize fit|test --config <cell>/cell.yaml` (runner.Runner.run_cell), so its
 directory, log, markers and results are the same whichever launcher ran it.
 """
@@ -112,8 +115,15 @@ class SubmititLauncher:
         try:
             job.result()
         except Exception as err:  # noqa: BLE001 - a failed job is reported in one line, with its logs named
-            raise CellFailed(f"cell '{cell.label}' failed under submitit ({str(err).strip().splitlines()[-1][:200]}); "
+            raise CellFailed(f"cell '{cell.label}' failed under submitit ({_gist(err)}); "
                              f"logs: {cell.directory(cells_dir) / 'log.txt'} and {job.paths.stderr}") from err
+
+
+def _gist(err: Exception) -> str:
+    """One line from a job's exception: its first line (what happened: "has not produced any output", "failed
+    during processing") and, when there are more, its last (the job's own last word, e.g. the raised error)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0][:160]} ... {lines[-1][:160]}"
 
 
 class RayLauncher:
@@ -151,7 +161,7 @@ class RayLauncher:
                 try:
                     ray.get(refs[cell.name])
                 except Exception as err:  # noqa: BLE001
-                    raise CellFailed(f"cell '{cell.label}' failed under ray ({str(err).strip().splitlines()[-1][:200]}); "
+                    raise CellFailed(f"cell '{cell.label}' failed under ray ({_gist(err)}); "
                                      f"log: {cell.directory(cells_dir) / 'log.txt'}") from err
                 _say(mode, f"[cell {index[cell.name]}/{len(cells)}] done {cell.label}: {on_done(cell, index[cell.name])}")
             return {"run": len(todo), "skipped": len(cells) - len(todo)}
