@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from lightning_modules import SFT  # noqa: E402
 from callbacks import Lisa, Panacea  # noqa: E402
 from callbacks.antidote import antidote_prune  # noqa: E402
+from benchmarks.flop_floor import RECIPES, StepShape, floor_in_sft_steps  # noqa: E402
 from datamodules import Source  # noqa: E402
 from immunize.bench import registry  # noqa: E402
 from immunize.bench.stages import read_yaml  # noqa: E402
@@ -39,6 +40,16 @@ REPO = Path(__file__).resolve().parents[1]
 # A ~0.5B-parameter Llama (random init, untied embeddings) for the GPU run.
 LLAMA_05B = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=20,
                  num_attention_heads=20, num_key_value_heads=20, max_position_embeddings=512, tie_word_embeddings=False)
+# Real models' shapes (from their published config.json; random weights: step cost does not depend on them).
+SHAPES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0),
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "llama-0.5b": LLAMA_05B,
+}
 
 
 @dataclass
@@ -112,6 +123,7 @@ class SameShapeLisa(Lisa):
 
 
 METHODS: dict[str, Method] = {}
+SHAPE_TOKENIZER = "toy:tiny"  # a shape run builds the module on this source, then swaps in the shaped random model
 
 
 def antidote_one_shot(model: str, batch: dict, sft_step_seconds: float) -> dict:
@@ -160,6 +172,23 @@ class StepTimer(L.Callback):
         _sync()
         self.seconds.append(time.perf_counter() - self._t0)
         self.cpu_seconds.append(time.process_time() - self._c0)
+
+
+class StepFlops(L.Callback):
+    """Matmul FLOPs of each whole training step, counted by torch's FlopCounterMode (what our code really runs)."""
+
+    def __init__(self):
+        self.flops = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._mode.__exit__(None, None, None)
+        self.flops.append(self._mode.get_total_flops())
 
 
 class StepPeakMemory(L.Callback):
@@ -243,6 +272,13 @@ def make_batch(vocab: int, batch_size: int, length: int, prompt: int, seed: int 
     return parts
 
 
+def step_shape(module: L.LightningModule, batch: dict) -> StepShape:
+    """The shapes the FLOP floor is computed from: the module's model config and one batch part."""
+    part = batch["harmful"]
+    supervised = int((part["labels"][:, 1:] != -100).sum())
+    return StepShape.of(module.model.config, *part["input_ids"].shape, supervised)
+
+
 def build(name: str, model: str, llama: Optional[dict], seed: int) -> L.LightningModule:
     """The method's module on `model` (or, with `llama`, on a seeded random Llama of that config)."""
     module = METHODS[name].build(model=model, lr=1e-5, optimizer="adamw")
@@ -270,12 +306,18 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
             times[name] += timer.seconds[1:]  # the first step builds optimizer state and warms caches
             cpu_times[name] += timer.cpu_seconds[1:]
             del module
+    floors, counted, shape = {}, {}, None
     for name, method in METHODS.items():
         module = build(name, model, llama, seed=0)
         memory = StepPeakMemory()
         part = batch if method.part is None else batch[method.part]
         run_steps(module, part, 2, [memory, *method.callbacks()], precision)
         peaks[name] = memory.peaks[-1]  # second step: optimizer state exists, as in the rest of training
+        shape = step_shape(module, batch)
+        floors[name] = floor_in_sft_steps(name, shape, dict(module.hparams))
+        flops = StepFlops()
+        run_steps(module, part, 1, [flops, *method.callbacks()], precision)
+        counted[name] = flops.flops[-1]
         del module
     param_bytes = 4 * n_params
     median = {name: statistics.median(ts) for name, ts in times.items()}
@@ -285,8 +327,12 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
               "median_step_seconds": median, "peak_bytes": peaks,
               "memory_method": "torch.cuda.max_memory_allocated" if torch.cuda.is_available()
               else "torch profiler CPU allocation events (whole fit) + parameter bytes"}
+    result["sft_step_flops"] = {"floor": RECIPES["sft"](shape, {}), "counted": counted["sft"]}
     for name in METHODS:
         if name != "sft":
+            if floors[name] is not None:
+                result[f"{name}_flop_floor_in_sft_steps"] = round(floors[name], 3)
+            result[f"{name}_counted_flops_in_sft_steps"] = round(counted[name] / counted["sft"], 3)
             result[f"{name}_over_sft_time"] = round(median[name] / median["sft"], 3)
             if not torch.cuda.is_available():
                 result[f"{name}_over_sft_cpu_time"] = round(cpu_median[name] / cpu_median["sft"], 3)
@@ -297,7 +343,8 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--model", default="toy:small", help="model source for the CPU run")
+    parser.add_argument("--model", default="toy:small",
+                        help=f"model source for the CPU run, or a real model's shape with random weights: {sorted(SHAPES)}")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method and round")
@@ -317,12 +364,15 @@ def main(argv=None) -> int:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    probe = build("sft", args.model, None, 0)
+    source, shape = (SHAPE_TOKENIZER, SHAPES[args.model]) if args.model in SHAPES else (args.model, None)
+    probe = build("sft", source, shape, 0)
     vocab = probe.model.config.vocab_size
     del probe
     batch = make_batch(vocab, args.batch_size, args.length, prompt=args.length // 4)
-    result = measure(args.model, batch, args.steps, args.rounds, "32-true")
-    if not args.methods or "antidote" in args.methods:
+    result = measure(source, batch, args.steps, args.rounds, "32-true", shape)
+    if shape is not None:
+        result["model"] = args.model
+    if (not args.methods or "antidote" in args.methods) and shape is None:
         result["antidote_one_shot"] = antidote_one_shot(args.model, batch["harmful"], result["median_step_seconds"]["sft"])
     if torch.cuda.is_available():  # real-scale shape: ~0.5B Llama, bf16 autocast over fp32 weights, 8 x 256
         big = make_batch(LLAMA_05B["vocab_size"], 8, 256, prompt=64)

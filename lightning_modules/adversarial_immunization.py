@@ -11,8 +11,8 @@ import torch
 
 from immunize.errors import UserError
 from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import masked_ce
 from lightning_modules.one_loss import OneLossDefense
+from lightning_modules.supervised_ce import response_ce
 
 
 class AdversarialImmunization(OneLossDefense):
@@ -34,8 +34,7 @@ class AdversarialImmunization(OneLossDefense):
         self.alpha = float(alpha)
 
     def _ce(self, part: dict) -> torch.Tensor:
-        out = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False)
-        return masked_ce(out.logits, part["labels"])
+        return response_ce(self.model, part)
 
     def adversarial_loss(self, batch: dict, weights: tuple[float, float] = (1.0, 1.0)):
         """(loss, CE on refusals, CE on harmful answers); weights scale the two CEs (DDP token weights)."""

@@ -23,9 +23,10 @@ from immunize.statistics import chance_level
 from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
 from lightning_modules.generation import greedy_generate
 from lightning_modules.lora import LoraSpec, apply_lora
-from lightning_modules.grad_math import global_norm, masked_ce, sequence_ce
+from lightning_modules.grad_math import global_norm, sequence_ce
 from lightning_modules.model_loading import load_model, load_tokenizer, resolve_source
 from lightning_modules.optim import build_optimizer, build_scheduler
+from lightning_modules.supervised_ce import response_ce
 
 
 class CausalLMModule(L.LightningModule):
@@ -91,7 +92,7 @@ class CausalLMModule(L.LightningModule):
 
     def lm_loss(self, batch: dict) -> torch.Tensor:
         """Cross-entropy on the response tokens of a right-padded batch."""
-        return masked_ce(self(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"])
+        return response_ce(self.model, batch)
 
     def check_finite(self, loss: torch.Tensor, name: str = "loss") -> torch.Tensor:
         if not torch.isfinite(loss).all():

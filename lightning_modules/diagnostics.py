@@ -5,7 +5,8 @@ from typing import Sequence
 
 import torch
 
-from lightning_modules.grad_math import dot, global_norm, grads_of, masked_ce
+from lightning_modules.grad_math import dot, global_norm, grads_of
+from lightning_modules.supervised_ce import response_ce
 
 
 def round_robin_tasks(items: Sequence) -> list:
@@ -25,8 +26,7 @@ def gradient_cosine(model: torch.nn.Module, params: Sequence[torch.Tensor], batc
     parameters are not changed and no .grad is left behind.
     """
     def grad(batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return grads_of(masked_ce(logits, batch["labels"]), params)
+        return grads_of(response_ce(model, batch), params)
 
     g_a, g_b = grad(batch_a), grad(batch_b)
     denom = float(global_norm(g_a) * global_norm(g_b))

@@ -1,30 +1,47 @@
-"""Logit-lens cross-entropy over all hidden states and the log-bounded ascent loss (SEAM's L_ul, RepNoise)."""
+"""Logit-lens cross-entropy over all hidden states and the log-bounded ascent loss (SEAM's L_ul, RepNoise).
+
+Only the supervised positions are projected, and the intermediate states' projections go through the chunked
+head (supervised_ce.chunked_head_ce_sum): the lens never holds a [tokens, vocab] tensor per hidden state, and
+its gradient is formed one chunk at a time. Because the lens is a mean of per-token CEs, and SEAM's
+-log(1 + S) a scalar function of that mean, the gradient of the whole loss is a known factor times the sum of
+the per-chunk gradients; autograd applies that factor when it calls the chunked head's backward.
+"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from lightning_modules.grad_math import masked_ce
+from lightning_modules.supervised_ce import chunked_head_ce_sum, pick_rows, supervised_ce, supervised_rows
 
 
-def logit_lens_ce(hidden_states: Sequence[torch.Tensor], final_logits: torch.Tensor, labels: torch.Tensor,
-                  lm_head: Callable[[torch.Tensor], torch.Tensor],
-                  final_norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Honest mean of masked CEs: lm_head(final_norm(h_k)) for every hidden state but the last, plus the real logits.
+def logit_lens_ce(hidden_states: Sequence[torch.Tensor], labels: torch.Tensor, lm_head: torch.nn.Module,
+                  final_norm: Callable[[torch.Tensor], torch.Tensor], final_ce: Optional[torch.Tensor] = None,
+                  chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """Honest mean of the response CEs of lm_head(final_norm(h_k)) for every hidden state but the last, and of
+    the real logits lm_head(h_last).
 
-    With HF Llama (transformers 5.x) `output_hidden_states=True` gives the embedding output, the
-    outputs of layers 1..L-1, and as the LAST entry the final layer's output already passed through
-    model.norm, so lm_head(hidden_states[-1]) are the real logits: that term is the CE of
-    `final_logits` and is not normalised again. With L layers that is L + 1 terms, divided by L + 1.
-    (The reference code normalises the last state a second time and divides the L + 1 terms by L:
-    an off-by-one we do not copy.)
+    With HF Llama (transformers 5.x) `output_hidden_states=True` gives the embedding output, the outputs of
+    layers 1..L-1, and as the LAST entry the final layer's output already passed through model.norm, so
+    lm_head(hidden_states[-1]) are the real logits: that term is not normalised again. With L layers that is
+    L + 1 terms, divided by L + 1. (The reference code normalises the last state a second time and divides the
+    L + 1 terms by L: an off-by-one we do not copy.)
+
+    Args:
+        final_ce: the response CE of the real logits when the caller already has it (it is the last term).
+        chunk_rows: rows per chunk of the vocabulary projection (default: about 8M logits per chunk).
     """
     if len(hidden_states) < 1:
         raise ValueError("logit_lens_ce: need at least one hidden state")
-    terms = [masked_ce(lm_head(final_norm(h)), labels) for h in hidden_states[:-1]]
-    terms.append(masked_ce(final_logits, labels))
-    return torch.stack(terms).mean()
+    if final_ce is None:
+        final_ce = supervised_ce(hidden_states[-1], labels, lm_head)
+    rows, targets = supervised_rows(labels)
+    early = hidden_states[:-1]
+    if not early or rows.numel() == 0:
+        return final_ce / (len(early) + 1)  # no lens rows (no layers, or no supervised token: every term is 0)
+    stacked = final_norm(torch.cat([pick_rows(h, rows) for h in early]))
+    lens_sum = chunked_head_ce_sum(stacked, targets.repeat(len(early)), lm_head, chunk_rows)
+    return (lens_sum / rows.numel() + final_ce) / (len(early) + 1)
 
 
 def bounded_ascent(ce_mean: torch.Tensor) -> torch.Tensor:

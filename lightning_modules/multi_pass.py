@@ -26,10 +26,11 @@ import torch
 from immunize.errors import UserError
 from lightning_modules.batch_parts import batch_size
 from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.grad_math import (all_reduce_mean_, masked_ce, require_exact_params,
+from lightning_modules.grad_math import (all_reduce_mean_, require_exact_params,
                                          require_fp32_master_precision)
 from lightning_modules.optim import build_scheduler
 from lightning_modules.seam_math import rank_weights
+from lightning_modules.supervised_ce import response_ce
 
 
 class MultiPassDefense(CausalLMModule):
@@ -72,7 +73,7 @@ class MultiPassDefense(CausalLMModule):
 
     def ce(self, part: dict, weight: float = 1.0) -> torch.Tensor:
         """Token-weighted response CE of one batch part on the final logits."""
-        return masked_ce(self.run(part).logits, part["labels"]) * weight
+        return response_ce(self.model, part) * weight
 
     # ----- what the base does ----------------------------------------------------------------------
     def on_fit_start(self) -> None:

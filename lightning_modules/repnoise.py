@@ -16,12 +16,13 @@ import torch
 
 from immunize.errors import UserError
 from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import IGNORE, masked_ce
+from lightning_modules.grad_math import IGNORE
 from lightning_modules.hidden_hooks import capture_outputs, layer_submodules, lens_modules
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 from lightning_modules.mmd import noise_mmd
 from lightning_modules.one_loss import OneLossDefense
 from lightning_modules.seam_math import global_value
+from lightning_modules.supervised_ce import response_ce, response_forward
 
 
 class RepNoise(OneLossDefense):
@@ -54,15 +55,13 @@ class RepNoise(OneLossDefense):
     def repnoise_terms(self, batch: dict, w_harmful: float = 1.0):
         """(CE on refusals, L_noise, H) as graph-attached scalars; H is multiplied by w_harmful (DDP weight)."""
         harmful, refusal = require_parts(batch, ("harmful", "refusal"), "RepNoise")
-        ce_refusal = masked_ce(self.model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"],
-                                          use_cache=False).logits, refusal["labels"])
+        ce_refusal = response_ce(self.model, refusal)
         zero = ce_refusal.new_zeros((), dtype=torch.float32)
         if self.alpha == 0 and self.beta == 0:
             return ce_refusal, zero, zero
         mlps = layer_submodules(self.model, "mlp") if self.beta > 0 else []
         with capture_outputs(mlps) as activations:
-            out = self.model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"],
-                             output_hidden_states=self.alpha > 0, use_cache=False)
+            final_ce, hidden_states = response_forward(self.model, harmful, hidden=self.alpha > 0)
         if self.beta > 0:
             mask = harmful["labels"] != IGNORE
             l_noise = torch.stack([noise_mmd(a, mask, self.kernel_mul, self.kernel_num) for a in activations]).mean()
@@ -70,7 +69,7 @@ class RepNoise(OneLossDefense):
             l_noise = zero
         if self.alpha > 0:
             lm_head, norm = lens_modules(self.model)
-            h = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], lm_head, norm) * w_harmful
+            h = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce) * w_harmful
         else:
             h = zero
         return ce_refusal, l_noise, h

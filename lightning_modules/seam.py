@@ -13,12 +13,13 @@ import torch
 
 from immunize.errors import UserError
 from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of, masked_ce
+from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of
 from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad
 from lightning_modules.hidden_hooks import lens_modules
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
 from lightning_modules.multi_pass import MultiPassDefense
 from lightning_modules.seam_math import global_value
+from lightning_modules.supervised_ce import response_forward
 
 ESTIMATORS = ("finite_difference", "exact")
 PARTS = ("harmful", "refusal", "benign")
@@ -93,20 +94,20 @@ class SEAM(MultiPassDefense):
 
         # Harmful batch: one forward serves g_a and L_ul (logit lens over all hidden states). g_a's
         # backward goes first and keeps the graph; L_ul's backward then frees all of it.
-        out = self.run(harmful, hidden=self.use_unlearning)
+        final_ce, hidden_states = response_forward(self.model, harmful, hidden=self.use_unlearning)
         g_a = None
         if need_sd:
-            g_a = grads_of(masked_ce(out.logits, harmful["labels"]) * w_h, params, retain_graph=self.use_unlearning)
+            g_a = grads_of(final_ce * w_h, params, retain_graph=self.use_unlearning)
         if self.use_unlearning:
             lm_head, norm = lens_modules(self.model)
-            lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], lm_head, norm)
+            lens = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce)
             l_ul = self.check_finite(bounded_ascent(global_value(lens * w_h)), "SEAM L_ul")
             grad = grads_of(l_ul, params)
             logs["grad_norm/L_ul"] = global_norm(grad)
             add(grad, 1.0)
             logs["L_ul"] = l_ul.detach()
             del lens, l_ul, grad
-        del out
+        del final_ce, hidden_states
 
         if self.alpha > 0:
             l_up = self.check_finite(global_value(self.ce(refusal, w_r)), "SEAM L_up")

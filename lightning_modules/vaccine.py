@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 from immunize.errors import UserError
-from lightning_modules.grad_math import all_reduce_mean_, global_norm, masked_ce
+from lightning_modules.grad_math import all_reduce_mean_, global_norm
 from lightning_modules.hidden_hooks import add_to_outputs, capture_outputs, layer_submodules
 from lightning_modules.perturbation import normalized
 from lightning_modules.one_loss import OneLossDefense
+from lightning_modules.supervised_ce import response_ce
 
 SITES = {"layer": None, "attention": "self_attn"}
 
@@ -86,8 +87,7 @@ class Vaccine(OneLossDefense):
         return self.all_sites()
 
     def _loss(self, part: dict) -> torch.Tensor:
-        out = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False)
-        return masked_ce(out.logits, part["labels"])
+        return response_ce(self.model, part)
 
     def hidden_gradients(self, part: dict, modules, weight: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(d (weight * CE) / d output of each module, the CE): one forward and one backward to the hidden states

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lightning_modules import RepNoise
-from lightning_modules.logit_lens import logit_lens_ce
 from lightning_modules.mmd import mmd2
 from helpers.alignment import ce, first_batch, run
+from helpers.math import naive_logit_lens
 
 
 # ----- RepNoise ----------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def test_repnoise_terms_match_the_plain_functions():
     noise = [mmd2((a * mask).flatten(1), (torch.randn(a.shape) * mask).flatten(1)) for a in mlp_out]
     assert len(noise) == 2
     assert float(l_noise) == pytest.approx(float(torch.stack(noise).mean()), rel=1e-5)
-    lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], model.lm_head, model.model.norm)
+    lens = naive_logit_lens(out.hidden_states, out.logits, harmful["labels"], model.lm_head, model.model.norm)
     assert float(h) == pytest.approx(float(lens), rel=1e-6)
     assert float(ce_refusal) == pytest.approx(float(ce(model, batch["refusal"])), rel=1e-6)
 

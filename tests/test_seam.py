@@ -8,11 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 from helpers.alignment import Capture, cosine, fit, params_of, rel_err, write_ddp_config
+from helpers.math import naive_logit_lens
 from immunize.errors import UserError
 from lightning_modules import SEAM
 from lightning_modules.grad_math import global_norm, grads_of, masked_ce
 from lightning_modules.hessian_free import finite_difference_sd_grad
-from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
+from lightning_modules.logit_lens import bounded_ascent
 
 def by_hand(model, batch, alpha, beta, eps):
     """grad L_ul + alpha grad L_up + beta * est, straight from the plain functions (single process)."""
@@ -23,7 +24,7 @@ def by_hand(model, batch, alpha, beta, eps):
         return masked_ce(model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits, part["labels"])
 
     out = model(input_ids=harmful["input_ids"], attention_mask=harmful["attention_mask"], output_hidden_states=True)
-    lens = logit_lens_ce(out.hidden_states, out.logits, harmful["labels"], model.lm_head, model.model.norm)
+    lens = naive_logit_lens(out.hidden_states, out.logits, harmful["labels"], model.lm_head, model.model.norm)
     g_ul = grads_of(bounded_ascent(lens), params)
     g_up = grads_of(ce(refusal), params)
     g_a, g_b = grads_of(ce(harmful), params), grads_of(ce(benign), params)

@@ -40,3 +40,11 @@ def rel_err(est, ref) -> float:
 
 def cosine(a, b) -> float:
     return float(dot(a, b) / (global_norm(a) * global_norm(b)))
+
+
+def naive_logit_lens(hidden_states, final_logits, labels, lm_head, final_norm):
+    """The logit lens the obvious way (full [B, T, V] logits per hidden state, masked CE): the reference the
+    supervised-row, chunked implementation must equal."""
+    terms = [masked_ce(lm_head(final_norm(h)), labels) for h in hidden_states[:-1]]
+    terms.append(masked_ce(final_logits, labels))
+    return torch.stack(terms).mean()
