@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
@@ -291,7 +293,38 @@ def build(name: str, model: str, llama: Optional[dict], seed: int) -> L.Lightnin
     return module
 
 
-def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, llama: Optional[dict] = None) -> dict:
+def _rss_child(name: str, model: str, llama: Optional[dict], batch: dict, precision: str, threads: int, queue) -> None:
+    """In a fresh process: two steps of `name`, then the process's peak resident memory (bytes) into `queue`."""
+    torch.set_num_threads(threads)
+    METHODS.update(registry_methods())
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    method = METHODS[name]
+    module = build(name, model, llama, seed=0)
+    run_steps(module, batch if method.part is None else batch[method.part], 2, method.callbacks(), precision)
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def rss_peak(name: str, model: str, llama: Optional[dict], batch: dict, precision: str) -> int:
+    """Peak RSS of a spawned process that builds the method and runs two steps (CPU memory without the profiler).
+
+    glibc's mmap threshold is pinned at 64 KiB in the child, so every large tensor is its own mapping, returned to
+    the system when freed: RSS then follows live tensor memory. Same process recipe for every method, so the
+    difference of two peaks is the difference of their steps' peaks (weights, gradients, optimizer state alike).
+    """
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_rss_child, args=(name, model, llama, batch, precision, torch.get_num_threads(), queue))
+    child.start()
+    peak = queue.get()
+    child.join()
+    return peak
+
+
+def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, llama: Optional[dict] = None,
+            memory_mode: str = "profiler") -> dict:
     """Median step time and peak step memory per method; rounds alternate methods to share machine noise."""
     times = {name: [] for name in METHODS}
     cpu_times = {name: [] for name in METHODS}
@@ -306,13 +339,19 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
             times[name] += timer.seconds[1:]  # the first step builds optimizer state and warms caches
             cpu_times[name] += timer.cpu_seconds[1:]
             del module
+    print(json.dumps({"median_step_seconds": {k: statistics.median(v) for k, v in times.items()}}), file=sys.stderr,
+          flush=True)  # the timing, before the (slower) memory and FLOP passes
     floors, counted, shape = {}, {}, None
     for name, method in METHODS.items():
-        module = build(name, model, llama, seed=0)
-        memory = StepPeakMemory()
         part = batch if method.part is None else batch[method.part]
-        run_steps(module, part, 2, [memory, *method.callbacks()], precision)
-        peaks[name] = memory.peaks[-1]  # second step: optimizer state exists, as in the rest of training
+        if memory_mode == "rss" and not torch.cuda.is_available():
+            peaks[name] = rss_peak(name, model, llama, batch, precision)
+            module = build(name, model, llama, seed=0)
+        else:
+            module = build(name, model, llama, seed=0)
+            memory = StepPeakMemory()
+            run_steps(module, part, 2, [memory, *method.callbacks()], precision)
+            peaks[name] = memory.peaks[-1]  # second step: optimizer state exists, as in the rest of training
         shape = step_shape(module, batch)
         floors[name] = floor_in_sft_steps(name, shape, dict(module.hparams))
         flops = StepFlops()
@@ -326,6 +365,7 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
               "batch": list(batch["harmful"]["input_ids"].shape), "steps_timed": len(times["sft"]),
               "median_step_seconds": median, "peak_bytes": peaks,
               "memory_method": "torch.cuda.max_memory_allocated" if torch.cuda.is_available()
+              else "peak RSS of a spawned process per method (2 steps)" if memory_mode == "rss"
               else "torch profiler CPU allocation events (whole fit) + parameter bytes"}
     result["sft_step_flops"] = {"floor": RECIPES["sft"](shape, {}), "counted": counted["sft"]}
     for name in METHODS:
@@ -351,6 +391,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the registry (sft is always in)")
+    parser.add_argument("--memory", choices=("profiler", "rss"), default="profiler",
+                        help="CPU memory: profiler allocation events (exact, slow and memory-hungry on real shapes) "
+                             "or the peak RSS of one spawned process per method")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = registry_methods()
@@ -369,7 +412,7 @@ def main(argv=None) -> int:
     vocab = probe.model.config.vocab_size
     del probe
     batch = make_batch(vocab, args.batch_size, args.length, prompt=args.length // 4)
-    result = measure(source, batch, args.steps, args.rounds, "32-true", shape)
+    result = measure(source, batch, args.steps, args.rounds, "32-true", shape, args.memory)
     if shape is not None:
         result["model"] = args.model
     if (not args.methods or "antidote" in args.methods) and shape is None:

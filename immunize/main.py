@@ -1,4 +1,5 @@
-"""The `immunize` command: `immunize bench ...` runs the benchmark, anything else goes to LightningCLI."""
+"""The `immunize` command: `immunize bench ...` runs the benchmark, `immunize import-gguf ...` turns a GGUF file into a
+model directory, anything else goes to LightningCLI."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,10 @@ def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "bench":
         bench_main(argv[1:])
+    elif argv and argv[0] == "import-gguf":
+        from immunize.gguf_import import main as import_main
+
+        sys.exit(import_main(argv[1:]))
     else:
         cli_main(argv)
 

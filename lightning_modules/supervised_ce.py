@@ -78,7 +78,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 if need_x:
                     grad_x[start:start + chunk_rows] = d_logits @ weight
                 if need_w:
-                    grad_w.add_((d_logits.t() @ xc).to(wide))
+                    if d_logits.dtype == wide and xc.dtype == wide:
+                        # accumulates in the GEMM (no [V, H] temporary); the out= form is what FLOP counters see
+                        torch.addmm(grad_w, d_logits.t(), xc, out=grad_w)
+                    else:
+                        grad_w.add_((d_logits.t() @ xc).to(wide))
             del logits
         ctx.save_for_backward(grad_x, grad_w)
         return total
