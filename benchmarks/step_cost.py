@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -294,8 +293,14 @@ def build(name: str, model: str, llama: Optional[dict], seed: int) -> L.Lightnin
 
 
 def _rss_child(name: str, model: str, llama: Optional[dict], batch: dict, precision: str, threads: int, queue) -> None:
-    """In a fresh process: two steps of `name`, then the process's peak resident memory (bytes) into `queue`."""
+    """In a fresh process: two steps of `name`, then the process's peak resident memory (bytes) into `queue`.
+
+    The peak is Linux's VmHWM, reset first (/proc/self/clear_refs "5"): a spawned child starts as a fork of the
+    parent, and its ru_maxrss would carry the parent's resident size.
+    """
     torch.set_num_threads(threads)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     METHODS.update(registry_methods())
     import logging
 
@@ -303,7 +308,8 @@ def _rss_child(name: str, model: str, llama: Optional[dict], batch: dict, precis
     method = METHODS[name]
     module = build(name, model, llama, seed=0)
     run_steps(module, batch if method.part is None else batch[method.part], 2, method.callbacks(), precision)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    queue.put(int(status["VmHWM"].split()[0]) * 1024)
 
 
 def rss_peak(name: str, model: str, llama: Optional[dict], batch: dict, precision: str) -> int:
@@ -332,15 +338,15 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
     for _ in range(rounds):
         for name, method in METHODS.items():
             module = build(name, model, llama, seed=0)
-            n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
             timer = StepTimer()
             part = batch if method.part is None else batch[method.part]
             run_steps(module, part, steps + 1, [timer, *method.callbacks()], precision)
             times[name] += timer.seconds[1:]  # the first step builds optimizer state and warms caches
             cpu_times[name] += timer.cpu_seconds[1:]
             del module
-    print(json.dumps({"median_step_seconds": {k: statistics.median(v) for k, v in times.items()}}), file=sys.stderr,
-          flush=True)  # the timing, before the (slower) memory and FLOP passes
+    if rounds:  # the timing, before the (slower) memory and FLOP passes
+        print(json.dumps({"median_step_seconds": {k: statistics.median(v) for k, v in times.items()}}),
+              file=sys.stderr, flush=True)
     floors, counted, shape = {}, {}, None
     for name, method in METHODS.items():
         part = batch if method.part is None else batch[method.part]
@@ -353,14 +359,15 @@ def measure(model: str, batch: dict, steps: int, rounds: int, precision: str, ll
             run_steps(module, part, 2, [memory, *method.callbacks()], precision)
             peaks[name] = memory.peaks[-1]  # second step: optimizer state exists, as in the rest of training
         shape = step_shape(module, batch)
+        n_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
         floors[name] = floor_in_sft_steps(name, shape, dict(module.hparams))
         flops = StepFlops()
         run_steps(module, part, 1, [flops, *method.callbacks()], precision)
         counted[name] = flops.flops[-1]
         del module
     param_bytes = 4 * n_params
-    median = {name: statistics.median(ts) for name, ts in times.items()}
-    cpu_median = {name: statistics.median(ts) for name, ts in cpu_times.items()}
+    median = {name: statistics.median(ts) if ts else float("nan") for name, ts in times.items()}
+    cpu_median = {name: statistics.median(ts) if ts else float("nan") for name, ts in cpu_times.items()}
     result = {"model": model if llama is None else llama, "precision": precision, "n_params": n_params,
               "batch": list(batch["harmful"]["input_ids"].shape), "steps_timed": len(times["sft"]),
               "median_step_seconds": median, "peak_bytes": peaks,
@@ -388,7 +395,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (0: memory and FLOPs only)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
     parser.add_argument("--methods", default=None, help="comma-separated subset of the registry (sft is always in)")
     parser.add_argument("--memory", choices=("profiler", "rss"), default="profiler",
