@@ -7,7 +7,7 @@ hidden states only is about 1F. A logit-lens term is one more head projection of
 algorithm needs them (what a perfect implementation would do), so measured time / floor is the overhead of ours.
 Elementwise work (norms, softmax, optimizer, perturbation updates) is not counted: it is not a matmul, and on
 every backend it is a small share of these steps.
-`counted_step_flops` measures the matmul FLOPs our implementation really runs (torch's FlopCounterMode), so
+step_cost.py's StepFlops counts the matmul FLOPs our implementation really runs (torch's FlopCounterMode), so
 counted / floor shows any projection we do that the algorithm does not need.
 """
 from __future__ import annotations
