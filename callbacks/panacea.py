@@ -45,6 +45,7 @@ from callbacks.base import FinetuneDefense, draw_indices, named_trainable  # noq
 from datamodules.catalog import Source
 from immunize.errors import UserError
 from immunize.io import atomic_save_safetensors, atomic_write_json
+from lightning_modules.sharding import is_sharded
 from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of
 from lightning_modules.perturbation import normalized, perturbed
 
@@ -285,6 +286,8 @@ class Panacea(FinetuneDefense):
             return
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         self.eps_path = out_dir / self.eps_file
+        norm = float(global_norm(eps))  # a full reduction under FSDP: every rank takes part
+        eps = [e.full_tensor() if is_sharded(e) else e for e in eps]  # FSDP shards gathered (a collective)
         if not trainer.is_global_zero:
             return
         tensors = {n: e.float() for n, e in zip(names, eps)}
@@ -293,7 +296,7 @@ class Panacea(FinetuneDefense):
                     "rho": str(self.rho), "lam": str(self.lam), "global_step": str(trainer.global_step),
                     "trainable": ",".join(names)}
         atomic_save_safetensors(self.eps_path, tensors, metadata)
-        rank_zero_info(f"Panacea: added eps (|eps| = {float(global_norm(eps)):.4g}) to the weights; saved it to {self.eps_path}")
+        rank_zero_info(f"Panacea: added eps (|eps| = {norm:.4g}) to the weights; saved it to {self.eps_path}")
         if self.mode == "post_hoc":
             atomic_write_json(out_dir / (Path(self.eps_file).stem + "_post_hoc.json"), self.last_stats)
 

@@ -62,6 +62,8 @@ class ImmunizeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         cfg = self.config["fit"]
+        if cfg.get("export_dir") and not self.trainer.interrupted:
+            self.model.prepare_export()  # a collective under FSDP: the full weights are gathered to rank 0
         if cfg.get("export_dir") and self.trainer.is_global_zero:
             if self.trainer.interrupted:
                 print("immunize: fit was interrupted; not exporting", file=sys.stderr)

@@ -26,6 +26,7 @@ from lightning_modules.lora import LoraSpec, apply_lora
 from lightning_modules.grad_math import global_norm, sequence_ce
 from lightning_modules.model_loading import load_model, load_tokenizer, resolve_source
 from lightning_modules.optim import build_optimizer, build_scheduler
+from lightning_modules.sharding import drop_gathered, full_state_dict, is_fsdp_model, shard_model
 from lightning_modules.supervised_ce import response_ce
 
 
@@ -82,10 +83,36 @@ class CausalLMModule(L.LightningModule):
         self.judge_spec = judge
         self._judge = None
         self.test_results: dict = {}
+        self._sharded_params: Optional[list] = None
+        self._export_copy = None
 
     # ----- training ----------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The trainable weights (under FSDP2 their sharded DTensors, fixed at sharding time: between a forward
+        and its backward the root unit's modules hold gathered copies instead)."""
+        if self._sharded_params is not None:
+            return list(self._sharded_params)
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy, shard the model with FSDP2 over the data-parallel ranks
+        (lightning_modules.sharding); under every other strategy, nothing."""
+        mesh = self.device_mesh
+        if mesh is None or is_fsdp_model(self.model):
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise UserError(f"FSDP here shards over data-parallel ranks only, but the strategy's tensor_parallel_size "
+                            f"is {mesh['tensor_parallel'].size()}; set trainer.strategy.init_args.data_parallel_size "
+                            "to the number of devices and tensor_parallel_size: 1 (configs/trainer/cpu_fsdp.yaml)")
+        shard_model(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
+        self._sharded_params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Under FSDP2: drop any weights still gathered by a forward that had no backward (the optimizer has
+        changed the weights since; lightning_modules.sharding.drop_gathered)."""
+        if is_fsdp_model(self.model):
+            drop_gathered()
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -221,12 +248,35 @@ class CausalLMModule(L.LightningModule):
         return [{"prompt": it.prompt, "answer": a} for it, a in zip(batch["items"], answers)]
 
     # ----- export ------------------------------------------------------------------------------
+    def prepare_export(self) -> None:
+        """Every rank calls this before rank 0 exports: under FSDP2 it gathers the full weights into an unsharded
+        CPU copy of the model on rank 0 (a collective); otherwise nothing."""
+        if not is_fsdp_model(self.model):
+            return
+        state = full_state_dict(self.model)
+        if state is None:
+            return
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            copy_ = AutoModelForCausalLM.from_config(base.config)
+        if self.hparams.lora is not None:
+            copy_ = apply_lora(copy_, self.hparams.lora)
+        copy_.load_state_dict(state, strict=True, assign=True)
+        copy_.tie_weights()
+        copy_.generation_config = base.generation_config
+        self._export_copy = copy_
+
     def export(self, dirpath: Union[str, os.PathLike], merge_lora: bool = True) -> Path:
-        """save_pretrained (safetensors) with the tokenizer; LoRA merged unless merge_lora=False. Atomic."""
+        """save_pretrained (safetensors) with the tokenizer; LoRA merged unless merge_lora=False. Atomic.
+        Under FSDP2, call prepare_export() on every rank first; rank 0 then writes the gathered weights."""
         target = Path(dirpath)
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model = self.model
+        if is_fsdp_model(self.model) and self._export_copy is None:
+            raise RuntimeError("export of an FSDP-sharded model needs prepare_export() on every rank first")
+        model = self._export_copy if self._export_copy is not None else self.model
         if merge_lora and hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True)

@@ -1,17 +1,20 @@
-"""Flat-gradient helpers over a list of trainable parameters (fp32 or wider math, DDP-aware).
+"""Flat-gradient helpers over a list of trainable parameters (fp32 or wider math, DDP- and FSDP2-aware).
 
 A "gradient" here is a list of tensors shaped like the parameter list; dot products and norms
-are taken over all of them at once, as if the parameters were one flattened vector.
+are taken over all of them at once, as if the parameters were one flattened vector. Under FSDP2
+the tensors are shards (DTensors): gradients come from a backward through FSDP's hooks, and dot
+products and norms sum each rank's partial over the ranks (lightning_modules.sharding).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from immunize.errors import UserError
+from lightning_modules.sharding import any_sharded, drop_gathered, is_sharded, local, shard_group, shard_sum, sharded_grads
 
 IGNORE = -100
 EXACT_DTYPES = (torch.float32, torch.float64)
@@ -24,7 +27,16 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: bool = False,
              retain_graph: bool = False) -> list[torch.Tensor]:
-    """d loss / d params as a list (zeros for parameters the loss does not reach), in fp32 or wider."""
+    """d loss / d params as a list (zeros for parameters the loss does not reach), in fp32 or wider.
+
+    FSDP2-sharded params: the gradient's shards, already averaged over ranks (one backward through FSDP's
+    hooks); there a graph cannot be kept for a second backward nor differentiated twice.
+    """
+    if any_sharded(params):
+        if create_graph or retain_graph:
+            raise UserError("a second backward through one forward (retain_graph / create_graph) is not possible on "
+                            "FSDP-sharded weights; use the finite-difference estimator, or train without FSDP")
+        return [_wide(g) for g in sharded_grads(loss, params)]
     grads = torch.autograd.grad(loss, list(params), create_graph=create_graph,
                                 retain_graph=retain_graph or create_graph, allow_unused=True)
     return [_wide(torch.zeros_like(p)) if g is None else _wide(g) for g, p in zip(grads, params)]
@@ -36,33 +48,47 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
         raise ValueError(f"dot: lists differ in length ({len(a)} vs {len(b)})")
     if not a:
         raise ValueError("dot: empty parameter list")
-    device = a[0].device
-    parts = [torch.dot(_wide(x).reshape(-1), _wide(y).reshape(-1)).to(device) for x, y in zip(a, b)]
-    return torch.stack(parts).sum()
+    return _over_shards(a, lambda x, y: torch.dot(_wide(x).reshape(-1), _wide(y).reshape(-1)), b)
 
 
 def global_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
     """Euclidean norm of all tensors together (norm of per-tensor norms: no overflow), fp32 or wider."""
     if not a:
         raise ValueError("global_norm: empty parameter list")
+    if any_sharded(a):  # sum of squares over shards and ranks
+        return _over_shards(a, lambda x: torch.linalg.vector_norm(_wide(x)).pow(2)).sqrt()
     device = a[0].device
     parts = [torch.linalg.vector_norm(_wide(x)).to(device) for x in a]
     return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def _over_shards(a: Sequence[torch.Tensor], term, b: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """Sum over tensors of term(a_i[, b_i]) on this rank's parts; the sharded tensors' share summed over the ranks."""
+    pairs = list(zip(a, b)) if b is not None else [(x,) for x in a]
+    device = local(a[0]).device
+    shared = [term(*(local(t) for t in pair)).to(device) for pair in pairs if not is_sharded(pair[0])]
+    sharded = [term(*(local(t) for t in pair)).to(device) for pair in pairs if is_sharded(pair[0])]
+    total = torch.stack(shared).sum() if shared else torch.zeros((), device=device, dtype=torch.float32)
+    if sharded:
+        total = total + shard_sum(torch.stack(sharded).sum(), shard_group(a))
+    return total
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     """Average tensors in place across torch.distributed ranks (no-op when not distributed).
 
     Norms and cosines must be taken on the averaged gradients so every rank computes the same
-    numbers and takes the same perturbation step.
+    numbers and takes the same perturbation step. FSDP2 shards are skipped: a sharded gradient is
+    already the rank mean (reduce-scatter), and different ranks hold different shards.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return tensors
     world = dist.get_world_size()
     if world == 1:
         return tensors
-    handles = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in tensors]
-    for handle, t in zip(handles, tensors):
+    plain = [t for t in tensors if not is_sharded(t)]
+    handles = [dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True) for t in plain]
+    for handle, t in zip(handles, plain):
         handle.wait()
         t.div_(world)
     return tensors
@@ -97,6 +123,8 @@ def add_scaled_(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor
     require_exact_params(params)
     for p, d in zip(params, direction):
         p.data.add_(d.to(device=p.device, dtype=p.dtype), alpha=float(scale))
+    if any_sharded(params):
+        drop_gathered()  # the weights changed: no forward may reuse weights FSDP gathered before
 
 
 def masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

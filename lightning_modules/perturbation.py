@@ -16,6 +16,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from lightning_modules.grad_math import add_scaled_, global_norm, require_exact_params
+from lightning_modules.sharding import any_sharded, drop_gathered
 
 NORM_EPS = 1e-7  # as in every reference implementation: rho * g / (|g| + 1e-7)
 
@@ -48,6 +49,8 @@ class WeightShift:
         """Every weight back to the saved point, bit-exactly."""
         for p, saved in zip(self.params, self._backup):
             p.copy_(saved)
+        if any_sharded(self.params):
+            drop_gathered()  # the weights changed: no forward may reuse weights FSDP gathered before
 
     def release(self) -> None:
         self._backup = []

@@ -14,6 +14,7 @@ import torch
 from immunize.errors import UserError
 from lightning_modules.batch_parts import require_parts
 from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of
+from lightning_modules.sharding import any_sharded
 from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad
 from lightning_modules.hidden_hooks import lens_modules
 from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
@@ -70,7 +71,7 @@ class SEAM(MultiPassDefense):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.estimator == "exact" and self.trainer.world_size > 1:
+        if self.estimator == "exact" and (self.trainer.world_size > 1 or any_sharded(self.trainable_parameters())):
             raise UserError("SEAM estimator 'exact' is a single-process check (double backward, no all-reduce); "
                             "use estimator finite_difference under DDP")
 
@@ -93,11 +94,16 @@ class SEAM(MultiPassDefense):
                         t.add_(g, alpha=scale)
 
         # Harmful batch: one forward serves g_a and L_ul (logit lens over all hidden states). g_a's
-        # backward goes first and keeps the graph; L_ul's backward then frees all of it.
-        final_ce, hidden_states = response_forward(self.model, harmful, hidden=self.use_unlearning)
+        # backward goes first and keeps the graph; L_ul's backward then frees all of it. FSDP frees the
+        # gathered weights after every backward, so there g_a gets a forward of its own (one forward more).
         g_a = None
-        if need_sd:
-            g_a = grads_of(final_ce * w_h, params, retain_graph=self.use_unlearning)
+        if need_sd and self.use_unlearning and any_sharded(params):
+            g_a = grads_of(self.ce(harmful, w_h), params)
+            final_ce, hidden_states = response_forward(self.model, harmful, hidden=True)
+        else:
+            final_ce, hidden_states = response_forward(self.model, harmful, hidden=self.use_unlearning)
+            if need_sd:
+                g_a = grads_of(final_ce * w_h, params, retain_graph=self.use_unlearning)
         if self.use_unlearning:
             lm_head, norm = lens_modules(self.model)
             lens = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce)

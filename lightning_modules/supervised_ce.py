@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_modules.sharding import is_fsdp_model
 from lightning_modules.grad_math import IGNORE, masked_ce
 from lightning_modules.hidden_hooks import decoder, unwrap
 
@@ -124,9 +125,10 @@ def response_forward(model: nn.Module, part: dict, hidden: bool = False):
     """(mean response CE of a batch part, its hidden states or None) from one forward.
 
     With a plain head the decoder runs without the head and only the supervised positions are projected; other
-    models run their own forward (full logits, masked CE): the same value either way.
+    models, and FSDP2-sharded ones (whose root unit gathers the embeddings and head only in the whole model's
+    forward), run their own forward (full logits, masked CE): the same value either way.
     """
-    if has_plain_head(model):
+    if has_plain_head(model) and not is_fsdp_model(model):
         out = decoder(model)(input_ids=part["input_ids"], attention_mask=part["attention_mask"],
                              output_hidden_states=hidden, use_cache=False)
         ce = supervised_ce(out.last_hidden_state, part["labels"], unwrap(model).get_output_embeddings())

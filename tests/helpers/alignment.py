@@ -66,8 +66,13 @@ def ce(model, part):
     return masked_ce(run(model, part).logits, part["labels"])
 
 
-def write_ddp_config(tmp_path, class_path: str, init: dict, steps: int, dump) -> str:
-    """A 2-process DDP fit of `class_path` on 4 triplets; each rank dumps its parameters to `dump`."""
+FSDP_STRATEGY = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+
+
+def write_ddp_config(tmp_path, class_path: str, init: dict, steps: int, dump, strategy="ddp", callbacks=()) -> str:
+    """A 2-process fit (DDP, or FSDP2 with strategy=FSDP_STRATEGY) of `class_path` on 4 triplets; each rank dumps
+    its parameters to `dump`."""
     if "." not in class_path:
         class_path = f"lightning_modules.{class_path}"
     config = {
@@ -75,10 +80,12 @@ def write_ddp_config(tmp_path, class_path: str, init: dict, steps: int, dump) ->
         "data": {"class_path": "datamodules.AlignmentData",
                  "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
                                "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
-        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": "ddp", "logger": False,
+        "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,
                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-                    "callbacks": [{"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(dump)}}]},
+                    "callbacks": [{"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(dump)}},
+                                  *callbacks]},
     }
-    path = tmp_path / f"ddp_{class_path.rsplit('.', 1)[-1]}.yaml"
+    kind = "ddp" if strategy == "ddp" else "fsdp"
+    path = tmp_path / f"{kind}_{class_path.rsplit('.', 1)[-1]}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
