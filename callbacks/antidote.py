@@ -41,6 +41,7 @@ from datamodules.catalog import Source
 from immunize.errors import UserError
 from immunize.io import atomic_write_json
 from lightning_modules.grad_math import all_reduce_mean_
+from lightning_modules.sharding import any_sharded, drop_gathered, local, shard_group, shard_sum
 
 
 # ----- plain functions (unit-tested alone) --------------------------------------------------------
@@ -141,11 +142,22 @@ def antidote_prune(model: nn.Module, batches: Sequence[dict], dense_ratio: float
     for stage in stages:
         targets = [t for i in stage for t in per_layer[i]]
         norms = activation_norms(targets, batches, forward, stop_after=blocks[stage[-1]])
+        sharded = any_sharded([lin.weight for _, lin in targets])
+        if sharded:
+            drop_gathered()  # the stopped forward left FSDP mid-iteration
         with torch.no_grad():
             for name, lin in targets:
-                mask = wanda_mask(lin.weight, norms[name], dense_ratio)
-                lin.weight.masked_fill_(mask, 0)
+                # FSDP shards dim 0, the rows: each rank scores and prunes its whole rows (Wanda is per row)
+                weight = local(lin.weight)
+                mask = wanda_mask(weight, norms[name], dense_ratio)
+                weight.masked_fill_(mask, 0)
                 pruned[name] = int(mask.sum())
+        if sharded:
+            drop_gathered()  # the weights changed
+    if sharded:
+        counts = torch.tensor(list(pruned.values()), dtype=torch.int64)
+        shard_sum(counts, shard_group([lin.weight for _, lin in targets]))
+        pruned = dict(zip(pruned, counts.tolist()))
     return pruned
 
 

@@ -49,6 +49,7 @@ import torch
 from callbacks.base import FinetuneDefense, named_trainable
 from datamodules.catalog import Source
 from immunize.errors import UserError
+from lightning_modules.sharding import any_sharded, local, shard_group, shard_sum
 
 ALIGNMENT, USER = "alignment", "user"
 
@@ -63,19 +64,24 @@ def lisa_phase(step: int, alignment_steps: int, user_steps: int) -> str:
 def add_proximal_(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], rho: float) -> torch.Tensor:
     """p.grad += rho * (p - anchor) for every parameter (gradient of rho/2 |w - anchor|^2, difference in fp32).
 
-    Returns |w - anchor| (one global L2 norm: the drift from the other state's weights) as a 0-dim fp32 tensor
-    on the parameters' device, so the step needs no host synchronisation.
+    Returns |w - anchor| (one global L2 norm: the drift from the other state's weights; under FSDP summed over
+    the shards of all ranks) as a 0-dim fp32 tensor on the parameters' device, so the step needs no host
+    synchronisation.
     """
     sq = []
     for p, a in zip(params, anchor):
         diff = p.detach().float() - a.float()
-        sq.append(torch.dot(diff.reshape(-1), diff.reshape(-1)))
+        flat = local(diff).reshape(-1)  # an FSDP shard: this rank's part (the sum is completed below)
+        sq.append(torch.dot(flat, flat))
         prox = diff.mul_(rho)
         if p.grad is None:
             p.grad = prox.to(p.dtype)
         else:
             p.grad.add_(prox.to(p.grad.dtype))
-    return torch.stack(sq).sum().sqrt()
+    total = torch.stack(sq).sum()
+    if any_sharded(params):
+        shard_sum(total, shard_group(params))
+    return total.sqrt()
 
 
 # ----- the callback -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 
 from callbacks.base import FinetuneDefense
 from immunize.errors import UserError
+from lightning_modules.sharding import like
 
 
 def gaussian_noise(params, sigma: float, seed: int) -> list[torch.Tensor]:
@@ -50,5 +51,5 @@ class RandomPerturbation(FinetuneDefense):
             noise = [n * (self.norm / total) for n in noise] if total > 0 else noise
         with torch.no_grad():
             for p, n in zip(params, noise):
-                p.add_(n.to(device=p.device, dtype=p.dtype))
+                p.add_(like(n, p))  # under FSDP: this rank's shard of the same full noise
         self.noise_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(n) for n in noise])))

@@ -103,8 +103,9 @@ class CausalLMModule(L.LightningModule):
         names = mesh.mesh_dim_names or ()
         if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
             raise UserError(f"FSDP here shards over data-parallel ranks only, but the strategy's tensor_parallel_size "
-                            f"is {mesh['tensor_parallel'].size()}; set trainer.strategy.init_args.data_parallel_size "
-                            "to the number of devices and tensor_parallel_size: 1 (configs/trainer/cpu_fsdp.yaml)")
+                            f"is {mesh['tensor_parallel'].size()}; use trainer.strategy immunize.strategies.FSDP2 "
+                            "(configs/trainer/cpu_fsdp.yaml), or set data_parallel_size to the number of devices "
+                            "and tensor_parallel_size: 1")
         shard_model(self.model, mesh["data_parallel"] if "data_parallel" in names else mesh)
         self._sharded_params = [p for p in self.model.parameters() if p.requires_grad]
 
@@ -253,6 +254,7 @@ class CausalLMModule(L.LightningModule):
         CPU copy of the model on rank 0 (a collective); otherwise nothing."""
         if not is_fsdp_model(self.model):
             return
+        drop_gathered()  # a callback may have changed the weights in place after the last forward
         state = full_state_dict(self.model)
         if state is None:
             return

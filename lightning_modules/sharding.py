@@ -116,6 +116,16 @@ def drop_gathered() -> None:
             root.reset_iter_state()
 
 
+def like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` (the same whole tensor on every rank) as `param` holds it: this rank's shard when param is sharded."""
+    if not is_sharded(param):
+        return full.to(device=param.device, dtype=param.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(device=local(param).device, dtype=param.dtype), param.device_mesh,
+                             param.placements, src_data_rank=None)
+
+
 def sharded_grads(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """d loss / d params for FSDP2-sharded params, as shards (rank means), by one backward through FSDP's hooks.
 

@@ -1,11 +1,13 @@
-"""FSDP2 (Lightning's ModelParallelStrategy + fully_shard) on 2 CPU processes with gloo, against DDP on the same
-global batch: the full parameters after 5 SGD steps agree to 1e-5, both ranks hold exactly the same full
-parameters, and each rank holds half of the gradient-sized buffers. Also: export gathers the full weights, and a
-tensor-parallel mesh is refused in one line.
+"""FSDP2 (immunize.strategies.FSDP2: Lightning's ModelParallelStrategy + fully_shard) on 2 CPU processes with gloo,
+against DDP on the same global batch, for every method: the full parameters after 5 SGD steps agree to 1e-5, both
+ranks hold exactly the same full parameters, and each rank holds half of the gradient-sized buffers (the applied
+gradient, and what a multi-pass step_gradient returns). Also: export gathers the full weights, and a
+tensor-parallel mesh is refused in one line. SEAM (default suite) stands for the multi-pass methods; the rest are
+`slow`.
 
-SGD keeps the comparison linear in the gradient (see test_seam's DDP test). The learning rates are the DDP tests'
-where those exist; Booster's 0.05 is the largest of (0.5, 0.05) whose 5-step trajectory is not chaotic: at 0.5,
-DDP and FSDP (whose reductions sum in different orders) part by 4e-4 after 5 steps, at 0.05 by 6e-8.
+SGD keeps the comparison linear in the gradient (see test_seam's DDP test). SEAM runs at its DDP test's lr 0.5.
+Booster at 0.5 was chaotic over 5 steps (DDP and FSDP, whose reductions sum in different orders, parted by 4e-4;
+at 0.05 by 6e-8), so every other method runs at 0.05, fixed before they were run.
 """
 import json
 
@@ -34,16 +36,19 @@ def _fit_both(tmp_path, cli, write):
     return out
 
 
-def _check(out, initial=None, buffers=("applied", "step_gradient")):
+def _check(out):
     (ddp, ddp_bytes), (fsdp, fsdp_bytes) = out["ddp"], out["fsdp"]
     assert fsdp[0].keys() == ddp[0].keys() == fsdp[1].keys()
     assert all(torch.equal(fsdp[0][k], fsdp[1][k]) for k in fsdp[0]), "FSDP ranks disagree"
     assert all(torch.equal(ddp[0][k], ddp[1][k]) for k in ddp[0]), "DDP ranks disagree"
     diff = max(float((fsdp[0][k] - ddp[0][k]).abs().max()) for k in ddp[0])
     assert diff < 1e-5, diff
-    for key in buffers:
+    for key in ("applied", "step_gradient"):  # step_gradient: multi-pass methods only
         for r in (0, 1):
-            assert ddp_bytes[r][key] > 0
+            if key == "applied":
+                assert ddp_bytes[r][key] > 0
+            if ddp_bytes[r][key] == 0:
+                continue
             share = fsdp_bytes[r][key] / ddp_bytes[r][key]
             assert 0.45 < share < 0.55, (key, r, share)
     return diff
@@ -76,9 +81,9 @@ def test_booster_fsdp_equals_ddp_and_halves_gradient_buffers(tmp_path, cli):
     assert _moved(out["fsdp"][0][0], {"model": "toy:tiny"}) > 1e-3
 
 
-@pytest.mark.slow
-def test_panacea_fsdp_equals_ddp_with_identical_eps(tmp_path, cli):
-    from test_panacea import ATTACK, BENIGN, H_SET
+def _finetune(callback: dict):
+    """An SFT fit on a 25%-harmful toy mix with a fine-tuning-stage defense callback."""
+    from test_panacea import ATTACK, BENIGN
 
     def write(dump, strategy, callbacks):
         cfg = {
@@ -88,20 +93,38 @@ def test_panacea_fsdp_equals_ddp_with_identical_eps(tmp_path, cli):
             "trainer": {"max_steps": 5, "accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
                         "default_root_dir": str(dump / "root"), "callbacks": [
-                            {"class_path": "callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
-                            {"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(dump)}},
+                            callback, {"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(dump)}},
                             *callbacks]},
         }
         dump.mkdir(parents=True, exist_ok=True)
         path = dump / "cfg.yaml"
         path.write_text(yaml.safe_dump(cfg))
         return path
+    return write
 
-    out = _fit_both(tmp_path, cli, write)
-    _check(out, buffers=("applied",))
+
+@pytest.mark.slow
+def test_panacea_fsdp_equals_ddp_with_identical_eps(tmp_path, cli):
+    from test_panacea import H_SET
+
+    out = _fit_both(tmp_path, cli, _finetune({"class_path": "callbacks.Panacea",
+                                              "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}}))
+    _check(out)
     eps = {kind: load_file(str(tmp_path / kind / "root" / "panacea_eps.safetensors")) for kind in ("ddp", "fsdp")}
     assert eps["ddp"].keys() == eps["fsdp"].keys()
     assert max(float((eps["ddp"][k] - eps["fsdp"][k]).abs().max()) for k in eps["ddp"]) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["RepNoise", "Vaccine", "TAR", "TVaccine", "AdversarialImmunization"])
+def test_every_other_alignment_method_fsdp_equals_ddp(tmp_path, cli, method):
+    _check(_fit_both(tmp_path, cli, _alignment(method, {**SGD, "lr": 0.05})))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("callback", ["callbacks.Lisa", "callbacks.Antidote", "callbacks.RandomPerturbation"])
+def test_every_other_finetune_defense_fsdp_equals_ddp(tmp_path, cli, callback):
+    _check(_fit_both(tmp_path, cli, _finetune({"class_path": callback})))
 
 
 def test_fsdp_sft_exports_the_gathered_weights(tmp_path, cli):

@@ -66,8 +66,7 @@ def ce(model, part):
     return masked_ce(run(model, part).logits, part["labels"])
 
 
-FSDP_STRATEGY = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-                 "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
+FSDP_STRATEGY = {"class_path": "immunize.strategies.FSDP2"}
 
 
 def write_ddp_config(tmp_path, class_path: str, init: dict, steps: int, dump, strategy="ddp", callbacks=()) -> str:
