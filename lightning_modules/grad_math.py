@@ -42,6 +42,33 @@ def grads_of(loss: torch.Tensor, params: Sequence[torch.Tensor], create_graph: b
     return [_wide(torch.zeros_like(p)) if g is None else _wide(g) for g, p in zip(grads, params)]
 
 
+def accumulate_grads_(loss: torch.Tensor, params: Sequence[torch.Tensor], buffers: list) -> list[torch.Tensor]:
+    """buffers[i] += d loss / d params[i] in place, by one backward that accumulates into them as p.grad; returns the
+    buffers as a new list and EMPTIES `buffers` (only p.grad may refer to a buffer during the backward, or autograd
+    adds out of place and a gradient-sized temporary appears). Under FSDP2 the buffers are shards and what is added
+    is the rank mean (the reduce-scatter), as with grads_of. Gradients accumulating in p.grad are put back.
+
+    Saves the memory of a separate gradient when only a sum is wanted; buffers must have the parameters' dtype.
+    """
+    params = list(params)
+    if len(buffers) != len(params):
+        raise ValueError(f"accumulate_grads_: {len(buffers)} buffers for {len(params)} parameters")
+    for p, b in zip(params, buffers):
+        if b.dtype != p.dtype or b.shape != p.shape:
+            raise ValueError(f"accumulate_grads_: a buffer {b.dtype} {tuple(b.shape)} for a parameter {p.dtype} "
+                             f"{tuple(p.shape)}")
+    kept = [p.grad for p in params]
+    for p, b in zip(params, buffers):
+        p.grad = b
+    buffers.clear()
+    try:
+        loss.backward()
+        return [p.grad for p in params]
+    finally:
+        for p, g in zip(params, kept):
+            p.grad = g
+
+
 def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum over all tensors of <a_i, b_i>, accumulated in fp32 (or fp64), as one scalar."""
     if len(a) != len(b):

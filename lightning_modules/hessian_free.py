@@ -7,11 +7,12 @@ gradient passes at perturbed weights (same batches) replace the Hessian-vector p
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from lightning_modules.grad_math import _wide, all_reduce_mean_, dot, global_norm, grads_of, require_exact_params
+from lightning_modules.grad_math import (_wide, accumulate_grads_, all_reduce_mean_, dot, global_norm, grads_of,
+                                         require_exact_params)
 from lightning_modules.perturbation import perturbed
 
 GradList = list[torch.Tensor]
@@ -43,7 +44,8 @@ def cosine_directions(g_a: Sequence[torch.Tensor], g_b: Sequence[torch.Tensor]):
 def finite_difference_sd_grad(params: Sequence[torch.Tensor], grad_a_fn: Callable[[], Sequence[torch.Tensor]],
                               grad_b_fn: Callable[[], Sequence[torch.Tensor]], g_a: Sequence[torch.Tensor],
                               g_b: Sequence[torch.Tensor], eps: float = 1e-3,
-                              reduce: Reduce = all_reduce_mean_) -> tuple[GradList, dict]:
+                              reduce: Reduce = all_reduce_mean_,
+                              loss_b_fn: Optional[Callable[[], torch.Tensor]] = None) -> tuple[GradList, dict]:
     """Forward-difference estimate of grad cos(g_a, g_b) (SEAM Eq. 6); params are restored bit-exactly.
 
     g_a, g_b: gradients at the current weights, ALREADY reduced across ranks. grad_a_fn/grad_b_fn:
@@ -54,6 +56,11 @@ def finite_difference_sd_grad(params: Sequence[torch.Tensor], grad_a_fn: Callabl
     Memory: besides g_a and g_b, one fp32 copy of the parameters (for the exact restore), the
     estimate (the buffer grad_a_fn returned) and, transiently, the perturbed g_b: 3 extra
     model-sized buffers where the reference keeps 6 in all. v_a, v_b are never materialised.
+    loss_b_fn (instead of grad_b_fn; then g_b must be a list, which is EMPTIED): the local loss b at the current
+    weights. The second pass then adds its gradient straight into the estimate (est * nb eps - g_b, then
+    += grad at theta + eps v_b by autograd's in-place accumulation, reduced, / nb eps), so neither g_b nor the
+    perturbed gradient is held during it: the peak is the first pass's g_a, g_b, backup and estimate, one buffer
+    fewer (rounding as the two-buffer form: the cancelling terms meet in fp32 either way).
     Returns (est, stats) with stats floats: cosine, norm_a, norm_b, est_norm (and skipped=True
     with a zero estimate when a gradient is zero, where the cosine has no gradient).
     """
@@ -78,12 +85,25 @@ def finite_difference_sd_grad(params: Sequence[torch.Tensor], grad_a_fn: Callabl
             for e, g in zip(est, g_a):
                 e.sub_(g).mul_(1.0 / (na * eps))
         shift.add(g_a, eps / na).add(g_b, -eps * cf / nb)  # theta + eps * v_b
-        g_b_moved = [_wide(t) for t in reduce(list(grad_b_fn()))]
-        shift.restore()
-        with torch.no_grad():
-            for e, moved, g in zip(est, g_b_moved, g_b):
-                e.add_(moved.sub_(g), alpha=1.0 / (nb * eps))
-        del g_b_moved
+        if loss_b_fn is not None and all(e.dtype == p.dtype for e, p in zip(est, params)):
+            with torch.no_grad():
+                for e, g in zip(est, g_b):
+                    e.mul_(nb * eps).sub_(g)
+                del e, g  # no name may hold a buffer: autograd then adds in place
+            g_b.clear()  # the caller's g_b list: its buffers are free from here on
+            est = list(reduce(accumulate_grads_(loss_b_fn(), params, est)))
+            shift.restore()
+            with torch.no_grad():
+                for e in est:
+                    e.mul_(1.0 / (nb * eps))
+        else:
+            g_b_moved = [_wide(t) for t in reduce(list(grad_b_fn() if loss_b_fn is None else
+                                                       grads_of(loss_b_fn(), params)))]
+            shift.restore()
+            with torch.no_grad():
+                for e, moved, g in zip(est, g_b_moved, g_b):
+                    e.add_(moved.sub_(g), alpha=1.0 / (nb * eps))
+            del g_b_moved
     stats["est_norm"] = float(global_norm(est))
     return est, stats
 

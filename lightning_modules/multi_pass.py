@@ -12,7 +12,9 @@ under manual optimization: accumulation over `accumulate` micro-batches, ONE all
 gradient per optimizer step, clipping by global norm (`grad_clip`), the optimizer step, the schedule counted in
 optimizer steps, the precision check (fp32 master weights; `needs_exact_params()` refuses bf16/fp16 weights for
 methods that move the weights), logging of every returned value under train/<name>, and the finite check of the
-returned "loss". Helpers for the hook: `token_weights(*parts)` (DDP token weights), `ce(part, weight)` (one
+returned "loss". Under FSDP2 (immunize.strategies.FSDP2) the same hook works unchanged when it takes its gradients
+with grads_of and its norms with global_norm/dot: those return shards that are already rank means and full reductions
+(lightning_modules.sharding); a hook must not backward one forward twice there. Helpers for the hook: `token_weights(*parts)` (DDP token weights), `ce(part, weight)` (one
 token-weighted response CE pass), `run(part, hidden)` (a forward of a batch part). SEAM, Booster and TAR are
 such defenses.
 """

@@ -148,6 +148,7 @@ class SEAM(MultiPassDefense):
             del g_a, g_b
             est = exact_sd_grad(params, lambda: self.ce(harmful, w_h), lambda: self.ce(benign, w_b))
             return est, cosine, global_norm(est)
-        est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params),
-                                               lambda: grads_of(self.ce(benign, w_b), params), g_a, g_b, self.eps)
+        est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params), None,
+                                               g_a, g_b, self.eps, loss_b_fn=lambda: self.ce(benign, w_b))
+        del g_b  # emptied by the estimator after its last use
         return est, stats["cosine"], stats["est_norm"]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from immunize.errors import UserError
-from lightning_modules.grad_math import add_scaled_, all_reduce_mean_, dot, global_norm, masked_ce
+from lightning_modules.grad_math import accumulate_grads_, add_scaled_, all_reduce_mean_, dot, global_norm, grads_of, masked_ce
 from lightning_modules.hessian_free import finite_difference_sd_grad
 
 from helpers.math import tiny_llama
@@ -24,6 +24,28 @@ def test_global_norm_and_dot_match_cat():
     half = [t.bfloat16() for t in a]
     assert global_norm(half).dtype == torch.float32
     assert all_reduce_mean_(a) is a  # not distributed: no-op
+
+
+def test_accumulate_grads_adds_in_place_and_keeps_pending_gradients():
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    params = list(lin.parameters())
+    x = torch.randn(6, 5)
+    expected = [g.clone() for g in grads_of(lin(x).pow(2).sum(), params)]
+    pending = [torch.full_like(p, 7.0) for p in params]  # an accumulating p.grad (earlier micro-batches)
+    for p, g in zip(params, pending):
+        p.grad = g
+    start = [torch.randn_like(p) for p in params]
+    buffers = [t.clone() for t in start]
+    storage = [b.data_ptr() for b in buffers]
+    out = accumulate_grads_(lin(x).pow(2).sum(), params, buffers)
+    assert buffers == []  # emptied: only p.grad held the buffers during the backward
+    assert [t.data_ptr() for t in out] == storage  # added in place, no gradient-sized temporary kept
+    for o, s0, e in zip(out, start, expected):
+        assert torch.allclose(o, s0 + e, atol=1e-6)
+    assert all(p.grad is g for p, g in zip(params, pending))
+    with pytest.raises(ValueError, match="buffer"):
+        accumulate_grads_(lin(x).sum(), params, [torch.zeros(3) for _ in params])
 
 
 def test_masked_ce_matches_manual():

@@ -78,6 +78,26 @@ def test_finite_difference_matches_exact_and_restores_params():
     assert math.isclose(stats["est_norm"], float(global_norm(est)), rel_tol=1e-6)
 
 
+def test_in_place_second_pass_equals_the_two_buffer_form():
+    """loss_b_fn: the second pass accumulates into the estimate (g_b consumed); same estimate, same restore."""
+    model = tiny_llama()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    loss_a, loss_b = loss_fns(model)
+    exact = exact_sd_grad(params, loss_a, loss_b)
+    g_a, g_b = grads_of(loss_a(), params), grads_of(loss_b(), params)
+    two, _ = finite_difference_sd_grad(params, lambda: grads_of(loss_a(), params), lambda: grads_of(loss_b(), params),
+                                       g_a, [g.clone() for g in g_b], 1e-3)
+    consumed = [g.clone() for g in g_b]
+    one, stats = finite_difference_sd_grad(params, lambda: grads_of(loss_a(), params), None, g_a, consumed, 1e-3,
+                                           loss_b_fn=loss_b)
+    assert consumed == []
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "params not restored exactly"
+    assert rel_err(one, two) < 1e-4, rel_err(one, two)
+    assert abs(rel_err(one, exact) - rel_err(two, exact)) < 1e-4
+    assert all(p.grad is None for p in params)
+
+
 def test_params_restored_when_gradient_pass_fails():
     model = tiny_llama()
     params = [p for p in model.parameters() if p.requires_grad]
