@@ -77,6 +77,7 @@ class CausalLMModule(L.LightningModule):
         source = resolve_source(model)
         self.tokenizer = load_tokenizer(source, gguf_file, trust_remote_code)
         self.model = load_model(source, self.tokenizer, gguf_file, dtype, trust_remote_code, init_seed)
+        self.lora_spec = lora
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
@@ -263,8 +264,8 @@ class CausalLMModule(L.LightningModule):
 
         with torch.device("meta"):
             copy_ = AutoModelForCausalLM.from_config(base.config)
-        if self.hparams.lora is not None:
-            copy_ = apply_lora(copy_, self.hparams.lora)
+        if self.lora_spec is not None:
+            copy_ = apply_lora(copy_, self.lora_spec)
         copy_.load_state_dict(state, strict=True, assign=True)
         copy_.tie_weights()
         copy_.generation_config = base.generation_config

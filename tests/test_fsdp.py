@@ -159,3 +159,27 @@ def test_tensor_parallel_mesh_is_one_line_error(tmp_path, cli):
     result = cli("fit", "--config", "fit.yaml", timeout=300)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "tensor_parallel_size" in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_lora_fsdp_export_equals_lora_ddp_export(tmp_path, cli):
+    """LoRA adapters over a sharded base: the gathered, merged export equals DDP's merged export."""
+    exports = {}
+    for kind, strategy in (("ddp", "ddp"), ("fsdp", FSDP_STRATEGY)):
+        cfg = {
+            "model": {"class_path": "lightning_modules.SFT", "init_args": {
+                **SGD, "lr": 0.05, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
+            "data": {"class_path": "datamodules.SFTData", "init_args": {
+                "batch_size": 4, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 32}]}},
+            "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},
+        }
+        (tmp_path / f"{kind}.yaml").write_text(yaml.safe_dump(cfg))
+        result = cli("fit", "--config", f"{kind}.yaml", "--export_dir", f"model_{kind}", timeout=300)
+        assert result.returncode == 0, (kind, result.stderr[-3000:])
+        exports[kind] = load_file(str(tmp_path / f"model_{kind}" / "model.safetensors"))
+    assert exports["ddp"].keys() == exports["fsdp"].keys()
+    assert not any("lora" in k for k in exports["fsdp"])  # merged
+    assert max(float((exports["ddp"][k] - exports["fsdp"][k]).abs().max()) for k in exports["ddp"]) < 1e-6
+    base = {n: p.detach() for n, p in CausalLMModule(model="toy:tiny").model.named_parameters()}
+    assert max(float((exports["fsdp"][n] - base[n]).abs().max()) for n in base if "q_proj" in n) > 1e-5
