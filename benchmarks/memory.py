@@ -31,8 +31,9 @@ Every step is taken at steady state: optimizer state exists, and Panacea's previ
 Validation (`--validate`): step_cost's own machinery (its `build`, `run_steps`, `StepPeakMemory`: the CPU profiler's
 allocation events over the second step, plus the parameter bytes) measures the peak of each method's step on a
 small random Llama, in one process and, with `--fsdp`, under FSDP2 on 2 gloo processes (the strategy of
-configs/trainer/cpu_fsdp.yaml); the prediction for the same shape (fp32, CPU optimizer, the toy configs' settings)
-is printed next to it.
+configs/trainer/cpu_fsdp.yaml; the frees of gloo's reduce-scatter temporaries, which the profiler misses, are put
+back: `collective_allocation_events`); the prediction for the same shape (fp32, CPU optimizer, the toy configs'
+settings) is printed next to it.
 Usage: python benchmarks/memory.py --model llama2-7b --methods all --strategies ddp,fsdp --gpus 1,8 --batch 1
        --length 512 [--lora] [--precision bf16-mixed] [--json] [--markdown]
        python benchmarks/memory.py --validate [--fsdp] [--json]
@@ -630,13 +631,81 @@ def fsdp_preset_strategy():
 
 
 class ShardedStepPeakMemory(step_cost.StepPeakMemory):
-    """step_cost's StepPeakMemory whose parameter bytes are this rank's shards (FSDP2 parameters are DTensors)."""
+    """step_cost's StepPeakMemory whose parameter bytes are this rank's shards (FSDP2 parameters are DTensors), with
+    the frees of the collectives' temporaries that the profiler misses put back (`collective_allocation_events`)."""
 
     def on_train_start(self, trainer, pl_module):
         from lightning_modules.sharding import local
 
         super().on_train_start(trainer, pl_module)
         self._base = sum(local(p).untyped_storage().nbytes() for p in pl_module.parameters())
+
+    def on_train_end(self, trainer, pl_module):
+        self._prof.stop()
+        events = collective_allocation_events(self._prof)
+        for t0, t1 in self._windows:
+            before = [total for t, total in events if t < t0]
+            inside = [total for t, total in events if t0 <= t <= t1]
+            self.peaks.append(self._base + max(before[-1:] + inside, default=0))
+
+
+def collective_allocation_events(prof) -> list[tuple[int, int]]:
+    """step_cost._allocation_events (time in ns, CPU bytes allocated since the profiler started), with the frees the
+    profiler never sees of blocks allocated inside a c10d collective put back.
+
+    The CPU allocator tells the profiler about a free only on a thread the profiler follows, and only then subtracts
+    it from its running total. Gloo's reduce-scatter (FSDP2's gradient reduction on CPU) clones its input inside the
+    c10d op, and the clone is often released by a gloo worker thread when the collective finishes: its free is lost
+    and the running total stays higher by a whole unsharded gradient bucket for the rest of the fit (by chance, on
+    some ranks and reductions and not others; up to ~100 MiB per rank by SEAM's second step on llama-tiny, about as
+    many bytes as its passes' reduce-scatters moved; FSDP2's own all-gather buffer of a prefetch can be lost the same
+    way). Here allocations are paired with frees by address. A block allocated inside a c10d op whose free went
+    unseen (its address was allocated again, or it outlived the profile) is taken as freed when that op returns: the
+    collectives are synchronous, the process waits on them right after (allocating nothing meanwhile) and the
+    worker releases the clone as the collective ends. Any other block whose address was allocated again without a
+    free is taken as freed at that new allocation (the latest it can have been freed: never below the true peak).
+    """
+    from torch._C._profiler import _EventType
+
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and str(event.extra_fields.device) == "cpu":
+            allocs.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size, event))
+        stack.extend(event.children)
+    allocs.sort(key=lambda a: a[0])
+    deltas, live = [(t, size) for t, _, size, _ in allocs], {}
+    for t, ptr, size, event in allocs:
+        if size > 0:
+            if ptr in live:  # allocated again: the previous block's free was not seen (it came before t)
+                old, old_event = live[ptr]
+                end = _collective_end(old_event)
+                deltas.append((t if end is None else end, -old))
+            live[ptr] = (size, event)
+        else:
+            live.pop(ptr, None)
+    for size, event in live.values():  # never freed in the profile: only a collective's temporary is known freed
+        end = _collective_end(event)
+        if end is not None:
+            deltas.append((end, -size))
+    deltas.sort()
+    events, total = [], 0
+    for t, size in deltas:
+        total += size
+        events.append((t, total))
+    return events
+
+
+def _collective_end(event) -> Optional[int]:
+    """End time (ns) of the outermost c10d op the allocation `event` happened in (None: not in a collective)."""
+    from torch._C._profiler import _EventType
+
+    end, parent = None, event.parent
+    while parent is not None:
+        if parent.tag == _EventType.TorchOp and parent.name.startswith("c10d::"):
+            end = parent.end_time_ns
+        parent = parent.parent
+    return end
 
 
 def measure_fsdp(method: str, model: str, batch_size: int, length: int, timeout: int = 600) -> int:
