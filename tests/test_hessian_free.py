@@ -78,14 +78,19 @@ def test_finite_difference_matches_exact_and_restores_params():
     assert math.isclose(stats["est_norm"], float(global_norm(est)), rel_tol=1e-6)
 
 
-def test_in_place_second_pass_equals_the_two_buffer_form():
-    """loss_b_fn: the second pass accumulates into the estimate (g_b consumed); same estimate, same restore."""
+def _tiny_setup():
+    """(params, a copy of them, loss_a, loss_b, g_a, g_b) on a fresh tiny Llama."""
     model = tiny_llama()
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     loss_a, loss_b = loss_fns(model)
+    return params, before, loss_a, loss_b, grads_of(loss_a(), params), grads_of(loss_b(), params)
+
+
+def test_in_place_second_pass_equals_the_two_buffer_form():
+    """loss_b_fn: the second pass accumulates into the estimate (g_b consumed); same estimate, same restore."""
+    params, before, loss_a, loss_b, g_a, g_b = _tiny_setup()
     exact = exact_sd_grad(params, loss_a, loss_b)
-    g_a, g_b = grads_of(loss_a(), params), grads_of(loss_b(), params)
     two, _ = finite_difference_sd_grad(params, lambda: grads_of(loss_a(), params), lambda: grads_of(loss_b(), params),
                                        g_a, [g.clone() for g in g_b], 1e-3)
     consumed = [g.clone() for g in g_b]
@@ -99,11 +104,7 @@ def test_in_place_second_pass_equals_the_two_buffer_form():
 
 
 def test_params_restored_when_gradient_pass_fails():
-    model = tiny_llama()
-    params = [p for p in model.parameters() if p.requires_grad]
-    before = [p.detach().clone() for p in params]
-    loss_a, loss_b = loss_fns(model)
-    g_a, g_b = grads_of(loss_a(), params), grads_of(loss_b(), params)
+    params, before, loss_a, loss_b, g_a, g_b = _tiny_setup()
 
     def boom():
         raise RuntimeError("out of memory")
