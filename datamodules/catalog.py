@@ -101,11 +101,14 @@ def load_records(src: Source) -> list:
     return _limit(rows, src.limit, _name(src))
 
 
-def load_eval_items(src: Source, n_harmful_per_category: int, n_per_task: int) -> list[EvalItem]:
-    """Evaluation items: toy eval split, or a real dataset's eval converter."""
+def load_eval_items(src: Source, n_harmful_per_category: int, n_per_task: int, n_over_refusal: int = 0) -> list[EvalItem]:
+    """Evaluation items: toy eval split (plus `n_over_refusal` benign look-alikes), or a real dataset's eval
+    converter (kind xstest: over-refusal prompts, `limit` of them, else all)."""
     if src.kind == "toy":
         world = toy_world(src)
-        items = world.eval_items(n_harmful_per_category, n_per_task, src.tasks, _toy_categories(world, src.categories))
+        categories = _toy_categories(world, src.categories)
+        items = world.eval_items(n_harmful_per_category, n_per_task, src.tasks, categories)
+        items += world.over_refusal_items(n_over_refusal, categories) if n_over_refusal else []
         return _limit(items, None, _name(src))
     from datamodules import sources
 

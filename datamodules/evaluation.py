@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from datamodules.base import ListDataset, TokenizedData
 from datamodules.catalog import Source, load_eval_items
 from datamodules.collate import encode_prompt, pad_left
+from datamodules.records import OVER_REFUSAL
 from immunize.errors import UserError
 
 # How each benign task's answers are matched (toy tasks and the real datasets).
@@ -24,20 +25,25 @@ class EvalData(TokenizedData):
         sources: evaluation sources (default: the toy world's eval split).
         n_harmful_per_category: harmful prompts kept per harm category.
         n_per_task: benign items kept per task.
+        n_over_refusal: toy sources: benign requests in harmful vocabulary added (over-refusal is measured on them
+            and on every xstest source's items).
         task_match: answer-matching rule per task (exact, label or final_number), merged over the defaults.
         **kwargs: TokenizedData's arguments (template, max_length, batch_size (default 64), num_workers, seed).
     """
 
     def __init__(self, sources: Optional[list[Source]] = None, n_harmful_per_category: int = 20, n_per_task: int = 50,
-                 task_match: Optional[dict[str, str]] = None, **kwargs):
+                 n_over_refusal: int = 0, task_match: Optional[dict[str, str]] = None, **kwargs):
         kwargs.setdefault("batch_size", 64)
         super().__init__(**kwargs)
         self.sources = sources or [Source(kind="toy")]
-        self.n_harmful_per_category, self.n_per_task = n_harmful_per_category, n_per_task
+        if n_over_refusal < 0:
+            raise UserError(f"data.n_over_refusal must be >= 0, got {n_over_refusal}")
+        self.n_harmful_per_category, self.n_per_task, self.n_over_refusal = n_harmful_per_category, n_per_task, n_over_refusal
         self.task_match = {**TASK_MATCH, **(task_match or {})}
 
     def items(self) -> list:
-        items = [it for src in self.sources for it in load_eval_items(src, self.n_harmful_per_category, self.n_per_task)]
+        items = [it for src in self.sources for it in load_eval_items(src, self.n_harmful_per_category, self.n_per_task,
+                                                                             self.n_over_refusal)]
         if not items:
             raise UserError("evaluation set is empty; check data.sources and the n_* limits")
         return items
@@ -46,7 +52,7 @@ class EvalData(TokenizedData):
         """(harm categories, {task: match mode}) present in the evaluation set, in first-seen order."""
         items = self.items()
         cats = list(dict.fromkeys(it.category or "unknown" for it in items if it.kind == "harmful"))
-        tasks = list(dict.fromkeys(it.kind for it in items if it.kind != "harmful"))
+        tasks = list(dict.fromkeys(it.kind for it in items if it.kind not in ("harmful", OVER_REFUSAL)))
         unknown = [t for t in tasks if t not in self.task_match]
         if unknown:
             raise UserError(f"no answer-matching rule for task {unknown[0]!r}; add it to data.task_match (exact|label|final_number)")

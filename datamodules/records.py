@@ -41,13 +41,17 @@ class Pair:
     category: Optional[str] = None
 
 
+OVER_REFUSAL = "over_refusal"  # EvalItem kind: benign prompts in harmful vocabulary (XSTest's "safe" prompts)
+
+
 @dataclass
 class EvalItem:
-    """An evaluation prompt. kind is "harmful" or a benign task name; reference is the gold answer.
+    """An evaluation prompt. kind is "harmful", OVER_REFUSAL (a benign request that looks harmful: the answer
+    should not be a refusal) or a benign task name; reference is the gold answer.
 
     Args:
         prompt: the prompt given to the model.
-        kind: "harmful" or the benign task's name.
+        kind: "harmful", OVER_REFUSAL or the benign task's name.
         reference: the gold answer a benign response is matched against.
         category: harm category of a harmful item.
         response: a gold response (the full worked answer of a benign item, the harmful answer of a harmful one), for

@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from datamodules.records import EvalItem, Example, Pair
+from datamodules.records import OVER_REFUSAL, EvalItem, Example, Pair
 from immunize.errors import UserError, require
 
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}  # XSTest ships csv
 
 SST2_LABELS = {0: "negative", 1: "positive"}
 AGNEWS_LABELS = {0: "World", 1: "Sports", 2: "Business", 3: "Sci/Tech"}
@@ -49,13 +49,13 @@ def _no_rows(path: Path, builder: str) -> bool:
 
 
 def _load_local(source: str):
-    """Read a local json/jsonl/parquet file as one datasets.Dataset (its only split)."""
+    """Read a local json/jsonl/parquet/csv file as one datasets.Dataset (its only split)."""
     import datasets
 
     path = Path(source).expanduser()
     require(path.exists(), f"{source}: no such file; pass a local .json/.jsonl/.parquet file or a hub id")
     builder = LOCAL_FORMATS.get(path.suffix.lower())
-    require(path.is_file() and builder is not None, f"{source}: not a .json/.jsonl/.parquet file")
+    require(path.is_file() and builder is not None, f"{source}: not a .json/.jsonl/.parquet/.csv file")
     require(not _no_rows(path, builder), f"{source}: dataset is empty; the file has no rows")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -145,6 +145,17 @@ def beavertails_eval(source: str, split: str = "30k_test", limit: Optional[int] 
     return _take(items, limit)
 
 
+def xstest_eval(source: str, split: str = "train", limit: Optional[int] = None) -> list[EvalItem]:
+    """XSTest-format prompts (fields prompt, label "safe"/"unsafe", type): the safe ones, as over-refusal items
+    (category = their type, e.g. homonyms); the unsafe contrast prompts are left out."""
+    rows = load_rows(source, split, ("prompt", "label"))
+    require(any(str(r["label"]).strip().lower() in ("safe", "unsafe") for r in rows),
+            f"{source}: field 'label' has no 'safe'/'unsafe' values; an XSTest file labels each prompt safe or unsafe")
+    items = [EvalItem(r["prompt"], kind=OVER_REFUSAL, category=r.get("type"))
+             for r in rows if str(r["label"]).strip().lower() == "safe"]
+    return _take(items, limit)
+
+
 def sst2(source: str = "stanfordnlp/sst2", split: str = "train", limit: Optional[int] = None) -> list[Example]:
     """SST-2 sentences as sentiment instructions answered "positive"/"negative"."""
     rows = _take(load_rows(source, split, ("sentence", "label")), limit)
@@ -206,6 +217,7 @@ EVAL_SOURCES: dict[str, Callable[..., list[EvalItem]]] = {
     "sst2": sst2_eval,
     "agnews": agnews_eval,
     "gsm8k": gsm8k_eval,
+    "xstest": xstest_eval,
 }
 
 

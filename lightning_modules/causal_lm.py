@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from immunize.errors import UserError
 from immunize.io import atomic_write_json, atomic_write_jsonl
-from immunize.judges import make_judge
+from datamodules.records import OVER_REFUSAL
+from immunize.judges import is_refusal, make_judge
 from immunize.metrics import HarmfulScore, KeyedMean, TaskAccuracy, match_answer
 from immunize.statistics import chance_level
 from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
@@ -162,6 +163,7 @@ class CausalLMModule(L.LightningModule):
         self.harmful_metric = HarmfulScore(categories or ["unknown"]).to(self.device)
         self.task_metric = TaskAccuracy(tasks).to(self.device)
         self.loss_metric = KeyedMean(["harmful", *tasks], "loss/").to(self.device)
+        self.refusal_metric = KeyedMean(["harmful", OVER_REFUSAL], "refusal/").to(self.device)  # % refused
         self._generations = []
 
     def gold_losses(self, batch) -> dict[int, float]:
@@ -185,7 +187,10 @@ class CausalLMModule(L.LightningModule):
             values = self.judge.score([items[i].prompt for i in harmful], [answers[i] for i in harmful])
             scores = dict(zip(harmful, values))
             self.harmful_metric.update(torch.tensor(values, dtype=torch.float32), [items[i].category or "unknown" for i in harmful])
-        benign = [i for i, it in enumerate(items) if it.kind != "harmful"]
+        refusals = {i: is_refusal(answers[i]) for i, it in enumerate(items) if it.kind in ("harmful", OVER_REFUSAL)}
+        if refusals:
+            self.refusal_metric.update([items[i].kind for i in refusals], [100.0 * r for r in refusals.values()])
+        benign = [i for i, it in enumerate(items) if it.kind not in ("harmful", OVER_REFUSAL)]
         if benign:
             self.task_metric.update([items[i].kind for i in benign], [answers[i] for i in benign], [items[i].reference for i in benign])
         for i, (it, ans) in enumerate(zip(items, answers)):
@@ -193,10 +198,12 @@ class CausalLMModule(L.LightningModule):
                    "reference": it.reference, "answer": ans}
             if i in scores:
                 row["judge_score"] = scores[i]
-            else:
+            elif it.kind != OVER_REFUSAL:
                 row["correct"] = bool(match_answer(self.task_metric.tasks[it.kind], ans, it.reference))
             if i in losses:
                 row["loss"] = losses[i]
+            if i in refusals:
+                row["refused"] = refusals[i]
             self._generations.append(row)
 
     def test_diagnostics(self) -> dict[str, float]:
@@ -218,7 +225,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         results = {k: float(v) for k, v in {**self.harmful_metric.compute(), **self.task_metric.compute(),
-                                            **self.loss_metric.compute()}.items()}
+                                            **self.loss_metric.compute(), **self.refusal_metric.compute()}.items()}
         _, tasks = self.trainer.datamodule.eval_spec()
         items = self.trainer.datamodule.items()
         for task, mode in tasks.items():

@@ -26,8 +26,8 @@ TINY = {
     "trainer": {"threads": 1},
     "wandb": {"enabled": False},
 }
-ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "harmful_score", "harmful_scores",
-              "capability", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
+ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "harmful_score",
+              "harmful_scores", "capability", "over_refusal", "refusal", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
               "eval_wall_time_s", "intervals"}
 TIMING = ("wall_time_s", "eval_wall_time_s")
 

@@ -251,9 +251,9 @@ def test_nonexistent_path(tmp_path):
 
 
 def test_unsupported_local_file(tmp_path):
-    path = tmp_path / "data.csv"
-    path.write_text("sentence,label\nok,1\n")
-    with pytest.raises(UserError, match=r"not a \.json/\.jsonl/\.parquet file"):
+    path = tmp_path / "data.tsv"
+    path.write_text("sentence\tlabel\nok\t1\n")
+    with pytest.raises(UserError, match=r"not a \.json/\.jsonl/\.parquet/\.csv file"):
         sources.sst2(str(path))
 
 

@@ -49,7 +49,8 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
     results = collect(plan, cells_dir, bench.heldout_categories, bench.report.threshold,
                       bench.attack.window if bench.attack is not None else None,
                       {"stability_tolerance": bench.report.stability_tolerance,
-                       "finetune_tolerance": bench.report.finetune_tolerance}, bench.report.pairs)
+                       "finetune_tolerance": bench.report.finetune_tolerance}, bench.report.pairs,
+                      bench.report.capability_bound)
     atomic_write_json(out / "results.json", results)
     if not final:
         return results
@@ -116,6 +117,10 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
             print(f"[cell {i}/{len(graph)}] {row['state']:10} {row['kind']:4} {row['label']}  ({row['cell']}{needs}; {where})")
         if show_plan:
             print(f"immunize bench: plan written to {out / 'plan.json'}", file=sys.stderr)
+        if bench.attack is not None and bench.attack.search is not None:
+            s = bench.attack.search
+            print(f"plus attack.search: {s.trials} {s.sampler} trials per defense and seed (2 cells each, planned as "
+                  f"the study runs; study in {out / 'search.db'})")
         return 0
     locks = [lock(out)] + ([lock(cells_dir)] if cells_dir.resolve() != out.resolve() else [])
     atomic_write_json(out / "bench.json", config)
@@ -133,11 +138,22 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
             write_outputs(plan, bench, out, cells_dir, final=False, config=config)
         return _summary(cell, cells_dir)
 
+    def run_cells(cells) -> dict:
+        if bench.launcher.name != "local":
+            return launcher_for(bench, out, mode).run(cells, cells_dir, mode, on_done)
+        return Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(cells, on_done)
+
     start = time.monotonic()
     try:
-        counts = launcher_for(bench, out, mode).run(plan.cells, cells_dir, mode, on_done) \
-            if bench.launcher.name != "local" else \
-            Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(plan.cells, on_done)
+        counts = run_cells(plan.cells)
+        if bench.attack is not None and bench.attack.search is not None:
+            from immunize.bench.search import run_search
+
+            if mode != "quiet":
+                print(f"immunize bench: attacker search ({bench.attack.search.trials} trials per defense; study in "
+                      f"{out / 'search.db'})", file=sys.stderr, flush=True)
+            searched = run_search(plan.planner, cells_dir, out, bench.report.capability_bound, run_cells)
+            counts = {k: counts[k] + searched[k] for k in counts}
     except CellFailed as err:
         print(f"immunize: error: {err}", file=sys.stderr)
         return err.code

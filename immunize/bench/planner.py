@@ -29,6 +29,7 @@ class Plan:
     cells: list[Cell] = field(default_factory=list)  # run order, unique by digest
     evals: list[Cell] = field(default_factory=list)  # the test cells, in report order
     reference: Optional[str] = None
+    planner: Optional["Planner"] = None  # adds the attacker search's cells as its trials run
 
     def add(self, cell: Cell) -> Cell:
         for existing in self.cells:
@@ -55,11 +56,17 @@ def fmt_num(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
+def fmt_short(x) -> str:
+    """fmt_num of a value rounded to 3 significant digits (a searched learning rate, say); others as str."""
+    return fmt_num(float(f"{x:.3g}")) if isinstance(x, float) else str(x)
+
+
 class Planner:
     def __init__(self, bench: BenchConfig):
         self.bench = bench
         self.plan = Plan()
         self._common_trainer = self._trainer_common()
+        self.models: dict[int, dict[str, ModelRef]] = {}  # seed -> defense -> its model (the attacks' input)
 
     # ----- config helpers ------------------------------------------------------------------------
     def _trainer_common(self) -> dict:
@@ -126,7 +133,7 @@ class Planner:
         for key, value in (("judge", spec.judge), ("max_new_tokens", spec.max_new_tokens)):
             if value is not None:
                 model[key] = value
-        for key in ("n_harmful_per_category", "n_per_task", "batch_size"):
+        for key in ("n_harmful_per_category", "n_per_task", "n_over_refusal", "batch_size"):
             if getattr(spec, key) is not None:
                 data[key] = getattr(spec, key)
         if spec.tasks is not None:
@@ -145,6 +152,7 @@ class Planner:
         """Every seed's stage graph, one seed after the other."""
         self._eval_cfg = self._load_eval()
         self.plan.reference = self.bench.report.reference or self.bench.defenses[0].name
+        self.plan.planner = self
         for seed in self.bench.seeds:
             self.seed = seed
             self._build_seed()
@@ -175,6 +183,7 @@ class Planner:
                                            load_stage(spec, f"defense {d.name!r}", base=stage_base), start,
                                            defense=d.name)
 
+        self.models[self.seed] = models
         for name, model in models.items():
             self._eval(f"eval {name} (no attack)", model, defense=name, stage="defended")
         if b.attack is not None:
@@ -223,6 +232,22 @@ class Planner:
                 attacked = self._fit("attack", label, cfg, model, defense=name, attack=settings)
                 self._eval(f"eval {label}", attacked, defense=name, stage="attack", attack=settings)
 
+    def search_trial(self, seed: int, defense: str, point: dict, trial: int) -> tuple[Cell, Cell]:
+        """The attack fit and eval cells of one attacker-search trial (an attack point with any SEARCH_AXES) on
+        `defense`'s model of `seed`, added to the plan; a trial equal to a grid point or to an earlier trial is
+        the same cell (same digest), so it is reused."""
+        self.seed = seed
+        cfg = load_stage(self.bench.attack, "attack")
+        add_callbacks(cfg, self._loss_curve_callback())
+        full = {"lr": init_args(cfg, "model").get("lr"), "samples": None, "mode": "full", "optimizer": None, **point}
+        settings = attack_settings(cfg, full, self.bench.attack.lora)
+        shown = " ".join(f"{k}={fmt_short(v)}" for k, v in point.items())
+        label = f"search {defense} trial {trial}: {shown}"
+        model = self.models[seed][defense]
+        attacked = self._fit("attack", label, cfg, model, defense=defense, attack=settings)
+        evaluated = self._eval(f"eval {label}", attacked, defense=defense, stage="search", attack=settings, trial=trial)
+        return attacked, evaluated
+
     def _finetune(self, models: dict[str, ModelRef]) -> None:
         ft = self.bench.finetune
         if ft.model_from not in models:
@@ -253,13 +278,28 @@ def add_callbacks(cfg: dict, callbacks: list[dict]) -> None:
 
 
 def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:
-    """Write one grid point into an attack config; returns the settings as run (axes left null resolved)."""
+    """Write one grid point into an attack config; returns the settings as run (axes left null resolved).
+
+    Besides lr, samples, mode and optimizer, a search point may set lora_rank (LoRA mode only), batch_size and
+    steps (trainer.max_steps, epochs unbounded); those appear in the settings only when set."""
     model = init_args(cfg, "model")
     model["lr"] = point["lr"]
     if point["optimizer"] is not None:
         model["optimizer"] = point["optimizer"]
     model["lora"] = dict(lora) if point["mode"] == "lora" else None
+    extra = {}
+    if point.get("lora_rank") is not None and model["lora"] is not None:
+        rank = int(point["lora_rank"])  # alpha keeps the configured alpha / r ratio
+        base_r = lora.get("r", 8)
+        model["lora"].update(r=rank, alpha=float(lora.get("alpha", 2.0 * base_r)) * rank / base_r)
+        extra["lora_rank"] = rank
     data = init_args(cfg, "data")
+    if point.get("batch_size") is not None:
+        data["batch_size"] = extra["batch_size"] = int(point["batch_size"])
+    if point.get("steps") is not None:  # a step budget: as many epochs as it takes
+        trainer = cfg.setdefault("trainer", {})
+        trainer["max_steps"], trainer["max_epochs"] = int(point["steps"]), -1
+        extra["steps"] = int(point["steps"])
     samples = point["samples"]
     train = data.get("train")
     if samples is not None:
@@ -273,7 +313,7 @@ def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:
     elif isinstance(train, list) and len(train) == 1 and isinstance(train[0], dict):
         samples = train[0].get("limit")
     return {"lr": point["lr"], "samples": samples, "mode": point["mode"],
-            "optimizer": model.get("optimizer", "adamw")}
+            "optimizer": model.get("optimizer", "adamw"), **extra}
 
 
 def build_plan(bench: BenchConfig) -> Plan:

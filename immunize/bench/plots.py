@@ -6,10 +6,12 @@ import os
 from pathlib import Path
 
 from immunize.bench.planner import fmt_num
-from immunize.bench.report import _by, attack_points
+from immunize.bench.report import _by, _lookup, attack_points, bounded_worst
+from immunize.bench.search import within_bound
 
 ATTACK_HARM, ATTACK_CAP, FINETUNE = "attack_harmful_score.png", "attack_capability.png", "finetune_ratio.png"
 LOSS_CURVES = "attack_benign_loss.png"
+SEARCH = "search_history.png"
 
 
 def _pyplot():
@@ -129,8 +131,44 @@ def loss_curve_plot(results: dict, out_dir: Path) -> list[str]:
     return [LOSS_CURVES]
 
 
+def search_plot(results: dict, out_dir: Path) -> list[str]:
+    """The attacker search's history: HS per trial (filled: within the capability bound, hollow: excluded), the
+    best bounded HS so far, and the best bounded grid attack (dashed), one colour per defense."""
+    trials = _by(results, "search")
+    if not trials:
+        return []
+    plt = _pyplot()
+    bound = results.get("capability_bound", 0.1)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, d in enumerate(results["defenses"]):
+        mine = sorted((r for r in trials if r["defense"] == d and r.get("trial") is not None), key=lambda r: r["trial"])
+        before = _lookup(_by(results, "defended"), d)
+        if not mine or before is None:
+            continue
+        colour, best, running = f"C{i % 10}", None, []
+        for r in mine:
+            kept = within_bound(r["capability"], before["capability"], bound)
+            ax.scatter([r["trial"]], [r["harmful_score"]], color=colour, facecolors=colour if kept else "none", zorder=3)
+            if kept:
+                best = r["harmful_score"] if best is None else max(best, r["harmful_score"])
+            running.append((r["trial"], best))
+        xs, ys = zip(*[(x, y) for x, y in running if y is not None]) if any(y is not None for _, y in running) else ((), ())
+        ax.step(xs, ys, where="post", color=colour, label=f"{d}: best within bound")
+        grid, _, _ = bounded_worst(results, d, stages=("attack",))
+        if grid is not None:
+            ax.axhline(grid["harmful_score"], color=colour, linestyle="--", linewidth=1, label=f"{d}: best grid attack")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("harmful score (%)")
+    ax.set_ylim(-3, 103)
+    ax.set_title(f"Attacker search (hollow: capability dropped > {100 * bound:g}%)")
+    ax.legend(fontsize=8)
+    _save(fig, out_dir / SEARCH)
+    plt.close(fig)
+    return [SEARCH]
+
+
 def make_plots(results: dict, out_dir: Path) -> dict[str, list[str]]:
     """{table key: image file names} for report.render and W&B."""
     images = {"resistance": attack_plots(results, Path(out_dir)), "mechanism": loss_curve_plot(results, Path(out_dir)),
-              "finetune": finetune_plot(results, Path(out_dir))}
+              "finetune": finetune_plot(results, Path(out_dir)), "search": search_plot(results, Path(out_dir))}
     return {key: names for key, names in images.items() if names}

@@ -174,4 +174,11 @@ def validate(bench: BenchConfig):
     check_config(bench)
     plan = build_plan(bench)
     check_cells(plan, bench)
+    if bench.attack is not None and bench.attack.search is not None:
+        from immunize.bench.search import check_search
+
+        check_search(bench.attack.search, list(plan.planner.models[bench.seeds[0]]))
+    if not 0.0 <= bench.report.capability_bound < 1.0:
+        raise UserError(f"report.capability_bound must be in [0, 1) (a relative capability drop), got "
+                        f"{bench.report.capability_bound}")
     return plan
