@@ -176,7 +176,7 @@ def bounded_worst(results: dict, defense: str, stages: tuple = ("attack", "searc
     before = _lookup(_by(results, "defended"), defense)
     seen, attacks = set(), []
     for r in rows_of(results):
-        key = tuple(r.get("cells") or [r.get("cell")])
+        key = (tuple(r.get("cells") or [r.get("cell")]), tuple(sorted((r.get("attack") or {}).items())))
         if r["stage"] in stages and r["defense"] == defense and r["harmful_score"] is not None and key not in seen:
             seen.add(key)
             attacks.append(r)
