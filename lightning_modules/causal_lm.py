@@ -50,6 +50,10 @@ class CausalLMModule(L.LightningModule):
         init_seed: seed of a toy preset's random initialisation.
         diagnostic_items: held-out harmful and benign items for the gradient-cosine diagnostic of `immunize test`
             (0: not measured).
+        lm_eval: capability through lm-evaluation-harness at the end of `immunize test` (the `eval` extra):
+            {tasks: [toy_mc], num_fewshot: 0, limit: null, include_path: null, batch_size: 16}; its metrics join
+            metrics.json as lm_eval/<task>/<metric> (percent) and capability/lm_eval (their mean acc), its
+            per-sample records go to lm_eval_samples.jsonl. Unknown keys or task names fail here, before any run.
     """
 
     def __init__(
@@ -70,11 +74,17 @@ class CausalLMModule(L.LightningModule):
         max_new_tokens: int = 48,
         init_seed: int = 0,
         diagnostic_items: int = 64,
+        lm_eval: Optional[dict] = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         if lr <= 0 or not math.isfinite(lr):
             raise UserError(f"learning rate must be a positive number, got {lr}; set model.lr")
+        from lightning_modules.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
+
+        self.lm_eval_spec = check_lm_eval_spec(lm_eval)
+        if self.lm_eval_spec is not None:  # unknown task names end the command now, not after the generations
+            resolve_tasks(self.lm_eval_spec["tasks"], self.lm_eval_spec["include_path"])
         source = resolve_source(model)
         self.tokenizer = load_tokenizer(source, gguf_file, trust_remote_code)
         self.model = load_model(source, self.tokenizer, gguf_file, dtype, trust_remote_code, init_seed)
@@ -231,6 +241,33 @@ class CausalLMModule(L.LightningModule):
         for task, mode in tasks.items():
             results[f"chance/{task}"] = chance_level(mode, [it.reference for it in items if it.kind == task], match_answer)
         results.update(self.test_diagnostics())
+        lm_eval_samples = None
+        if self.lm_eval_spec is not None:
+            # lm-eval on global rank 0 (it is handed a single-process model), its metrics broadcast so every rank
+            # logs the same results; under FSDP2 a forward is a collective, so every rank runs the same requests.
+            # Under DDP the other ranks wait in the broadcast: a long suite needs the strategy's timeout to cover it.
+            from lightning_modules.lm_eval_bridge import run_lm_eval
+
+            spec = self.lm_eval_spec
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+            every_rank = not distributed or is_fsdp_model(self.model)
+            payload: list = [None]
+            if every_rank or dist.get_rank() == 0:
+                try:
+                    out = run_lm_eval(self.model, self.tokenizer, spec["tasks"], spec["num_fewshot"], spec["limit"],
+                                      spec["include_path"], spec["batch_size"])
+                    payload, lm_eval_samples = [out["metrics"]], out["samples"]
+                except Exception as err:
+                    if every_rank:
+                        raise
+                    payload = [err]  # handed to the other ranks, so that they stop too
+            if not every_rank:
+                dist.broadcast_object_list(payload, src=0)
+            if isinstance(payload[0], BaseException):
+                raise payload[0]
+            results.update(payload[0])
+            if "lm_eval/average" in payload[0]:
+                results["capability/lm_eval"] = payload[0]["lm_eval/average"]
         self.log_dict(results, sync_dist=False, rank_zero_only=True)
         rows = self._generations
         if dist.is_available() and dist.is_initialized():
@@ -243,6 +280,8 @@ class CausalLMModule(L.LightningModule):
             if self.logger is not None and not getattr(self.logger, "log_dir", None) and self.logger.version is not None:
                 out_dir = out_dir / str(self.logger.version)  # loggers without a versioned dir (W&B): one per run
             atomic_write_jsonl(out_dir / "generations.jsonl", rows)
+            if lm_eval_samples is not None:
+                atomic_write_jsonl(out_dir / "lm_eval_samples.jsonl", lm_eval_samples)
             atomic_write_json(out_dir / "metrics.json", results)
             self._log_generation_table(rows)
 

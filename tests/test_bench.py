@@ -26,7 +26,7 @@ TINY = {
     "trainer": {"threads": 1},
     "wandb": {"enabled": False},
 }
-ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "harmful_score",
+ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "searched", "harmful_score",
               "harmful_scores", "capability", "over_refusal", "refusal", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
               "eval_wall_time_s", "intervals"}
 TIMING = ("wall_time_s", "eval_wall_time_s")

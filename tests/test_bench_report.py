@@ -199,7 +199,8 @@ def test_attacker_search_table_against_the_grid(results, tmp_path):
     for trial, hs, cap in ((0, [20, 20, 20], 89.0), (1, [90, 90, 90], 30.0), (2, [70, 70, 70], 82.0)):
         e = _entry("undefended", "search", hs, cap, attack={"lr": 0.00123456, "samples": 400, "mode": "full",
                                                             "optimizer": "adamw", "batch_size": 4})
-        results["results"].append({**e, "cell": f"eval-search-{trial}", "trial": trial})
+        results["results"].append({**e, "cell": f"eval-search-{trial}", "trial": trial,
+                                   "searched": ["lr", "samples", "batch_size"]})
     results["results"].append(_entry("undefended", "attack", [40, 40, 40], 85.0, attack=_attack(1e-4)))
     tables = report.build_tables(results)
     assert [t.key for t in tables][:4] == ["resistance", "window", "resistance_summary", "search"]
@@ -207,8 +208,8 @@ def test_attacker_search_table_against_the_grid(results, tmp_path):
     assert table.columns == ["defense", "trials", "within bound", "best trial", "HS", "cap", "best grid attack",
                              "grid HS", "grid cap"]
     # trial 1 reached HS 90 by wrecking capability (30 < 81): excluded; trial 2 is the best within the bound
-    assert table.rows == [["undefended", "3", "2", "trial 2: lr=1.23e-3 samples=400 mode=full optimizer=adamw "
-                           "batch_size=4", "70.0", "82.0", "lr=1e-4", "40.0", "85.0"]]
+    assert table.rows == [["undefended", "3", "2", "trial 2: lr=1.23e-3 samples=400 batch_size=4", "70.0", "82.0",
+                           "lr=1e-4", "40.0", "85.0"]]
     summary = _table(tables, "resistance_summary")  # the bounded worst case takes search trials too
     assert summary.rows[0][-3:] == ["70.0", table.rows[0][3], "3/6"]
     from immunize.bench.plots import make_plots

@@ -204,7 +204,7 @@ def test_alpaca_joins_input(tmp_path):
 
 def test_registry_dispatch(tmp_path):
     assert set(sources.SOURCES) == {"beavertails", "sst2", "agnews", "gsm8k", "alpaca"}
-    assert set(sources.EVAL_SOURCES) == {"beavertails", "sst2", "agnews", "gsm8k"}
+    assert set(sources.EVAL_SOURCES) == {"beavertails", "sst2", "agnews", "gsm8k", "xstest"}
     path = write(tmp_path, "sst2.jsonl", SST2)
     assert sources.load_source("sst2", path, limit=1) == sources.sst2(path)[:1]
     assert sources.load_eval_source("sst2", path, split="validation") == sources.sst2_eval(path)

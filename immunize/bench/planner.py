@@ -245,7 +245,8 @@ class Planner:
         label = f"search {defense} trial {trial}: {shown}"
         model = self.models[seed][defense]
         attacked = self._fit("attack", label, cfg, model, defense=defense, attack=settings)
-        evaluated = self._eval(f"eval {label}", attacked, defense=defense, stage="search", attack=settings, trial=trial)
+        evaluated = self._eval(f"eval {label}", attacked, defense=defense, stage="search", attack=settings, trial=trial,
+                               searched=list(point))
         return attacked, evaluated
 
     def _finetune(self, models: dict[str, ModelRef]) -> None:

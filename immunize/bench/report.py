@@ -165,7 +165,8 @@ def resistance(results: dict) -> list[Table]:
 def attack_name(r: dict, points: list[dict]) -> str:
     """A grid attack's label, or "trial N: axis=value ..." for an attacker-search trial."""
     if r["stage"] == "search":
-        shown = {k: v for k, v in r["attack"].items() if v is not None}
+        axes = r.get("searched") or list(r["attack"])
+        shown = {k: r["attack"][k] for k in axes if r["attack"].get(k) is not None}
         return f"trial {r.get('trial')}: " + " ".join(f"{k}={fmt_short(v)}" for k, v in shown.items())
     return attack_label(r["attack"], points)
 

@@ -2,7 +2,8 @@
 
 Entry ("results"): cell, model_cell, defense, stage ("defended": the defense's model before any attack;
 "attack"; "benign": after the benign fine-tune; "finetune": a fine-tuning-stage defense), seed, attack
-{lr, samples, mode, optimizer} or null, finetune {ratio, model_from} or null, harmful_score (%),
+{lr, samples, mode, optimizer} or null, finetune {ratio, model_from} or null, trial and searched (the
+attacker search's trial number and the axes it searched; stage "search", else null), harmful_score (%),
 harmful_scores {category: %}, capability (% mean benign task accuracy), over_refusal (% of benign requests in
 harmful vocabulary refused; null without such items), refusal {harmful, over_refusal: % refused}, accuracy {task: %}, loss {task:
 teacher-forced response CE on gold answers, "harmful": on gold harmful answers}, chance {task: % of the best
@@ -89,6 +90,7 @@ def entry(cell: Cell, cells_dir: Path, items: Optional[dict] = None) -> Optional
         "attack": cell.meta.get("attack"),
         "finetune": cell.meta.get("finetune"),
         "trial": cell.meta.get("trial"),
+        "searched": cell.meta.get("searched"),
         "harmful_score": metrics.get("harmful_score"),
         "harmful_scores": _prefixed(metrics, HARM),
         "capability": metrics.get("capability"),
@@ -163,7 +165,7 @@ def aggregate(entries: list[dict], items: dict[str, dict], reference: Optional[s
     for key, members in groups.items():
         members = sorted(members, key=lambda e: e["seed"])
         first = members[0]
-        row = {k: first.get(k) for k in ("defense", "stage", "attack", "finetune", "trial")}
+        row = {k: first.get(k) for k in ("defense", "stage", "attack", "finetune", "trial", "searched")}
         row.update({"seeds": [e["seed"] for e in members], "cells": [e["cell"] for e in members]})
         for field in ("harmful_score", "capability", "over_refusal", "steps", "wall_time_s"):
             row[field] = _mean([e.get(field) for e in members])
