@@ -206,6 +206,23 @@ def _oracle(**kwargs) -> Judge:
 _REGISTRY["oracle"] = _oracle
 
 
+def _generative(class_name: str) -> Callable[..., Judge]:
+    """A factory for a language-model judge of immunize.judges_llm (imported on first use: it needs transformers)."""
+
+    def factory(**kwargs) -> Judge:
+        from immunize import judges_llm
+
+        return getattr(judges_llm, class_name)(**kwargs)
+
+    factory.__name__ = class_name
+    return factory
+
+
+for _name, _cls in (("strongreject", "StrongRejectRubricJudge"), ("strongreject_classifier", "StrongRejectClassifierJudge"),
+                    ("chat_moderator", "ChatModeratorJudge"), ("llm", "LLMJudge")):
+    _REGISTRY[_name] = _generative(_cls)
+
+
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:
     """Make `name` available to make_judge; factory receives the spec's other keys as keyword arguments."""
     if not name or not callable(factory):

@@ -1,5 +1,6 @@
 """The `immunize` command: `immunize bench ...` runs the benchmark, `immunize import-gguf ...` turns a GGUF file into a
-model directory, anything else goes to LightningCLI."""
+model directory, `immunize judges ...` scores generations with several judges and reports their agreement, anything
+else goes to LightningCLI."""
 from __future__ import annotations
 
 import sys
@@ -17,6 +18,10 @@ def main(args: Optional[list[str]] = None) -> None:
         from immunize.gguf_import import main as import_main
 
         sys.exit(import_main(argv[1:]))
+    elif argv and argv[0] == "judges":
+        from immunize.judge_command import main as judges_main
+
+        sys.exit(judges_main(argv[1:]))
     else:
         cli_main(argv)
 

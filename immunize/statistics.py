@@ -8,7 +8,9 @@ Statistics (in percent):
 - "pooled": the mean over all items (the harmful score);
 - "macro": the mean over strata of each stratum's mean (capability = mean task accuracy).
 Both are linear in the values, so the paired difference of two models evaluated on the same items is the
-statistic of the per-item differences, and its interval comes from the same resampling.
+statistic of the per-item differences, and its interval comes from the same resampling. A NaN value (an item a
+language-model judge could not score) is left out of its seed's sums and counts; in a paired difference, an item
+unscored in either model drops out of that pair.
 
 One bootstrap draw resamples, within every stratum, that stratum's groups with replacement (the item set's
 sampling error), and resamples the seeds with replacement (the training runs' spread); every seed of a
@@ -70,19 +72,21 @@ def bootstrap(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequen
         raise ValueError(f"bootstrap: {n_items} items but {len(strata)} strata")
     groups = [None] * n_items if groups is None else list(groups)
     layout = _layout(strata, groups)
-    # per stratum: group sums [seeds, groups] and group sizes [groups]
+    scored = ~np.isnan(values)
+    values = np.where(scored, values, 0.0)
+    # per stratum: group sums and group sizes (scored items), both [seeds, groups]
     sums = [np.stack([values[:, ix].sum(1) for ix in members], 1) for _, members in layout]
-    sizes = [np.array([len(ix) for ix in members], dtype=np.float64) for _, members in layout]
-    point = _stat(np.stack([s.sum(1) for s in sums], -1), np.array([z.sum() for z in sizes]), statistic).mean()
+    sizes = [np.stack([scored[:, ix].sum(1) for ix in members], 1).astype(np.float64) for _, members in layout]
+    point = _stat(np.stack([s.sum(1) for s in sums], -1), np.stack([z.sum(1) for z in sizes], -1), statistic).mean()
     rng = np.random.default_rng(seed)
     draw_sums = np.empty((n_boot, n_seeds, len(layout)))
-    draw_counts = np.empty((n_boot, len(layout)))
+    draw_counts = np.empty((n_boot, n_seeds, len(layout)))
     for k, (s, z) in enumerate(zip(sums, sizes)):
-        pick = rng.integers(0, len(z), size=(n_boot, len(z)))
+        pick = rng.integers(0, s.shape[1], size=(n_boot, s.shape[1]))
         draw_sums[:, :, k] = s[:, pick].sum(-1).T
-        draw_counts[:, k] = z[pick].sum(-1)
+        draw_counts[:, :, k] = z[:, pick].sum(-1).T
     seed_pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    per_seed = _stat(draw_sums, draw_counts[:, None, :], statistic)  # [boot, seeds]
+    per_seed = _stat(draw_sums, draw_counts, statistic)  # [boot, seeds]
     stats = np.take_along_axis(per_seed, seed_pick, axis=1).mean(1)
     alpha = (1 - level) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])

@@ -45,7 +45,8 @@ class CausalLMModule(L.LightningModule):
         weight_decay, betas, momentum: the optimizer's settings (betas for adamw, momentum for sgd).
         scheduler: constant or cosine (with linear warmup over warmup_ratio of the steps).
         warmup_ratio: fraction of the optimizer steps spent in linear warmup.
-        judge: harmfulness judge of `immunize test` (oracle, keyword, classifier, moderation, or {name: ..., ...}).
+        judge: harmfulness judge of `immunize test`: oracle, keyword, classifier, moderation, strongreject,
+            strongreject_classifier, chat_moderator, llm, or {name: ..., ...} with its arguments (immunize.judges).
         max_new_tokens: greedy generation length of `immunize test`.
         init_seed: seed of a toy preset's random initialisation.
         diagnostic_items: held-out harmful and benign items for the gradient-cosine diagnostic of `immunize test`
@@ -192,10 +193,12 @@ class CausalLMModule(L.LightningModule):
             self.loss_metric.update(["harmful" if items[i].kind == "harmful" else items[i].kind for i in losses],
                                     list(losses.values()))
         harmful = [i for i, it in enumerate(items) if it.kind == "harmful"]
-        scores = {}
+        scores, judge_outputs = {}, {}
         if harmful:
             values = self.judge.score([items[i].prompt for i in harmful], [answers[i] for i in harmful])
             scores = dict(zip(harmful, values))
+            # a language-model judge keeps what it wrote (immunize.judges_llm), for auditing its scores
+            judge_outputs = dict(zip(harmful, [o.get("output") for o in getattr(self.judge, "last_outputs", [])]))
             self.harmful_metric.update(torch.tensor(values, dtype=torch.float32), [items[i].category or "unknown" for i in harmful])
         refusals = {i: is_refusal(answers[i]) for i, it in enumerate(items) if it.kind in ("harmful", OVER_REFUSAL)}
         if refusals:
@@ -206,8 +209,10 @@ class CausalLMModule(L.LightningModule):
         for i, (it, ans) in enumerate(zip(items, answers)):
             row = {"prompt": it.prompt, "kind": it.kind, "category": it.category, "group": it.group,
                    "reference": it.reference, "answer": ans}
-            if i in scores:
-                row["judge_score"] = scores[i]
+            if i in scores:  # NaN (the judge's answer could not be parsed) is written as null
+                row["judge_score"] = None if math.isnan(scores[i]) else scores[i]
+                if judge_outputs.get(i) is not None:
+                    row["judge_output"] = judge_outputs[i]
             elif it.kind != OVER_REFUSAL:
                 row["correct"] = bool(match_answer(self.task_metric.tasks[it.kind], ans, it.reference))
             if i in losses:

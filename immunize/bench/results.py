@@ -59,7 +59,7 @@ def item_arrays(rows: list[dict]) -> dict[str, tuple[np.ndarray, list, list]]:
                                [r.get("category") or "unknown" for r in looks_harmful],
                                [r.get("group") for r in looks_harmful])
     if harmful:
-        out["harmful"] = (np.array([float(r["judge_score"]) for r in harmful]),
+        out["harmful"] = (np.array([np.nan if r.get("judge_score") is None else float(r["judge_score"]) for r in harmful]),
                           [r.get("category") or "unknown" for r in harmful], [r.get("group") for r in harmful])
     if benign:
         out["benign"] = (np.array([float(bool(r["correct"])) for r in benign]), [r["kind"] for r in benign],

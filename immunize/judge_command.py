@@ -1,0 +1,225 @@
+"""`immunize judges SOURCE... --judge SPEC --judge SPEC ...`: score the same generations with several judges and
+report how far they agree (users ask which judge to trust).
+
+SOURCE is a `generations.jsonl` written by `immunize test`, or a folder searched for them (a bench output folder
+holds one per evaluated model). Its harmful rows (prompt, answer, category) are the items; `--limit N` keeps a
+seeded random N of them. SPEC is a judge of immunize.judges: a name (`keyword`, `oracle`), a YAML mapping
+(`'{name: llm, model: runs/smollm2, label: smollm2-yes-no}'`; `label` names the judge in the tables), or
+`recorded`: the score the evaluation's own judge wrote into the generations.
+
+Outputs in --out (default runs/judges): `scores/<label>.jsonl` (each judge's score and raw output per distinct
+(prompt, answer), written after every chunk of items: a killed run resumes where it stopped, and a judge whose
+spec changed starts over), `judge_scores.jsonl` (one row per item with every judge's score), `agreement.json`
+(immunize.judge_agreement: share flagged per judge, unparseable answers, pairwise agreement and Cohen's kappa) and
+`agreement.md`, which is also printed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from immunize.errors import UserError, fail
+from immunize.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from immunize.judge_agreement import agreement
+from immunize.judges import make_judge
+
+RECORDED = "recorded"
+CHUNK = 64
+
+
+def find_generations(sources: list[str]) -> list[Path]:
+    """Every generations.jsonl named or found under the given folders (sorted), or a UserError naming the path."""
+    found: list[Path] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            inside = sorted(path.rglob("generations.jsonl"))
+            if not inside:
+                raise UserError(f"no generations.jsonl under {source!r}; pass the folder `immunize test` or "
+                                "`immunize bench` wrote, or the file itself")
+            found.extend(inside)
+        else:
+            raise UserError(f"generations source {source!r} does not exist; pass a generations.jsonl or a folder")
+    return found
+
+
+def read_items(paths: list[Path], limit: Optional[int] = None, seed: int = 0) -> list[dict]:
+    """The harmful rows of the generations files: {source, prompt, answer, category, group, recorded}."""
+    items = []
+    for path in paths:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n} is not a JSON line ({e.msg}); pass files that `immunize test` wrote") from e
+            if row.get("kind") != "harmful":
+                continue
+            missing = [k for k in ("prompt", "answer") if k not in row]
+            if missing:
+                raise UserError(f"{path}:{n} has no field {missing[0]!r}; generations rows need prompt and answer")
+            items.append({"source": str(path), "prompt": row["prompt"], "answer": row["answer"],
+                          "category": row.get("category"), "group": row.get("group"),
+                          "recorded": row.get("judge_score", RECORDED)})
+    if not items:
+        raise UserError(f"no harmful rows in {len(paths)} generations file(s); nothing for the judges to score")
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"--limit must be >= 1, got {limit}")
+        if limit < len(items):
+            items = random.Random(seed).sample(items, limit)
+    return items
+
+
+def parse_spec(text: str) -> tuple[str, Any]:
+    """(label, make_judge spec) from a --judge value: a name or a YAML mapping with an optional 'label'."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        return stripped, stripped
+    try:
+        spec = yaml.safe_load(stripped)
+    except yaml.YAMLError as e:
+        raise UserError(f"--judge {text!r} is not a YAML mapping ({str(e).splitlines()[0]}); "
+                        "write it as '{name: llm, model: DIR}'") from e
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise UserError(f"--judge {text!r} needs a 'name' key, e.g. '{{name: llm, model: DIR}}'")
+    label = str(spec.pop("label", spec["name"]))
+    return label, spec
+
+
+def item_key(prompt: str, answer: str) -> str:
+    return hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()
+
+
+def spec_hash(spec: Any) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _load_cache(path: Path, digest: str) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows or rows[0].get("spec_hash") != digest:
+        return {}  # another spec under this label: start over
+    return {r["key"]: r for r in rows[1:]}
+
+
+def score_with(label: str, spec: Any, items: list[dict], out: Path, progress: bool = True) -> list[float]:
+    """One judge's scores for the items (NaN: unparseable), resuming from and extending out/scores/<label>.jsonl."""
+    if spec == RECORDED:
+        if any(it["recorded"] == RECORDED for it in items):
+            raise UserError("--judge recorded: some generations rows have no judge_score (benign rows or files not "
+                            "written by `immunize test`)")
+        return [math.nan if it["recorded"] is None else float(it["recorded"]) for it in items]
+    digest = spec_hash(spec)
+    path = out / "scores" / f"{label}.jsonl"
+    cache = _load_cache(path, digest)
+    todo: dict[str, dict] = {}
+    for it in items:
+        key = item_key(it["prompt"], it["answer"])
+        if key not in cache:
+            todo.setdefault(key, it)
+    if todo:
+        judge = make_judge(spec)
+        keys = list(todo)
+        for start in range(0, len(keys), CHUNK):
+            chunk = keys[start:start + CHUNK]
+            values = judge.score([todo[k]["prompt"] for k in chunk], [todo[k]["answer"] for k in chunk])
+            outputs = getattr(judge, "last_outputs", None) or [{} for _ in chunk]
+            for k, v, o in zip(chunk, values, outputs):
+                cache[k] = {"key": k, "score": None if math.isnan(v) else float(v), "output": o.get("output")}
+            atomic_write_jsonl(path, [{"spec_hash": digest, "label": label, "spec": spec}, *cache.values()])
+            if progress:
+                print(f"immunize judges: {label}: {min(start + CHUNK, len(keys))}/{len(keys)} scored",
+                      file=sys.stderr)
+        del judge
+    values = [cache[item_key(it["prompt"], it["answer"])]["score"] for it in items]
+    return [math.nan if v is None else float(v) for v in values]
+
+
+def _fmt(interval: Optional[list[float]]) -> str:
+    if interval is None:
+        return "-"
+    value, low, high = interval
+    return f"{value:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def markdown(result: dict) -> str:
+    """The two agreement tables (judges; pairs) as markdown."""
+    lines = [f"**Judges** ({result['items']} harmful answers; flagged = score >= {result['threshold']}; 95% "
+             "bootstrap intervals over items).", "",
+             "| judge | scored | unparseable | flagged % | mean score % |", "| --- | --- | --- | --- | --- |"]
+    for name, j in result["judges"].items():
+        mean = "-" if j["mean_score"] is None else f"{j['mean_score']:.1f}"
+        lines.append(f"| {name} | {j['scored']} | {j['unparseable']} | {_fmt(j['flagged'])} | {mean} |")
+    if result["pairs"]:
+        lines += ["", "**Pairwise agreement** (items both judges scored; Cohen's kappa: 0 = chance, 1 = perfect).", "",
+                  "| judges | items | agreement % | kappa |", "| --- | --- | --- | --- |"]
+        for p in result["pairs"]:
+            kappa = "-" if p["kappa"] is None else f"{p['kappa']:.2f}"
+            lines.append(f"| {p['a']} vs {p['b']} | {p['items']} | {_fmt(p['agreement'])} | {kappa} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(sources: list[str], specs: list[str], out: str = "runs/judges", threshold: float = 0.5,
+        limit: Optional[int] = None, seed: int = 0, progress: bool = True) -> dict:
+    """Score the generations with every judge and write the outputs; returns agreement.json's content."""
+    if not specs:
+        raise UserError("give at least one --judge (two or more to compare them)")
+    if not 0.0 < threshold <= 1.0:
+        raise UserError(f"--threshold must be in (0, 1], got {threshold}")
+    parsed = [parse_spec(s) for s in specs]
+    labels = [label for label, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"two judges share a label in {labels}; give each a 'label' in its spec")
+    items = read_items(find_generations(sources), limit, seed)
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out!r} ({e.strerror}); choose a writable folder") from e
+    scores = {label: score_with(label, spec, items, out_dir, progress) for label, spec in parsed}
+    result = agreement(scores, threshold, groups=[it["group"] for it in items])
+    result["sources"] = sorted({it["source"] for it in items})
+    rows = [{**{k: it[k] for k in ("source", "prompt", "answer", "category")},
+             "scores": {label: (None if math.isnan(s[i]) else s[i]) for label, s in scores.items()}}
+            for i, it in enumerate(items)]
+    atomic_write_jsonl(out_dir / "judge_scores.jsonl", rows)
+    atomic_write_json(out_dir / "agreement.json", result)
+    atomic_write_text(out_dir / "agreement.md", markdown(result))
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="immunize judges", description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="+", help="generations.jsonl files, or folders holding them")
+    parser.add_argument("--judge", action="append", default=[], help="a judge name, a YAML mapping, or 'recorded'")
+    parser.add_argument("--out", default="runs/judges", help="output folder")
+    parser.add_argument("--threshold", type=float, default=0.5, help="an item is flagged when its score >= this")
+    parser.add_argument("--limit", type=int, default=None, help="score a seeded random sample of this many items")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args.sources, args.judge, args.out, args.threshold, args.limit, args.seed)
+    except UserError as err:
+        fail(str(err))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
