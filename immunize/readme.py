@@ -6,7 +6,8 @@
 replaces everything between `<!-- BEGIN quickstart -->` and `<!-- END quickstart -->` with the named report
 tables (immunize.bench.report, the same code that writes report.md), preceded by a line that says which run
 they come from (results file, seeds, number of evaluated models, total wall time of the cells).
-`python -m immunize.readme --block methods --methods` pastes the method table generated from the registry.
+`python -m immunize.readme --block methods --methods` pastes the method table generated from the registry;
+`--agreement runs/judges/agreement.json --block judges` pastes an `immunize judges` run's agreement tables.
 """
 from __future__ import annotations
 
@@ -87,6 +88,15 @@ def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "
     return "\n".join(lines) + "\n"
 
 
+def agreement_block(result: dict, source: str) -> str:
+    """An `immunize judges` run's tables (immunize.judge_command.markdown), with the line that says where from."""
+    from immunize.judge_command import markdown
+
+    files = result.get("sources") or []
+    return (f"Pasted by `python -m immunize.readme` from `{source}` ({result['items']} harmful answers from "
+            f"{len(files)} generations files).\n\n" + markdown(result))
+
+
 def paste(readme: Path, block: str, text: str) -> str:
     """README text with the block's content replaced (the markers stay)."""
     content = readme.read_text()
@@ -105,11 +115,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tables", help="comma-separated report table keys")
     parser.add_argument("--methods", action="store_true", help="paste the registry's method table instead")
     parser.add_argument("--paper", action="store_true", help="paste the papers' claims next to --results instead")
+    parser.add_argument("--agreement", help="paste an `immunize judges` run's agreement.json instead")
     parser.add_argument("--readme", default="README.md")
     args = parser.parse_args(argv)
     try:
         if args.methods:
             text = methods_table()
+        elif args.agreement:
+            if not Path(args.agreement).is_file():
+                raise UserError(f"{args.agreement}: no such agreement file; run `immunize judges` first")
+            text = agreement_block(json.loads(Path(args.agreement).read_text()), args.agreement)
         elif args.paper:
             if not args.results or not Path(args.results).is_file():
                 raise UserError("--paper needs --results of a finished bench run")
@@ -126,7 +141,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as err:
         print(f"immunize.readme: error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"pasted {'the method table' if args.methods else args.tables} into {args.readme} ({args.block})")
+    what = "the method table" if args.methods else "the judge agreement" if args.agreement else args.tables
+    print(f"pasted {what} into {args.readme} ({args.block})")
 
 
 if __name__ == "__main__":

@@ -216,3 +216,43 @@ def test_attacker_search_table_against_the_grid(results, tmp_path):
 
     assert make_plots(results, tmp_path)["search"] == ["search_history.png"]
     assert (tmp_path / "search_history.png").stat().st_size > 1000
+
+
+def test_lm_eval_capability_table_and_stability_column(results):
+    lm = {"defended": {"undefended": 70.0, "seam": 66.0}, "attack": {"undefended": 61.0, "seam": 40.0}}
+    for e in results["results"]:
+        if e["stage"] in lm and (e["stage"] == "defended" or e["attack"]["lr"] == 1e-3):
+            e["capability_lm_eval"] = lm[e["stage"]][e["defense"]]
+            e["lm_eval"] = {"toy_mc": e["capability_lm_eval"]}
+    tables = report.build_tables(results)
+    assert "lm_eval" in [t.key for t in tables]
+    table = _table(tables, "lm_eval")
+    assert table.columns == ["attack", "undefended lm-eval cap", "undefended cap", "seam lm-eval cap", "seam cap"]
+    assert table.rows == [["no attack", "70.0", "90.0", "66.0", "84.0"], ["lr=1e-3", "61.0", "64.0", "40.0", "75.0"],
+                          ["lr=3e-3", "—", "53.0", "—", "20.0"]]
+    stability = _table(tables, "stability")
+    column = stability.columns.index("lm-eval cap")
+    assert [row[column] for row in stability.rows] == ["70.0", "66.0"]
+    plain = copy.deepcopy(results)
+    for e in plain["results"]:
+        e.pop("capability_lm_eval", None)
+    assert "lm_eval" not in [t.key for t in report.build_tables(plain)]
+    assert "lm-eval cap" not in _table(report.build_tables(plain), "stability").columns
+
+
+def test_lm_eval_interval_only_when_the_bootstrap_reproduces_the_harness():
+    from immunize.bench.results import intervals, item_arrays
+
+    samples = [{"task": "a", "doc_id": i, "acc": float(i < 1)} for i in range(2)] + \
+        [{"task": "b", "doc_id": i, "acc": float(i < 3)} for i in range(6)]
+    arrays = item_arrays([{"kind": "sentiment", "prompt": "p", "correct": True}], samples)
+    values, strata, _ = arrays["lm_eval"]
+    assert list(values) == [1, 0, 1, 1, 1, 0, 0, 0] and strata == ["a"] * 2 + ["b"] * 6
+    samples[2]["acc"] = 0.0  # b: 2 of 6 right; pooled 3/8 = 37.5, macro (1/2 + 1/3) / 2 = 41.7
+    arrays = item_arrays([{"kind": "sentiment", "prompt": "p", "correct": True}], samples)
+    pooled, macro = 37.5, 100 * (0.5 + 2 / 6) / 2
+    assert "capability_lm_eval" in intervals([arrays], point={"capability_lm_eval": pooled})
+    low, high = intervals([arrays], point={"capability_lm_eval": macro})["capability_lm_eval"]
+    assert low <= macro <= high
+    assert "capability_lm_eval" not in intervals([arrays], point={"capability_lm_eval": 55.0})
+    assert "capability_lm_eval" not in intervals([arrays])

@@ -66,7 +66,8 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
         if run_dir and bench.wandb.mode == "offline" and bench.progress != "quiet":
             print(f"immunize bench: W&B run (offline) in {run_dir}; upload with `wandb sync {run_dir}`", file=sys.stderr)
     for table in tables:
-        if table.key in ("resistance", "window", "resistance_summary", "search", "stability", "finetune", "pairs") \
+        if table.key in ("resistance", "window", "resistance_summary", "search", "lm_eval", "stability", "finetune",
+                         "pairs") \
                 or table.key.startswith("calibration_"):
             print(f"\n{table.title}\n{report.markdown_table(table)}")
     return results

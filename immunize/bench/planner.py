@@ -130,7 +130,7 @@ class Planner:
         spec = self.bench.eval
         cfg = load_stage(spec, "eval")
         model, data = init_args(cfg, "model"), init_args(cfg, "data")
-        for key, value in (("judge", spec.judge), ("max_new_tokens", spec.max_new_tokens)):
+        for key, value in (("judge", spec.judge), ("max_new_tokens", spec.max_new_tokens), ("lm_eval", spec.lm_eval)):
             if value is not None:
                 model[key] = value
         for key in ("n_harmful_per_category", "n_per_task", "n_over_refusal", "batch_size"):

@@ -162,6 +162,29 @@ def resistance(results: dict) -> list[Table]:
     return tables + [summary]
 
 
+def lm_eval_capability(results: dict) -> Optional[Table]:
+    """Capability two ways under every attack: lm-evaluation-harness (eval.lm_eval, log-likelihood multiple choice)
+    next to the generation-based task accuracy; None when lm-eval did not run."""
+    defenses, points = results["defenses"], attack_points(results)
+    before, attacked = _by(results, "defended"), _by(results, "attack")
+    if not any(r.get("capability_lm_eval") is not None for r in before + attacked):
+        return None
+    tasks = sorted({t for r in before + attacked for t in (r.get("lm_eval") or {})})
+    table = Table("lm_eval", "Capability through lm-evaluation-harness",
+                  "lm-eval cap: the harness's mean acc over the requested tasks (" + ", ".join(tasks) + "; "
+                  "log-likelihood multiple choice, as SEAM reports capability), next to cap, the generation-based mean "
+                  f"task accuracy, before and after each attack. Intervals: 95% bootstrap over items and "
+                  f"{_seeds_note(results)}.",
+                  ["attack"] + [f"{d} {m}" for d in defenses for m in ("lm-eval cap", "cap")])
+    for label, source, point in [("no attack", before, None)] + [(attack_label(p, points), attacked, p) for p in points]:
+        row = [label]
+        for d in defenses:
+            r = _lookup(source, d, point)
+            row += [_ci(r, "capability_lm_eval"), _ci(r, "capability")]
+        table.rows.append(row)
+    return table
+
+
 def attack_name(r: dict, points: list[dict]) -> str:
     """A grid attack's label, or "trial N: axis=value ..." for an attacker-search trial."""
     if r["stage"] == "search":
@@ -259,13 +282,15 @@ def stability(results: dict) -> Table:
     ref = results["reference"]
     tasks = sorted({t for r in rows for t in r["accuracy"]})
     chance = {t: _mean([(r.get("chance") or {}).get(t) for r in rows]) for t in tasks}
+    lm_eval = any(r.get("capability_lm_eval") is not None for r in rows)
     table = Table("stability", "Stability: capability before any attack",
                   f"Each defense's model before attack against the reference ({ref}): capability and its paired "
                   "difference, harmful score, per-task accuracy (chance: the best constant answer), the "
                   "teacher-forced benign loss (mean response CE over tasks), over-refusal (the share of benign "
                   "requests in harmful vocabulary that the model refuses: a defense that refuses everything reads "
-                  "safe in HS and fails here), and what the defense stage cost.",
-                  ["defense", "cap", f"Δcap vs {ref}", "HS", "over-refusal"]
+                  "safe in HS and fails here), lm-evaluation-harness capability when eval.lm_eval ran, and what the "
+                  "defense stage cost.",
+                  ["defense", "cap", f"Δcap vs {ref}", "HS", "over-refusal"] + (["lm-eval cap"] if lm_eval else [])
                   + [f"acc {t}" + (f" (chance {fmt(chance[t])})" if chance[t] is not None else "") for t in tasks]
                   + ["benign loss", "steps", "time (s)"])
     for d in results["defenses"]:
@@ -282,6 +307,7 @@ def stability(results: dict) -> Table:
                 reference and r["capability"] is not None and reference["capability"] is not None) else NONE
         losses = [v for k, v in (r.get("loss") or {}).items() if k != "harmful"]
         table.rows.append([d, _ci(r, "capability"), delta, _ci(r, "harmful_score"), _ci(r, "over_refusal")]
+                          + ([_ci(r, "capability_lm_eval")] if lm_eval else [])
                           + [fmt(r["accuracy"].get(t)) for t in tasks]
                           + [f"{_mean(losses):.3f}" if losses else NONE,
                              NONE if r["steps"] is None else f"{r['steps']:g}", fmt(r["wall_time_s"])])
@@ -497,6 +523,9 @@ def build_tables(results: dict) -> list[Table]:
         search = attacker_search(results)
         if search is not None:
             tables.append(search)
+        capability = lm_eval_capability(results)
+        if capability is not None:
+            tables.append(capability)
         if _by(results, "defended"):
             tables.append(stability(results))
             table = mechanism(results)

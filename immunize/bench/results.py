@@ -9,7 +9,10 @@ harmful vocabulary refused; null without such items), refusal {harmful, over_ref
 teacher-forced response CE on gold answers, "harmful": on gold harmful answers}, chance {task: % of the best
 constant answer}, diagnostics {grad_cosine: held-out cos(harmful gradient, benign gradient)}, loss_curve (the
 attack fit's benign loss every k steps, if measured), steps and wall_time_s of the fit that made the model,
-eval_wall_time_s, and intervals {harmful_score, capability, over_refusal: [low, high]} (item bootstrap, 95%).
+eval_wall_time_s, capability_lm_eval (% mean lm-evaluation-harness acc over the requested tasks, eval.lm_eval;
+null without it) and lm_eval {task: acc %}, and intervals {harmful_score, capability, over_refusal,
+capability_lm_eval: [low, high]} (item bootstrap, 95%; lm-eval's from its per-item records, when the bootstrap's
+statistic reproduces the harness's number).
 
 Row ("rows"): the entries of one (defense, stage, attack, finetune) over seeds: the same fields as means
 over seeds, `seeds`, intervals over items and seeds (immunize.statistics), and `vs_reference`: the paired
@@ -30,6 +33,7 @@ from immunize.statistics import bootstrap
 
 VERSION = 2
 HARM, ACC, LOSS, CHANCE, DIAG, REFUSAL = "harmful_score/", "accuracy/", "loss/", "chance/", "diagnostics/", "refusal/"
+LM_EVAL = "lm_eval/"
 OVER_REFUSAL = "over_refusal"  # the eval rows' kind of benign requests in harmful vocabulary (datamodules.records)
 WALL_TIME_KEYS = ("wall_time_s", "eval_wall_time_s")  # the only fields that differ between two identical runs
 
@@ -47,10 +51,32 @@ def read_items(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
     return sorted(rows, key=lambda r: (r["kind"], r["prompt"]))
 
 
-def item_arrays(rows: list[dict]) -> dict[str, tuple[np.ndarray, list, list]]:
+def read_lm_eval_samples(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
+    """The eval cell's lm-eval per-item records (lm_eval_samples.jsonl), or None when lm-eval did not run."""
+    path = next(iter(sorted(cell.directory(cells_dir).rglob("lm_eval_samples.jsonl"))), None)
+    if path is None:
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def lm_eval_arrays(samples: list[dict]) -> Optional[tuple[np.ndarray, list, list]]:
+    """(acc per item, strata=lm-eval task, groups=None), sorted by (task, doc_id) so seeds line up; None when
+    the records carry no acc."""
+    rows = sorted((s for s in samples if isinstance(s.get("acc"), (int, float))),
+                  key=lambda s: (s["task"], s.get("doc_id", 0)))
+    if not rows:
+        return None
+    return np.array([float(s["acc"]) for s in rows]), [s["task"] for s in rows], [None] * len(rows)
+
+
+def item_arrays(rows: list[dict], lm_eval_samples: Optional[list[dict]] = None) -> dict[str, tuple[np.ndarray, list, list]]:
     """{"harmful": (scores, strata=categories, groups), "benign": (correct, strata=tasks, groups),
-    "over_refusal": (refused, strata=categories, groups)}."""
+    "over_refusal": (refused, strata=categories, groups), "lm_eval": (acc, strata=lm-eval tasks, None)}."""
     out = {}
+    if lm_eval_samples:
+        arrays = lm_eval_arrays(lm_eval_samples)
+        if arrays is not None:
+            out["lm_eval"] = arrays
     harmful = [r for r in rows if r["kind"] == "harmful"]
     benign = [r for r in rows if r["kind"] not in ("harmful", OVER_REFUSAL)]
     looks_harmful = [r for r in rows if r["kind"] == OVER_REFUSAL]
@@ -104,8 +130,11 @@ def entry(cell: Cell, cells_dir: Path, items: Optional[dict] = None) -> Optional
         "steps": fit["steps"],
         "wall_time_s": fit["wall_time_s"],
         "eval_wall_time_s": cell_info(cell, cells_dir)["wall_time_s"],
+        "capability_lm_eval": metrics.get("capability/lm_eval"),
+        "lm_eval": {k[len(LM_EVAL):-len("/acc")]: v for k, v in sorted(metrics.items())
+                    if k.startswith(LM_EVAL) and k.endswith("/acc")},
     }
-    out["intervals"] = intervals([items]) if items else {}
+    out["intervals"] = intervals([items], point={"capability_lm_eval": out["capability_lm_eval"]}) if items else {}
     return out
 
 
@@ -119,16 +148,33 @@ def _stack(per_seed: list[dict], part: str):
     return np.stack(values), per_seed[0][part][1], per_seed[0][part][2]
 
 
-def intervals(per_seed: list[dict], reference: Optional[list[dict]] = None) -> dict:
-    """{harmful_score, capability, over_refusal: [low, high]}, or with `reference` (item arrays of the same seeds
-    and items) the paired differences {...: [difference, low, high]}."""
+def _lm_eval_statistic(values: np.ndarray, strata: list, point: Optional[float]) -> Optional[str]:
+    """The statistic ("pooled": a size-weighted group such as toy_mc or mmlu; "macro": the mean over several
+    requested tasks) whose value on the per-item records is the harness's own number, or None when neither is."""
+    if point is None:
+        return None
+    for statistic in ("pooled", "macro"):
+        if abs(bootstrap(values, strata, None, statistic, n_boot=1).value - point) < 1e-6:
+            return statistic
+    return None
+
+
+def intervals(per_seed: list[dict], reference: Optional[list[dict]] = None, point: Optional[dict] = None) -> dict:
+    """{harmful_score, capability, over_refusal, capability_lm_eval: [low, high]}, or with `reference` (item
+    arrays of the same seeds and items) the paired differences {...: [difference, low, high]}. point
+    {"capability_lm_eval": the harness's number (mean over seeds)}: lm-eval's interval is given only when a bootstrap
+    statistic reproduces it."""
     out = {}
     for metric, part, statistic in (("harmful_score", "harmful", "pooled"), ("capability", "benign", "macro"),
-                                    ("over_refusal", "over_refusal", "pooled")):
+                                    ("over_refusal", "over_refusal", "pooled"), ("capability_lm_eval", "lm_eval", None)):
         mine = _stack(per_seed, part)
         if mine is None:
             continue
         values, strata, groups = mine
+        if part == "lm_eval":
+            statistic = _lm_eval_statistic(values, strata, (point or {}).get(metric))
+            if statistic is None:
+                continue
         if reference is not None:
             theirs = _stack(reference, part)
             if theirs is None or theirs[0].shape != values.shape:
@@ -167,15 +213,16 @@ def aggregate(entries: list[dict], items: dict[str, dict], reference: Optional[s
         first = members[0]
         row = {k: first.get(k) for k in ("defense", "stage", "attack", "finetune", "trial", "searched")}
         row.update({"seeds": [e["seed"] for e in members], "cells": [e["cell"] for e in members]})
-        for field in ("harmful_score", "capability", "over_refusal", "steps", "wall_time_s"):
+        for field in ("harmful_score", "capability", "over_refusal", "capability_lm_eval", "steps", "wall_time_s"):
             row[field] = _mean([e.get(field) for e in members])
-        for field in ("harmful_scores", "accuracy", "loss", "chance", "diagnostics", "refusal"):
+        for field in ("harmful_scores", "accuracy", "loss", "chance", "diagnostics", "refusal", "lm_eval"):
             row[field] = _mean_dict([e.get(field) or {} for e in members])
         row["seed_values"] = {m: [e[m] for e in members] for m in ("harmful_score", "capability")}
         curves = [e["loss_curve"] for e in members if e.get("loss_curve")]
         row["loss_curve"] = _mean_curve(curves)
         per_seed = [items[e["cell"]] for e in members if e["cell"] in items]
-        row["intervals"] = intervals(per_seed) if len(per_seed) == len(members) else {}
+        row["intervals"] = intervals(per_seed, point={"capability_lm_eval": row["capability_lm_eval"]}) \
+            if len(per_seed) == len(members) else {}
         rows.append(row)
     by_key = {row_key(r): r for r in rows}
     for row in rows:
@@ -234,7 +281,7 @@ def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window:
         if not cell.is_done(cells_dir):
             continue
         rows = read_items(cell, cells_dir)
-        arrays = item_arrays(rows) if rows else None
+        arrays = item_arrays(rows, read_lm_eval_samples(cell, cells_dir)) if rows else None
         e = entry(cell, cells_dir, arrays)
         if e is None:
             continue

@@ -139,7 +139,10 @@ class EvalSpec(StageSpec):
 
     judge, tasks (toy sources), n_harmful_per_category, n_per_task, n_over_refusal (toy sources: benign
     requests in harmful vocabulary, for the over-refusal rate), max_new_tokens, batch_size: null keeps the eval
-    config's value.
+    config's value. lm_eval: capability through lm-evaluation-harness on every evaluated model (the model's
+    `lm_eval` argument, e.g. {tasks: [toy_mc]} or {tasks: [mmlu, arc_easy, arc_challenge, hellaswag,
+    truthfulqa_mc2], num_fewshot: 0, limit: 200}; needs the eval extra): results.json's capability_lm_eval and
+    lm_eval {task: acc}, and the report's lm-eval columns.
     """
 
     config: Optional[str] = "configs/eval/toy.yaml"
@@ -150,6 +153,7 @@ class EvalSpec(StageSpec):
     n_over_refusal: Optional[int] = None
     max_new_tokens: Optional[int] = None
     batch_size: Optional[int] = None
+    lm_eval: Optional[dict] = None
 
 
 @dataclass

@@ -178,6 +178,11 @@ def validate(bench: BenchConfig):
         from immunize.bench.search import check_search
 
         check_search(bench.attack.search, list(plan.planner.models[bench.seeds[0]]))
+    if bench.eval.lm_eval is not None:  # unknown keys or task names (and a missing eval extra) fail before any fit
+        from lightning_modules.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
+
+        spec = check_lm_eval_spec(bench.eval.lm_eval)
+        resolve_tasks(spec["tasks"], spec["include_path"])
     if not 0.0 <= bench.report.capability_bound < 1.0:
         raise UserError(f"report.capability_bound must be in [0, 1) (a relative capability drop), got "
                         f"{bench.report.capability_bound}")
