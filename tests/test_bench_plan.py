@@ -141,3 +141,17 @@ def test_a_callback_sweep_starts_from_the_registry_callbacks():
     assert points[0].callbacks[0]["init_args"]["lam"] == 0.0 and points[0].callbacks[0]["init_args"]["rho"] == rho
     with pytest.raises(UserError, match="sweep key"):
         expand_sweep(DefenseSpec(name="seam", sweep={"beta": [1.0]}))
+
+
+def test_eval_lm_eval_reaches_every_eval_cell_and_is_checked_first():
+    pytest.importorskip("lm_eval")
+    from immunize.bench.validate import validate
+
+    spec = "{tasks: [toy_mc], limit: 10}"
+    plan = _plan("--eval.lm_eval", spec)
+    assert all(c.config["model"]["init_args"]["lm_eval"] == {"tasks": ["toy_mc"], "limit": 10} for c in plan.evals)
+    fits = {c.label: c.digest for c in _plan().cells if c.stage != "eval"}
+    assert {c.label: c.digest for c in plan.cells if c.stage != "eval"} == fits, "lm-eval changes only the eval cells"
+    bench, _ = parse(["--config", str(QUICKSTART), "--eval.lm_eval", "{tasks: [no_such_task_xyz]}"])
+    with pytest.raises(UserError, match="no_such_task_xyz"):
+        validate(bench)
