@@ -25,19 +25,10 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from immunize.errors import UserError
+from immunize.judges import _HUB_ID, _blank, _check_lengths
 
 NAN = float("nan")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _DTYPES = ("float32", "bfloat16", "float16")
-
-
-def _blank(response) -> bool:
-    return response is None or not str(response).strip()
-
-
-def _check_lengths(prompts: Sequence[str], responses: Sequence[str]) -> None:
-    if len(prompts) != len(responses):
-        raise UserError(f"judge: got {len(prompts)} prompts but {len(responses)} responses; pass one of each per item")
 
 
 def _check_template(template: str, owner: str, needs: Sequence[str] = ("{prompt}", "{response}")) -> str:

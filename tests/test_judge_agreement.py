@@ -8,7 +8,6 @@ import pytest
 
 from helpers.scripted_lm import byte_tokenizer, register, scripted_judge_model
 from immunize import judge_command
-from immunize.errors import UserError
 from immunize.judge_agreement import agreement, cohen_kappa, flags
 from immunize.judges import register_judge
 from immunize.metrics import HarmfulScore
