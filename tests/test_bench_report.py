@@ -256,3 +256,11 @@ def test_lm_eval_interval_only_when_the_bootstrap_reproduces_the_harness():
     assert low <= macro <= high
     assert "capability_lm_eval" not in intervals([arrays], point={"capability_lm_eval": 55.0})
     assert "capability_lm_eval" not in intervals([arrays])
+
+
+def test_lm_eval_interval_survives_the_rows_rounding():
+    from immunize.bench.results import _mean, intervals, item_arrays
+
+    samples = [{"task": "a", "doc_id": i, "acc": float(i % 3 == 0)} for i in range(300)]  # 100/300 = 33.333...%
+    arrays = item_arrays([{"kind": "sentiment", "prompt": "p", "correct": True}], samples)
+    assert "capability_lm_eval" in intervals([arrays], point={"capability_lm_eval": _mean([100 / 3])})

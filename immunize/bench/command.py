@@ -17,6 +17,7 @@ from immunize.errors import UserError, fail, find_user_error, summarize_parser_e
 from immunize.io import atomic_write_json, atomic_write_text
 
 QUICKSTART_CONFIG = "configs/bench/quickstart.yaml"
+PARTIAL_RESULTS_EVERY_S = 60.0
 
 
 def _with_default_config(argv: list[str]) -> list[str]:
@@ -134,9 +135,14 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
         print(f"immunize bench: {len(plan.cells)} cells ({fits} fits, {tests} evals), {done} already done; "
               f"cells in {cells_dir}, report in {out}", file=sys.stderr, flush=True)
 
+    last_partial = [-PARTIAL_RESULTS_EVERY_S]
+
     def on_done(cell, index):
-        if cell.kind == "test":
+        # a partial results.json while cells finish, at most every PARTIAL_RESULTS_EVERY_S: rebuilding it bootstraps
+        # every evaluated model, so after each of N evals it would cost O(N^2) (minutes on a resumed 100-model run)
+        if cell.kind == "test" and time.monotonic() - last_partial[0] >= PARTIAL_RESULTS_EVERY_S:
             write_outputs(plan, bench, out, cells_dir, final=False, config=config)
+            last_partial[0] = time.monotonic()
         return _summary(cell, cells_dir)
 
     def run_cells(cells) -> dict:
