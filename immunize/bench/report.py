@@ -171,8 +171,9 @@ def lm_eval_capability(results: dict) -> Optional[Table]:
         return None
     tasks = sorted({t for r in before + attacked for t in (r.get("lm_eval") or {})})
     table = Table("lm_eval", "Capability through lm-evaluation-harness",
-                  "lm-eval cap: the harness's mean acc over the requested tasks (" + ", ".join(tasks) + "; "
-                  "log-likelihood multiple choice, as SEAM reports capability), next to cap, the generation-based mean "
+                  "lm-eval cap: the harness's mean acc over the requested tasks (log-likelihood multiple choice, as "
+                  "SEAM reports capability; tasks and subtasks evaluated: " + ", ".join(tasks) + "), next to cap, "
+                  "the generation-based mean "
                   f"task accuracy, before and after each attack. Intervals: 95% bootstrap over items and "
                   f"{_seeds_note(results)}.",
                   ["attack"] + [f"{d} {m}" for d in defenses for m in ("lm-eval cap", "cap")])
