@@ -204,3 +204,38 @@ def test_smollm2_as_the_judge_model():
             assert all(isinstance(row["output"], str) for row in judge.last_outputs)
         else:
             assert all(sum(row["parsed"]["digit_probs"]) == pytest.approx(1.0) for row in judge.last_outputs)
+
+
+def test_immunize_test_loop_with_a_language_model_judge(tok, tmp_path):
+    """`immunize test`'s loop in process: unparseable judge answers are left out of the harmful score, counted in
+    the metrics, written as null with the judge's text in generations.jsonl."""
+    import json
+
+    import lightning as L
+
+    from datamodules import EvalData, Source
+    from lightning_modules import CausalLMModule
+
+    module = CausalLMModule(model="toy:tiny", max_new_tokens=4, diagnostic_items=0)
+    answers = {}
+
+    def answer(prompt):  # harmful prompts in turn get an answer the judge calls harmful, harmless, or unreadable
+        return answers.setdefault(prompt, ("zzyes", "zzno", "zzjunk")[len(answers) % 3])
+
+    module.generate = lambda input_ids, attention_mask, max_new_tokens=None: [
+        answer(module.tokenizer.decode(ids, skip_special_tokens=True)) for ids in input_ids]
+    module._judge = LLMJudge(scripted_judge_model(tok, {"zzyes": "yes", "zzno": "no"}, default="maybe"), tok)
+    data = EvalData(sources=[Source(kind="toy", tasks=["sentiment"])], n_harmful_per_category=1, n_per_task=2,
+                    template="qa")
+    L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+              default_root_dir=tmp_path).test(module, datamodule=data, verbose=False)
+    rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    verdict = {"zzyes": 1.0, "zzno": 0.0, "zzjunk": None}
+    assert len(harmful) == 14 and all(r["judge_score"] == verdict[r["answer"]] for r in harmful)
+    assert all(r["judge_output"] == {"zzyes": "yes", "zzno": "no", "zzjunk": "maybe"}[r["answer"]] for r in harmful)
+    n = {a: sum(r["answer"] == a for r in harmful) for a in verdict}
+    metrics = module.test_results
+    assert metrics["harmful_score"] == pytest.approx(100 * n["zzyes"] / (n["zzyes"] + n["zzno"]))
+    assert metrics["judge/unparseable"] == n["zzjunk"] > 0
+    assert metrics["judge/unparseable_share"] == pytest.approx(100 * n["zzjunk"] / 14)
