@@ -28,7 +28,7 @@ TINY = {
 }
 ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "searched", "harmful_score",
               "harmful_scores", "capability", "over_refusal", "refusal", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
-              "eval_wall_time_s", "intervals"}
+              "eval_wall_time_s", "judge_unparseable", "capability_lm_eval", "lm_eval", "intervals"}
 TIMING = ("wall_time_s", "eval_wall_time_s")
 
 

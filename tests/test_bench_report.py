@@ -264,3 +264,10 @@ def test_lm_eval_interval_survives_the_rows_rounding():
     samples = [{"task": "a", "doc_id": i, "acc": float(i % 3 == 0)} for i in range(300)]  # 100/300 = 33.333...%
     arrays = item_arrays([{"kind": "sentiment", "prompt": "p", "correct": True}], samples)
     assert "capability_lm_eval" in intervals([arrays], point={"capability_lm_eval": _mean([100 / 3])})
+
+
+def test_unreadable_judge_answers_are_reported_with_the_resistance_grid(results):
+    results["results"][2]["judge_unparseable"] = 3.0
+    results["results"][3]["judge_unparseable"] = 1.0
+    note = _table(report.build_tables(results), "resistance").note
+    assert "could not read 4 answers of 2 evaluated models" in note

@@ -132,6 +132,10 @@ def resistance(results: dict) -> list[Table]:
                  ["attack"] + [f"{d} {m}" for d in defenses for m in ("HS", "cap")])
     rows = [("no attack", before, None)] + [(attack_label(p, points), attacked, p) for p in points]
     grid.rows = _per_attack(rows, defenses, _ci)
+    unread = [e for e in results["results"] if e.get("judge_unparseable")]
+    if unread:
+        grid.note += (f" The judge could not read {sum(e['judge_unparseable'] for e in unread):g} answers of "
+                      f"{len(unread)} evaluated models; they are left out of HS (judge_unparseable in results.json).")
     tables = [grid]
     others = [d for d in defenses if d != ref]
     if others and any(r.get("vs_reference") for r in attacked + before):

@@ -9,7 +9,8 @@ harmful vocabulary refused; null without such items), refusal {harmful, over_ref
 teacher-forced response CE on gold answers, "harmful": on gold harmful answers}, chance {task: % of the best
 constant answer}, diagnostics {grad_cosine: held-out cos(harmful gradient, benign gradient)}, loss_curve (the
 attack fit's benign loss every k steps, if measured), steps and wall_time_s of the fit that made the model,
-eval_wall_time_s, capability_lm_eval (% mean lm-evaluation-harness acc over the requested tasks, eval.lm_eval;
+eval_wall_time_s, judge_unparseable (harmful answers a language-model judge could not read: left out of
+harmful_score), capability_lm_eval (% mean lm-evaluation-harness acc over the requested tasks, eval.lm_eval;
 null without it) and lm_eval {task: acc %}, and intervals {harmful_score, capability, over_refusal,
 capability_lm_eval: [low, high]} (item bootstrap, 95%; lm-eval's from its per-item records, when the bootstrap's
 statistic reproduces the harness's number).
@@ -130,6 +131,7 @@ def entry(cell: Cell, cells_dir: Path, items: Optional[dict] = None) -> Optional
         "steps": fit["steps"],
         "wall_time_s": fit["wall_time_s"],
         "eval_wall_time_s": cell_info(cell, cells_dir)["wall_time_s"],
+        "judge_unparseable": metrics.get("judge/unparseable", 0.0),
         "capability_lm_eval": metrics.get("capability/lm_eval"),
         "lm_eval": {k[len(LM_EVAL):-len("/acc")]: v for k, v in sorted(metrics.items())
                     if k.startswith(LM_EVAL) and k.endswith("/acc")},
