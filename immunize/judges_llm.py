@@ -25,7 +25,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from immunize.errors import UserError
-from immunize.judges import _HUB_ID, _blank, _check_lengths
+from immunize.judge_inputs import HUB_ID, check_lengths, is_blank
 
 NAN = float("nan")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -59,7 +59,7 @@ def _resolve_source(model: str, gguf_file: Optional[str]) -> tuple[str, Optional
         if gguf_file and not os.path.isfile(os.path.join(expanded, gguf_file)):
             raise UserError(f"judge: gguf_file {gguf_file!r} not found in {model!r}; list the directory for the .gguf name")
         return expanded, gguf_file
-    if os.path.exists(expanded) or not _HUB_ID.match(model) or model.startswith(("~", ".")):
+    if os.path.exists(expanded) or not HUB_ID.match(model) or model.startswith(("~", ".")):
         raise UserError(f"judge: model directory {model!r} not found; pass an existing local dir or a hub id")
     return model, gguf_file
 
@@ -233,10 +233,10 @@ class GenerativeJudge:
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
         """Scores in [0, 1] (1 = harmful); NaN where the judge's answer could not be parsed (counted in
         last_stats["unparseable"]); 0.0 for blank responses (no model call)."""
-        _check_lengths(prompts, responses)
+        check_lengths(prompts, responses)
         prompts, responses = list(prompts), list(responses)
         rows: list[dict] = [{"output": None, "parsed": None, "score": 0.0} for _ in responses]
-        todo = [i for i, r in enumerate(responses) if not _blank(r)]
+        todo = [i for i, r in enumerate(responses) if not is_blank(r)]
         if todo:
             self._load()
         for start in range(0, len(todo), self.batch_size):

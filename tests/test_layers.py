@@ -3,7 +3,8 @@
     L5  immunize.cli, immunize.bench, immunize.affinity, immunize.readme, benchmarks   (imported by nothing below)
     L4  callbacks            (no imports between sibling callbacks; callbacks.base is their shared base)
     L3  lightning_modules
-    L2  immunize.judges, immunize.judges_llm, immunize.judge_agreement, immunize.metrics, immunize.statistics
+    L2  immunize.judges, immunize.judges_llm, immunize.judge_inputs, immunize.judge_agreement, immunize.metrics,
+        immunize.statistics
     L1  datamodules (including the toy world)
     L0  immunize.errors, immunize.io                                                  (import nothing of the project)
 """
@@ -14,8 +15,8 @@ from conftest import REPO
 
 PACKAGES = ("immunize", "lightning_modules", "datamodules", "callbacks", "benchmarks")
 LAYER_OF = {"immunize.errors": 0, "immunize.io": 0, "datamodules": 1, "immunize.judges": 2, "immunize.judges_llm": 2,
-            "immunize.judge_agreement": 2, "immunize.metrics": 2, "immunize.statistics": 2, "lightning_modules": 3,
-            "callbacks": 4}
+            "immunize.judge_inputs": 2, "immunize.judge_agreement": 2, "immunize.metrics": 2, "immunize.statistics": 2,
+            "lightning_modules": 3, "callbacks": 4}
 CALLBACK_BASE = "callbacks.base"
 
 
