@@ -43,21 +43,23 @@ def _prefixed(metrics: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
 
 
-def read_items(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
-    """The eval cell's per-item rows (generations.jsonl), sorted by (kind, prompt) so seeds line up."""
-    path = next(iter(sorted(cell.directory(cells_dir).rglob("generations.jsonl"))), None)
+def _cell_jsonl(cell: Cell, cells_dir: Path, name: str) -> Optional[list[dict]]:
+    """The rows of the first file called `name` under the cell's folder, or None when there is none."""
+    path = next(iter(sorted(cell.directory(cells_dir).rglob(name))), None)
     if path is None:
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted(rows, key=lambda r: (r["kind"], r["prompt"]))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_items(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
+    """The eval cell's per-item rows (generations.jsonl), sorted by (kind, prompt) so seeds line up."""
+    rows = _cell_jsonl(cell, cells_dir, "generations.jsonl")
+    return None if rows is None else sorted(rows, key=lambda r: (r["kind"], r["prompt"]))
 
 
 def read_lm_eval_samples(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
     """The eval cell's lm-eval per-item records (lm_eval_samples.jsonl), or None when lm-eval did not run."""
-    path = next(iter(sorted(cell.directory(cells_dir).rglob("lm_eval_samples.jsonl"))), None)
-    if path is None:
-        return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _cell_jsonl(cell, cells_dir, "lm_eval_samples.jsonl")
 
 
 def lm_eval_arrays(samples: list[dict]) -> Optional[tuple[np.ndarray, list, list]]:
