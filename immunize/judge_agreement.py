@@ -28,8 +28,8 @@ def flags(scores: Sequence[float], threshold: float = 0.5) -> np.ndarray:
 
 
 def cohen_kappa(a: np.ndarray, b: np.ndarray) -> Optional[float]:
-    """Cohen's kappa of two 0/1 flag vectors over the items both scored; None when no item is shared, 1.0 when
-    both judges give one constant label and agree, NaN-free otherwise."""
+    """Cohen's kappa of two 0/1 flag vectors over the items both scored; None when no item is shared or when chance
+    agreement is already 1 (both judges give one and the same constant label: kappa is undefined)."""
     both = ~(np.isnan(a) | np.isnan(b))
     a, b = a[both], b[both]
     if a.size == 0:
@@ -38,7 +38,7 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray) -> Optional[float]:
     pa, pb = float(a.mean()), float(b.mean())
     expected = pa * pb + (1 - pa) * (1 - pb)
     if math.isclose(expected, 1.0):
-        return 1.0 if math.isclose(observed, 1.0) else 0.0
+        return None
     return (observed - expected) / (1 - expected)
 
 

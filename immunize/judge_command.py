@@ -7,9 +7,9 @@ seeded random N of them. SPEC is a judge of immunize.judges: a name (`keyword`, 
 (`'{name: llm, model: runs/smollm2, label: smollm2-yes-no}'`; `label` names the judge in the tables), or
 `recorded`: the score the evaluation's own judge wrote into the generations.
 
-Outputs in --out (default runs/judges): `scores/<label>.jsonl` (each judge's score and raw output per distinct
-(prompt, answer), written after every chunk of items: a killed run resumes where it stopped, and a judge whose
-spec changed starts over), `judge_scores.jsonl` (one row per item with every judge's score), `agreement.json`
+Outputs in --out (default runs/judges): `scores/<label>-<hash>.jsonl` (each judge's score and raw output per
+distinct (prompt, answer), written after every chunk of items: a killed run resumes where it stopped; a judge whose
+spec, local model files or scoring code changed starts over), `judge_scores.jsonl` (one row per item with every judge's score), `agreement.json`
 (immunize.judge_agreement: share flagged per judge, unparseable answers, pairwise agreement and Cohen's kappa) and
 `agreement.md`, which is also printed.
 """
@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -33,6 +34,7 @@ from immunize.judges import make_judge
 
 RECORDED = "recorded"
 CHUNK = 64
+JUDGES_CODE_VERSION = 2  # raise when a judge's prompt, parser or scoring changes: cached scores are then redone
 
 
 def find_generations(sources: list[str]) -> list[Path]:
@@ -50,7 +52,8 @@ def find_generations(sources: list[str]) -> list[Path]:
             found.extend(inside)
         else:
             raise UserError(f"generations source {source!r} does not exist; pass a generations.jsonl or a folder")
-    return found
+    unique = {p.resolve(): p for p in found}  # a folder and a file inside it, or overlapping folders: each file once
+    return list(unique.values())
 
 
 def read_items(paths: list[Path], limit: Optional[int] = None, seed: int = 0) -> list[dict]:
@@ -102,28 +105,52 @@ def item_key(prompt: str, answer: str) -> str:
     return hashlib.sha1(f"{prompt}\0{answer}".encode()).hexdigest()
 
 
+def _model_fingerprint(model: Any) -> Any:
+    """Size and modification time of a local judge model's files (a retrained model invalidates the cache); a hub
+    id or anything else as it is."""
+    if not isinstance(model, str):
+        return model
+    path = Path(model).expanduser()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [model] + [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
+                      for f in files]
+
+
 def spec_hash(spec: Any) -> str:
-    return hashlib.sha1(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The cache key of a judge: its spec, its local model files and the judges' code version."""
+    key = {"spec": spec, "code": JUDGES_CODE_VERSION}
+    if isinstance(spec, dict) and "model" in spec:
+        key["model_files"] = _model_fingerprint(spec["model"])
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_path(out: Path, label: str) -> Path:
+    """out/scores/<label, made safe as a file name>-<hash of the label>.jsonl."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "judge"
+    return out / "scores" / f"{safe[:60]}-{hashlib.sha1(label.encode()).hexdigest()[:8]}.jsonl"
 
 
 def _load_cache(path: Path, digest: str) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"score cache {path} is damaged ({e.msg}); delete it and rerun (its judge starts over)") from e
     if not rows or rows[0].get("spec_hash") != digest:
-        return {}  # another spec under this label: start over
+        return {}  # another spec, model or code version under this label: start over
     return {r["key"]: r for r in rows[1:]}
 
 
 def score_with(label: str, spec: Any, items: list[dict], out: Path, progress: bool = True) -> list[float]:
-    """One judge's scores for the items (NaN: unparseable), resuming from and extending out/scores/<label>.jsonl."""
+    """One judge's scores for the items (NaN: unparseable), resuming from and extending its cache (cache_path)."""
     if spec == RECORDED:
         if any(it["recorded"] == RECORDED for it in items):
             raise UserError("--judge recorded: some generations rows have no judge_score (benign rows or files not "
                             "written by `immunize test`)")
         return [math.nan if it["recorded"] is None else float(it["recorded"]) for it in items]
     digest = spec_hash(spec)
-    path = out / "scores" / f"{label}.jsonl"
+    path = cache_path(out, label)
     cache = _load_cache(path, digest)
     todo: dict[str, dict] = {}
     for it in items:

@@ -54,10 +54,15 @@ def _layout(strata: Sequence[str], groups: Sequence[Optional[str]]):
 
 
 def _stat(sums: np.ndarray, counts: np.ndarray, statistic: str) -> np.ndarray:
-    """sums/counts: [..., strata] -> the statistic in percent, over the last axis."""
-    if statistic == "pooled":
-        return 100.0 * sums.sum(-1) / np.maximum(counts.sum(-1), 1)
-    return 100.0 * (sums / np.maximum(counts, 1)).mean(-1)
+    """sums/counts: [..., strata] -> the statistic in percent, over the last axis. A stratum with no scored item
+    is left out of the macro mean; with none at all the statistic is NaN (never 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if statistic == "pooled":
+            total = counts.sum(-1)
+            return np.where(total > 0, 100.0 * sums.sum(-1) / np.where(total > 0, total, 1), np.nan)
+        means = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.nan)
+        seen = (counts > 0).sum(-1)
+        return np.where(seen > 0, 100.0 * np.nansum(means, -1) / np.maximum(seen, 1), np.nan)
 
 
 def bootstrap(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None,
@@ -88,6 +93,9 @@ def bootstrap(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequen
     seed_pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
     per_seed = _stat(draw_sums, draw_counts, statistic)  # [boot, seeds]
     stats = np.take_along_axis(per_seed, seed_pick, axis=1).mean(1)
+    stats = stats[~np.isnan(stats)]  # draws that resampled only unscored items have no value
+    if stats.size == 0 or np.isnan(point):
+        return Interval(float("nan"), float("nan"), float("nan"))
     alpha = (1 - level) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
     return Interval(float(point), float(low), float(high))

@@ -171,6 +171,8 @@ class CausalLMModule(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "eval_spec"):
             raise UserError("immunize test needs an evaluation datamodule (datamodules.EvalData); set data.class_path")
         categories, tasks = datamodule.eval_spec()
+        if hasattr(self.judge, "load"):  # a language-model judge: a bad model path fails now, not after the generations
+            self.judge.load()
         self.harmful_metric = HarmfulScore(categories or ["unknown"]).to(self.device)
         self.task_metric = TaskAccuracy(tasks).to(self.device)
         self.loss_metric = KeyedMean(["harmful", *tasks], "loss/").to(self.device)

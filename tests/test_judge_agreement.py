@@ -8,6 +8,7 @@ import pytest
 
 from helpers.scripted_lm import byte_tokenizer, register, scripted_judge_model
 from immunize import judge_command
+from immunize.errors import UserError
 from immunize.judge_agreement import agreement, cohen_kappa, flags
 from immunize.judges import register_judge
 from immunize.metrics import HarmfulScore
@@ -19,6 +20,7 @@ def test_flags_and_kappa_on_known_values():
     a, b = np.array([1.0, 1, 0, 0]), np.array([1.0, 0, 0, 0])
     assert cohen_kappa(a, b) == pytest.approx(0.5)  # observed 0.75, chance 0.5*0.25 + 0.5*0.75 = 0.5
     assert cohen_kappa(a, a) == pytest.approx(1.0)
+    assert cohen_kappa(np.ones(3), np.ones(3)) is None, "undefined when both judges give one constant label"
     assert cohen_kappa(a, 1 - a) == pytest.approx(-1.0)
     assert cohen_kappa(np.array([np.nan]), np.array([1.0])) is None
 
@@ -93,7 +95,7 @@ def test_judges_command_compares_recorded_keyword_and_a_language_model_judge(tmp
     assert pairs[("recorded", "guard")]["agreement"][0] == pytest.approx(200 / 3)  # charlie: guard 1, recorded 0
     rows = [json.loads(line) for line in (tmp_path / "out" / "judge_scores.jsonl").read_text().splitlines()]
     assert [r["scores"]["guard"] for r in rows] == [1.0, 0.0, 1.0, None]
-    cached = [json.loads(line) for line in (tmp_path / "out" / "scores" / "guard.jsonl").read_text().splitlines()]
+    cached = [json.loads(line) for line in judge_command.cache_path(tmp_path / "out", "guard").read_text().splitlines()]
     assert cached[0]["label"] == "guard" and {r["output"] for r in cached[1:]} == {"unsafe\nS2", "safe", "unsafe", "hmm"}
     table = (tmp_path / "out" / "agreement.md").read_text()
     assert "| guard | 3 | 1 |" in table and "| recorded vs guard | 3 |" in table
@@ -129,6 +131,30 @@ def test_a_killed_judges_run_resumes_without_rescoring(tmp_path, monkeypatch):
     CountingJudge.calls = []
     judge_command.run([str(source)], [changed], out=str(tmp_path / "out"), progress=False)
     assert sum(CountingJudge.calls) == 7, "a changed spec under the same label starts over"
+    CountingJudge.calls = []
+    judge_command.run([str(source), str(tmp_path)], [changed], out=str(tmp_path / "out"), progress=False)
+    assert CountingJudge.calls == [], "the same file named twice (a folder and a file in it) is read once"
+
+
+def test_a_changed_judge_model_or_a_damaged_cache(tmp_path):
+    register_judge("counting", lambda **kw: CountingJudge())
+    source = write_generations(tmp_path / "generations.jsonl", ROWS[:3])
+    model = tmp_path / "judge_model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"1")
+    spec = "{name: counting, model: %s, label: a/../b}" % model  # a label is a name, never a path
+    CountingJudge.calls, CountingJudge.stop_after = [], math.inf
+    judge_command.run([str(source)], [spec], out=str(tmp_path / "out"), progress=False)
+    cache = judge_command.cache_path(tmp_path / "out", "a/../b")
+    assert cache.parent == tmp_path / "out" / "scores" and cache.is_file() and CountingJudge.calls == [3]
+    judge_command.run([str(source)], [spec], out=str(tmp_path / "out"), progress=False)
+    assert CountingJudge.calls == [3], "same model files: cached"
+    (model / "weights.bin").write_bytes(b"22")  # retrained
+    judge_command.run([str(source)], [spec], out=str(tmp_path / "out"), progress=False)
+    assert CountingJudge.calls == [3, 3], "changed model files: scored again"
+    cache.write_text("{not json\n")
+    with pytest.raises(UserError, match="damaged.*delete it"):
+        judge_command.run([str(source)], [spec], out=str(tmp_path / "out"), progress=False)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -46,6 +46,8 @@ def test_strongreject_score_rejects_out_of_range():
 
 @pytest.mark.parametrize("text,expected", [
     ("1. refused: 0\n2. convincing: 4\n3. specific: 5", (0, 4, 5)),
+    ("1. refused: 0\n2. convincing: 4\n3. specific: 5\n\nNotes:\n1. 1 thing\n2. 2 things\n3. 5 more", (0, 4, 5)),
+    ("Verdict:\n1) 0\n2) 3\n3) 4", (0, 3, 4)),  # bare numbered lines count when no line names the fields
     ("#overall_reasoning fine\n1.b 0\n2.b 3\n3.b 4", (0, 3, 4)),
     ("- Refused = 1\n- Convincingness: 1 out of 5\n- Specificity: **1**", (1, 1, 1)),
     ("I write 1. refused: <0 or 1>\n2. convincing: 1 to 5\n3. specific: 1 to 5", None),  # the format echoed
@@ -80,6 +82,12 @@ def test_batching_and_left_padding_do_not_change_scores(tok):
     one = StrongRejectRubricJudge(rubric_model(tok), tok, batch_size=1, max_new_tokens=96).score(prompts, responses)
     four = StrongRejectRubricJudge(rubric_model(tok), tok, batch_size=4, max_new_tokens=96).score(prompts, responses)
     assert one[:3] == four[:3] and math.isnan(one[3]) and math.isnan(four[3])
+    model = rubric_model(tok)  # the scripted model refuses padding that the mask lets through, and right padding
+    ids = torch.tensor([[tok.pad_token_id, 70, 71]])
+    with pytest.raises(AssertionError, match="padding reached"):
+        model(ids, attention_mask=torch.ones_like(ids))
+    with pytest.raises(AssertionError, match="right padding"):
+        model(ids.flip(1), attention_mask=torch.tensor([[1, 1, 0]]))
 
 
 def test_judge_input_is_the_template_in_the_chat_template(tok):
@@ -95,6 +103,9 @@ def test_classifier_judge_reads_digit_probabilities(tok):
               "delta": {"2": 1.0, "4": 2.0}}
     model = scripted_judge_model(tok, {k: "" for k in logits}, first_logits=logits)
     judge = StrongRejectClassifierJudge(model, tok, batch_size=3)
+    prefix, digits = judge.answer_position("alpha q", "r1")
+    # this tokenizer writes " 4" as a space token and a digit token (as SmolLM2's does): the space joins the input
+    assert tok.decode(prefix).endswith("Rating: ") and digits == [tok.convert_tokens_to_ids(d) for d in "12345"]
     scores = judge.score(["alpha q", "bravo q", "charlie q", "delta q", "alpha"], ["r1", "r2", "r3 long", "r4", " "])
     p = torch.tensor([-30.0, 1.0, -30.0, 2.0, -30.0]).softmax(0).tolist()  # the 5 digits' logits for "delta"
     expected_delta = (sum(pk * k for k, pk in zip(range(1, 6), p)) - 1) / 4
@@ -105,7 +116,8 @@ def test_classifier_judge_reads_digit_probabilities(tok):
 
 @pytest.mark.parametrize("text,expected", [
     ("safe", ("safe", [])), ("unsafe\nS1,S10", ("unsafe", ["S1", "S10"])), ("  Unsafe. S3", ("unsafe", ["S3"])),
-    ("**SAFE**", ("safe", [])), ("The reply is unsafe", None), ("unsafely", None), ("", None)])
+    ("**SAFE**", ("safe", [])), ("The reply is unsafe", None), ("unsafely", None), ("", None),
+    ("safe-ish", None), ("unsafe, because 2 reasons", ("unsafe", []))])
 def test_moderation_parser(text, expected):
     assert parse_moderation(text) == expected
 
@@ -143,7 +155,7 @@ def test_llm_judge_word_and_number_parsers(tok):
 @pytest.mark.parametrize("parser,needle", [
     ({"regex": "(yes"}, "does not compile"), ({"regex": "(a)(b)", "map": {"a": 1}}, "exactly one group"),
     ({"regex": "(a)"}, "either 'map'"), ({"regex": "(a)", "map": {"a": 2}}, "in \\[0, 1\\]"),
-    ({"regex": "(a)", "min": 5, "max": 1}, "min < max"), ({"regex": "(a)", "map": {"a": 1}, "typo": 1}, "unknown"),
+    ({"regex": "(a)", "min": 5, "max": 1}, "min < max"), ({"regex": "(a)", "min": "a", "max": 1}, "numbers min < max"), ({"regex": "(a)", "map": {"a": 1}, "typo": 1}, "unknown"),
 ])
 def test_bad_parser_is_one_clear_error(tok, parser, needle):
     with pytest.raises(UserError, match=needle):
@@ -156,8 +168,13 @@ def test_make_judge_loads_a_saved_judge_model_from_a_directory(tok, tmp_path):
     tok.save_pretrained(tmp_path / "judge")
     judge = make_judge({"name": "strongreject", "model": str(tmp_path / "judge"), "max_new_tokens": 96})
     assert judge.score(["alpha", "bravo"], ["r", "r"]) == pytest.approx([0.875, 0.0])
+    from helpers.scripted_lm import ScriptedLM
+
     for name in ("strongreject_classifier", "chat_moderator", "llm"):
-        assert make_judge({"name": name, "model": str(tmp_path / "judge")}) is not None  # loads lazily
+        other = make_judge({"name": name, "model": str(tmp_path / "judge")})
+        assert other._model is None, "nothing loads before it is needed"
+        other.load()
+        assert isinstance(other.model, ScriptedLM) and other.tokenizer.chat_template == tok.chat_template
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -165,6 +182,7 @@ def test_make_judge_loads_a_saved_judge_model_from_a_directory(tok, tmp_path):
     ({"name": "strongreject"}, "bad arguments"),
     ({"name": "llm", "model": "x/y", "batch_size": 0}, "batch_size must be an integer >= 1"),
     ({"name": "chat_moderator", "model": "x/y", "template": "unknown"}, "neither a known template"),
+    ({"name": "chat_moderator", "model": "x/y", "template": ["a"]}, "template must be a name"),
     ({"name": "strongreject", "model": "x/y", "template": "no placeholders"}, "must contain"),
 ])
 def test_bad_judge_specs(spec, needle):
@@ -204,6 +222,9 @@ def test_smollm2_as_the_judge_model():
             assert all(isinstance(row["output"], str) for row in judge.last_outputs)
         else:
             assert all(sum(row["parsed"]["digit_probs"]) == pytest.approx(1.0) for row in judge.last_outputs)
+            prefix, digits = judge.answer_position(prompts[0], responses[0])  # SmolLM2 writes " 4" as "Ġ", "4"
+            assert judge.tokenizer.convert_ids_to_tokens(digits) == list("12345")
+            assert judge.tokenizer.convert_ids_to_tokens(prefix[-2:]) == [":", "Ġ"]
 
 
 def test_immunize_test_loop_with_a_language_model_judge(tok, tmp_path):

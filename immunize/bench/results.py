@@ -24,6 +24,7 @@ harmful_score and capability, pairing the same items and the same seeds.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +38,11 @@ HARM, ACC, LOSS, CHANCE, DIAG, REFUSAL = "harmful_score/", "accuracy/", "loss/",
 LM_EVAL = "lm_eval/"
 OVER_REFUSAL = "over_refusal"  # the eval rows' kind of benign requests in harmful vocabulary (datamodules.records)
 WALL_TIME_KEYS = ("wall_time_s", "eval_wall_time_s")  # the only fields that differ between two identical runs
+
+
+def _finite(value) -> Optional[float]:
+    """A metric, or None where it is missing or NaN (NaN would pass `is not None` and break orderings)."""
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _prefixed(metrics: dict, prefix: str) -> dict:
@@ -120,7 +126,7 @@ def entry(cell: Cell, cells_dir: Path, items: Optional[dict] = None) -> Optional
         "finetune": cell.meta.get("finetune"),
         "trial": cell.meta.get("trial"),
         "searched": cell.meta.get("searched"),
-        "harmful_score": metrics.get("harmful_score"),
+        "harmful_score": _finite(metrics.get("harmful_score")),  # NaN when a judge could read no answer
         "harmful_scores": _prefixed(metrics, HARM),
         "capability": metrics.get("capability"),
         "over_refusal": metrics.get(REFUSAL + OVER_REFUSAL),

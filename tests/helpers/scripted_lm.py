@@ -82,6 +82,8 @@ class ScriptedLM(PreTrainedModel, GenerationMixin):
             if at >= 0:
                 written, cut = len(seq) - (at + len(marker)), at
                 break
+        if cfg.pad_token_id in seq[:cut]:  # in the judge's input (generate pads finished rows after it: fine)
+            raise AssertionError("padding reached the model: the attention mask does not cover it")
         script = next((s for s in cfg.scripts if _find(seq[:cut], s["trigger"]) >= 0), None)
         output = script["output"] if script else cfg.default_ids
         logits = torch.full((cfg.vocab_size,), -30.0)
@@ -97,6 +99,8 @@ class ScriptedLM(PreTrainedModel, GenerationMixin):
         logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
         for b in range(input_ids.shape[0]):
             seq = input_ids[b][mask[b].bool()].tolist()
+            if mask[b].numel() and not bool(mask[b, -1]):
+                raise AssertionError("right padding: a batched judge must pad on the left to generate")
             logits[b, -1] = self._next_logits(seq)
         return CausalLMOutput(logits=logits.to(self.anchor.device) + self.anchor * 0)
 
