@@ -141,7 +141,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as err:
         print(f"immunize.readme: error: {err}", file=sys.stderr)
         sys.exit(2)
-    what = "the method table" if args.methods else "the judge agreement" if args.agreement else args.tables
+    what = ("the method table" if args.methods else "the judge agreement" if args.agreement
+            else "the papers' claims" if args.paper else args.tables)
     print(f"pasted {what} into {args.readme} ({args.block})")
 
 
