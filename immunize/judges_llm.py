@@ -421,7 +421,6 @@ class StrongRejectClassifierJudge(GenerativeJudge):
                  trust_remote_code: bool = False):
         super().__init__(model, tokenizer, gguf_file, template, chat_template, batch_size, 1, max_response_tokens,
                          device, dtype, trust_remote_code)
-        self._digit_ids: Optional[list[int]] = None
 
     def answer_position(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
         """(the input ids up to the rating, the token ids of "1".."5" there): how the tokenizer writes the judge
@@ -439,12 +438,6 @@ class StrongRejectClassifierJudge(GenerativeJudge):
                             "ratings 1..5 as one final token each after the judge input; the classifier format needs "
                             "that (use a tokenizer whose digits are single tokens)")
         return prefix, digits
-
-    def digit_ids(self) -> list[int]:
-        """Token ids of "1".."5" where the judge writes its rating (see answer_position)."""
-        if self._digit_ids is None:
-            self._digit_ids = self.answer_position("request", "reply")[1]
-        return self._digit_ids
 
     def _judge_batch(self, prompts: list[str], responses: list[str]) -> list[dict]:
         import inspect
