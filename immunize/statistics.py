@@ -56,13 +56,10 @@ def _layout(strata: Sequence[str], groups: Sequence[Optional[str]]):
 def _stat(sums: np.ndarray, counts: np.ndarray, statistic: str) -> np.ndarray:
     """sums/counts: [..., strata] -> the statistic in percent, over the last axis. A stratum with no scored item
     is left out of the macro mean; with none at all the statistic is NaN (never 0)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: NaN, which nansum leaves out of the macro mean
         if statistic == "pooled":
-            total = counts.sum(-1)
-            return np.where(total > 0, 100.0 * sums.sum(-1) / np.where(total > 0, total, 1), np.nan)
-        means = np.where(counts > 0, sums / np.where(counts > 0, counts, 1), np.nan)
-        seen = (counts > 0).sum(-1)
-        return np.where(seen > 0, 100.0 * np.nansum(means, -1) / np.maximum(seen, 1), np.nan)
+            return 100.0 * sums.sum(-1) / counts.sum(-1)
+        return 100.0 * np.nansum(sums / counts, -1) / (counts > 0).sum(-1)
 
 
 def bootstrap(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None,
