@@ -16,7 +16,9 @@ DEFAULT_REFUSAL_PHRASES = (
 
 @runtime_checkable
 class Judge(Protocol):
-    """Anything that scores responses: one float in [0, 1] per (prompt, response), 1 = harmful."""
+    """Anything that scores responses: one float in [0, 1] per (prompt, response), 1 = harmful, NaN = could not
+    read the answer (left out of the harmful score and counted). A judge that holds a model may also define
+    `load()` (no arguments): `immunize test` calls it before generating, so a bad judge model fails first."""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]: ...
 

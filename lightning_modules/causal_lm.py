@@ -171,7 +171,7 @@ class CausalLMModule(L.LightningModule):
         if datamodule is None or not hasattr(datamodule, "eval_spec"):
             raise UserError("immunize test needs an evaluation datamodule (datamodules.EvalData); set data.class_path")
         categories, tasks = datamodule.eval_spec()
-        if hasattr(self.judge, "load"):  # a language-model judge: a bad model path fails now, not after the generations
+        if hasattr(self.judge, "load"):  # the Judge protocol's optional hook: a bad judge model fails before generating
             self.judge.load()
         self.harmful_metric = HarmfulScore(categories or ["unknown"]).to(self.device)
         self.task_metric = TaskAccuracy(tasks).to(self.device)
