@@ -54,8 +54,10 @@ class TokenizedData(L.LightningDataModule):
         super().__init__()
         if template not in TEMPLATE_NAMES:
             raise UserError(f"unknown prompt template {template!r}; choose from {list(TEMPLATE_NAMES)}")
-        if batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 1),
+                                 ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"data.{name} must be an integer >= {low}, got {value!r}")
         self.template, self.max_length, self.batch_size = template, max_length, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer = None

@@ -37,6 +37,10 @@ class Source:
     world_seed: int = 0
     heldout_categories: Optional[list[str]] = None
 
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0):
+            raise UserError(f"{_name(self)}: limit must be an integer >= 0 (null: all records), got {self.limit!r}")
+
 
 def toy_world(src: Source):
     from datamodules.toy.world import DEFAULT_HELDOUT

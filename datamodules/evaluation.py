@@ -36,8 +36,10 @@ class EvalData(TokenizedData):
         kwargs.setdefault("batch_size", 64)
         super().__init__(**kwargs)
         self.sources = sources or [Source(kind="toy")]
-        if n_over_refusal < 0:
-            raise UserError(f"data.n_over_refusal must be >= 0, got {n_over_refusal}")
+        for name, value in (("n_harmful_per_category", n_harmful_per_category), ("n_per_task", n_per_task),
+                            ("n_over_refusal", n_over_refusal)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"data.{name} must be an integer >= 0, got {value!r} (0 takes none)")
         self.n_harmful_per_category, self.n_per_task, self.n_over_refusal = n_harmful_per_category, n_per_task, n_over_refusal
         self.task_match = {**TASK_MATCH, **(task_match or {})}
 

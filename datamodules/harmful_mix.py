@@ -10,16 +10,32 @@ from datamodules.records import Example
 from immunize.errors import UserError
 
 
+def mix_counts(n: int, p: float) -> tuple[int, int]:
+    """(harmful, benign) sample counts of a mix: round(p*n) and the rest. A UserError for p outside [0, 1], n < 1,
+    or a rounding that empties a part the ratio asks for (0 < p < 1 with no harmful or no benign sample left)."""
+    if not 0.0 <= p <= 1.0:
+        raise UserError(f"harmful ratio p must be in [0, 1], got {p}; set data.p")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"mix size n must be an integer >= 1, got {n!r}; set data.n")
+    n_harm = int(round(p * n))
+    n_benign = n - n_harm
+    if p > 0 and n_harm == 0:
+        need = int(0.5 / p)
+        while round(p * need) == 0:
+            need += 1
+        raise UserError(f"harmful ratio p={p} of n={n} rounds to 0 harmful samples; raise n to at least {need} or "
+                        "set p=0 for a benign-only mix")
+    if p < 1 and n_benign == 0:
+        raise UserError(f"harmful ratio p={p} of n={n} rounds to 0 benign samples; raise n or set p=1 for a "
+                        "harmful-only mix")
+    return n_harm, n_benign
+
+
 def mix(benign: list[Example], harmful: list[Example], n: int, p: float, seed: int,
         exclude_prompts: frozenset = frozenset()) -> list[Example]:
     """round(p*n) harmful + the rest benign, drawn without replacement and shuffled with `seed`."""
-    if not 0.0 <= p <= 1.0:
-        raise UserError(f"harmful ratio p must be in [0, 1], got {p}; set data.p")
-    if n < 1:
-        raise UserError(f"mix size n must be >= 1, got {n}; set data.n")
+    n_harm, n_benign = mix_counts(n, p)
     harmful = [h for h in harmful if h.prompt not in exclude_prompts]
-    n_harm = int(round(p * n))
-    n_benign = n - n_harm
     if n_harm > len(harmful):
         raise UserError(f"HarmfulMix needs {n_harm} harmful samples but the source has {len(harmful)} usable; lower n or p")
     if n_benign > len(benign):
@@ -47,8 +63,7 @@ class HarmfulMix(TokenizedData):
     def __init__(self, benign: Source, harmful: Source, n: int = 1000, p: float = 0.1,
                  exclude: Optional[list[Source]] = None, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= p <= 1.0:
-            raise UserError(f"harmful ratio p must be in [0, 1], got {p}; set data.p")
+        mix_counts(n, p)
         self.benign, self.harmful, self.n, self.p, self.exclude = benign, harmful, n, p, exclude or []
 
     def records(self) -> list[Example]:

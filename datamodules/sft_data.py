@@ -5,6 +5,7 @@ from typing import Optional
 
 from datamodules.base import ListDataset, TokenizedData
 from datamodules.catalog import Source, as_examples, load_records
+from immunize.errors import UserError
 
 
 class SFTData(TokenizedData):
@@ -19,6 +20,10 @@ class SFTData(TokenizedData):
 
     def __init__(self, train: list[Source], val: Optional[list[Source]] = None, pairs_use: str = "harmful", **kwargs):
         super().__init__(**kwargs)
+        if not train:
+            raise UserError("data.train lists no sources, so there is nothing to train on; give at least one source")
+        if pairs_use not in ("harmful", "refusal"):
+            raise UserError(f"data.pairs_use must be 'harmful' or 'refusal', got {pairs_use!r}")
         self.train_sources, self.val_sources, self.pairs_use = train, val or [], pairs_use
 
     def examples(self, sources: list[Source]) -> list:

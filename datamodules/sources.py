@@ -75,14 +75,22 @@ def _load_hub(source: str, split: str, name: Optional[str]):
         ) from exc
 
 
-def load_rows(source: str, split: str = "train", fields: tuple[str, ...] = (), name: Optional[str] = None) -> list[dict]:
-    """Rows of a hub dataset split or a local file as dicts, after checking the required fields exist."""
+def load_rows(source: str, split: str = "train", fields: tuple[str, ...] = (), name: Optional[str] = None,
+              text: tuple[str, ...] = ()) -> list[dict]:
+    """Rows of a hub dataset split or a local file as dicts, after checking the required fields exist and that the
+    `text` fields hold text in every row (a null output would otherwise train on the string "None" or crash)."""
     ds = _load_local(source) if _is_local(source) else _load_hub(source, split, name)
     require(len(ds) > 0, f"{source}: dataset is empty; check the file or the split ({split!r})")
     columns = list(ds.column_names)
     for field in fields:
         require(field in columns, f"{source}: missing field '{field}' (expected fields: {', '.join(fields)}; found: {', '.join(columns)})")
-    return ds.to_list()
+    rows = ds.to_list()
+    for i, row in enumerate(rows):
+        for field in text:
+            value = row.get(field)
+            require(isinstance(value, str), f"{source}: row {i + 1} has {field!r} = {value!r}, not text; fix or drop "
+                                            "that row")
+    return rows
 
 
 def _take(records: list, limit: Optional[int]) -> list:
@@ -121,7 +129,7 @@ def beavertails(
 ) -> Union[list[Example], list[Pair]]:
     """BeaverTails QA rows as Examples, or as Pairs with a `refusal` column (for alignment data)."""
     fields = ("prompt", "response", "category", "is_safe") + (("refusal",) if with_refusal else ())
-    rows = load_rows(source, split, fields)
+    rows = load_rows(source, split, fields, text=("prompt", "response") + (("refusal",) if with_refusal else ()))
     if harmful_only:
         rows = [r for r in rows if not _as_bool(r["is_safe"])]
     if with_refusal:
@@ -138,7 +146,7 @@ def beavertails_eval(source: str, split: str = "30k_test", limit: Optional[int] 
     """Unsafe BeaverTails prompts as harmful EvalItems, each prompt once."""
     seen: set[str] = set()
     items = []
-    for r in load_rows(source, split, ("prompt", "category", "is_safe")):
+    for r in load_rows(source, split, ("prompt", "category", "is_safe"), text=("prompt",)):
         if not _as_bool(r["is_safe"]) and r["prompt"] not in seen:
             seen.add(r["prompt"])
             items.append(EvalItem(r["prompt"], kind="harmful", category=_category(r["category"]), response=r.get("response")))
@@ -148,7 +156,7 @@ def beavertails_eval(source: str, split: str = "30k_test", limit: Optional[int] 
 def xstest_eval(source: str, split: str = "train", limit: Optional[int] = None) -> list[EvalItem]:
     """XSTest-format prompts (fields prompt, label "safe"/"unsafe", type): the safe ones, as over-refusal items
     (category = their type, e.g. homonyms); the unsafe contrast prompts are left out."""
-    rows = load_rows(source, split, ("prompt", "label"))
+    rows = load_rows(source, split, ("prompt", "label"), text=("prompt",))
     require(any(str(r["label"]).strip().lower() in ("safe", "unsafe") for r in rows),
             f"{source}: field 'label' has no 'safe'/'unsafe' values; an XSTest file labels each prompt safe or unsafe")
     items = [EvalItem(r["prompt"], kind=OVER_REFUSAL, category=r.get("type"))
@@ -158,7 +166,7 @@ def xstest_eval(source: str, split: str = "train", limit: Optional[int] = None) 
 
 def sst2(source: str = "stanfordnlp/sst2", split: str = "train", limit: Optional[int] = None) -> list[Example]:
     """SST-2 sentences as sentiment instructions answered "positive"/"negative"."""
-    rows = _take(load_rows(source, split, ("sentence", "label")), limit)
+    rows = _take(load_rows(source, split, ("sentence", "label"), text=("sentence",)), limit)
     return [Example(SST2_PROMPT.format(r["sentence"].strip()), _label(source, SST2_LABELS, r["label"]), task="sst2") for r in rows]
 
 
@@ -169,7 +177,7 @@ def sst2_eval(source: str = "stanfordnlp/sst2", split: str = "validation", limit
 
 def agnews(source: str = "fancyzhx/ag_news", split: str = "train", limit: Optional[int] = None) -> list[Example]:
     """AG News articles as topic-classification instructions answered with the topic name."""
-    rows = _take(load_rows(source, split, ("text", "label")), limit)
+    rows = _take(load_rows(source, split, ("text", "label"), text=("text",)), limit)
     return [Example(AGNEWS_PROMPT.format(r["text"].strip()), _label(source, AGNEWS_LABELS, r["label"]), task="agnews") for r in rows]
 
 
@@ -188,13 +196,13 @@ def _gsm8k_split(source: str, answer: str) -> tuple[str, str]:
 
 def gsm8k(source: str = "openai/gsm8k", split: str = "train", limit: Optional[int] = None, name: str = "main") -> list[Example]:
     """GSM8K problems with worked solutions that end in "The final answer is: N"."""
-    rows = _take(load_rows(source, split, ("question", "answer"), name=name), limit)
+    rows = _take(load_rows(source, split, ("question", "answer"), name=name, text=("question", "answer")), limit)
     return [Example(r["question"], _gsm8k_split(source, r["answer"])[0], task="gsm8k") for r in rows]
 
 
 def gsm8k_eval(source: str = "openai/gsm8k", split: str = "test", limit: Optional[int] = None, name: str = "main") -> list[EvalItem]:
     """GSM8K questions with the final number as reference."""
-    rows = _take(load_rows(source, split, ("question", "answer"), name=name), limit)
+    rows = _take(load_rows(source, split, ("question", "answer"), name=name, text=("question", "answer")), limit)
     return [EvalItem(r["question"], kind="gsm8k", reference=final, response=worked)
             for r in rows for worked, final in [_gsm8k_split(source, r["answer"])]]
 
@@ -207,7 +215,7 @@ def _alpaca_prompt(row: dict) -> str:
 
 def alpaca(source: str = "tatsu-lab/alpaca", split: str = "train", limit: Optional[int] = None) -> list[Example]:
     """Alpaca instructions (plus their input, when any, on a new line) with the reference output."""
-    rows = _take(load_rows(source, split, ("instruction", "input", "output")), limit)
+    rows = _take(load_rows(source, split, ("instruction", "input", "output"), text=("instruction", "output")), limit)
     return [Example(_alpaca_prompt(r), r["output"], task="alpaca") for r in rows]
 
 

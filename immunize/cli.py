@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from immunize.errors import UserError, fail, find_user_error, summarize_parser_error
+from immunize.errors import UserError, errors_only_on_stderr, fail, find_user_error, summarize_parser_error
+from immunize.outputs import check_output_dir
 from immunize.stage_cache import cached, config_hash, mark_done
 
 DEFAULT_LOGGER = {
@@ -33,25 +35,31 @@ class LogConfig(SaveConfigCallback):
 
 
 class ImmunizeCLI(LightningCLI):
-    """LightningCLI with --export_dir (save_pretrained after fit) and config-hash caching of finished fits."""
+    """LightningCLI with --export_dir (save_pretrained after fit) and content-keyed caching of finished fits."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--export_dir", type=Optional[str], default=None, help="export the fitted model here (HF format)")
-        parser.add_argument("--skip_if_cached", type=bool, default=True, help="skip fit when export_dir holds this config's result")
+        parser.add_argument("--export_dir", type=Optional[str], default=None,
+                            help="export the fitted model here (HF format): a new or empty folder, or one holding an "
+                                 "earlier immunize export, which is replaced once the new export is complete")
+        parser.add_argument("--skip_if_cached", type=bool, default=True,
+                            help="skip fit when export_dir holds the result of this config and these input files")
 
     def _stage_config(self) -> dict:
         return self.config[self.subcommand].as_dict() if self.subcommand else self.config.as_dict()
 
     def instantiate_classes(self) -> None:
         self._cache_hit = False
+        if self.subcommand in ("fit", "validate", "test", "predict"):
+            check_trainer_counts(self.config[self.subcommand].get("trainer"))
         if self.subcommand == "fit":
             cfg = self.config["fit"]
             if cfg.get("export_dir"):
-                check_writable(cfg.export_dir)
+                check_output_dir(cfg.export_dir, "--export_dir")
             self._digest = config_hash(self._stage_config())
             if cfg.get("skip_if_cached") and cached(cfg.get("export_dir"), self._digest):
                 self._cache_hit = True
-                print(f"immunize: {cfg.export_dir} already holds this config's result (hash {self._digest}); skipping fit")
+                print(f"immunize: {cfg.export_dir} already holds this config's result for these inputs "
+                      f"(hash {self._digest}); skipping fit")
                 return
         super().instantiate_classes()
 
@@ -62,6 +70,10 @@ class ImmunizeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         cfg = self.config["fit"]
+        if not self.trainer.interrupted and self.trainer.global_step == 0:
+            raise UserError("fit ended without a single optimizer step (an empty training set, limit_train_batches 0 "
+                            "or max_steps 0), so nothing was trained and nothing is exported; check the data and "
+                            "the trainer's limits")
         if cfg.get("export_dir") and not self.trainer.interrupted:
             self.model.prepare_export()  # a collective under FSDP: the full weights are gathered to rank 0
         if cfg.get("export_dir") and self.trainer.is_global_zero:
@@ -73,30 +85,39 @@ class ImmunizeCLI(LightningCLI):
             print(f"immunize: exported model to {cfg.export_dir}")
 
 
-def check_writable(export_dir: str) -> None:
-    """Before any training: the export directory (or the nearest existing folder above it) must be writable."""
-    path = Path(export_dir).resolve()
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise UserError(f"export_dir {export_dir!r} cannot be written ({probe} is not a writable folder); choose another "
-                        "--export_dir before training")
+def check_trainer_counts(trainer) -> None:
+    """Step and epoch limits that would train nothing (or mean nothing) fail before any work: max_steps > 0 or -1
+    (no limit), max_epochs >= 1 or -1 / null."""
+    if trainer is None:
+        return
+    steps, epochs = trainer.get("max_steps"), trainer.get("max_epochs")
+    if steps is not None and steps != -1 and steps < 1:
+        raise UserError(f"trainer.max_steps must be > 0, or -1 for no step limit, got {steps}; set --trainer.max_steps")
+    if epochs is not None and epochs != -1 and epochs < 1:
+        raise UserError(f"trainer.max_epochs must be >= 1, or -1 for no epoch limit, got {epochs}; set "
+                        "--trainer.max_epochs")
+
+
+FALLBACK_PREFIX = "export_fallback"
 
 
 def export_or_keep(module, export_dir: str, root: Path) -> None:
-    """Export; if that fails after training (unwritable path, full disk), save the trained model elsewhere and say where,
-    in one line, so the run is not lost."""
+    """Export; if that fails after training (unwritable path, full disk, anything else), save the trained model to
+    a new folder of its own and say where, in one line, so the run is not lost. The fallback folder's name starts
+    with FALLBACK_PREFIX; the bench moves such folders out of a cell before it reruns the cell."""
     try:
         module.export(export_dir)
         return
-    except OSError as err:
-        first = f"{type(err).__name__}: {err.strerror or err}"
-    for fallback in (root / "export_fallback", Path(tempfile.gettempdir()) / f"immunize-export-{os.getpid()}"):
+    except Exception as err:  # noqa: BLE001 - whatever went wrong, the trained weights must survive
+        first = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    last = ""
+    for base in (root, Path(tempfile.gettempdir())):
+        fallback = base / f"{FALLBACK_PREFIX}-{stamp}-{os.getpid()}"
         try:
             module.export(fallback)
-        except OSError as err:
-            last = f"{fallback} ({err.strerror or err})"
+        except Exception as err:  # noqa: BLE001
+            last = f"{fallback} ({getattr(err, 'strerror', None) or err})"
             continue
         raise UserError(f"could not write the export to {export_dir!r} ({first}); the trained model was saved to "
                         f"{fallback} instead: move it there, or export again from it")
@@ -108,22 +129,33 @@ def main(args: Optional[list[str]] = None) -> None:
     """`immunize fit|validate|test|predict ...` (LightningCLI); bad input ends with one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=".*Total length of .* across ranks is zero.*")
+    argv = sys.argv[1:] if args is None else list(args)
+    saved_argv = sys.argv
+    sys.argv = [saved_argv[0] if saved_argv else "immunize", *argv]  # LightningCLI reads them here (no warning)
+    message = None
     try:
-        ImmunizeCLI(
-            args=args,
-            seed_everything_default=0,
-            trainer_defaults={"logger": DEFAULT_LOGGER},
-            save_config_callback=LogConfig,
-            save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False},
-        )
-    except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is not None:
-            fail(str(user_error))
-        if type(err).__name__ == "ArgumentError":  # jsonargparse: unknown key, bad type, missing value
-            fail(summarize_parser_error(str(err)))
-        raise
+        with errors_only_on_stderr():
+            try:
+                ImmunizeCLI(
+                    args=None,
+                    seed_everything_default=0,
+                    trainer_defaults={"logger": DEFAULT_LOGGER},
+                    save_config_callback=LogConfig,
+                    save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"exit_on_error": False},
+                )
+            except Exception as err:
+                user_error = find_user_error(err)
+                if user_error is not None:
+                    message = str(user_error)
+                elif type(err).__name__ == "ArgumentError":  # jsonargparse: unknown key, bad type, missing value
+                    message = summarize_parser_error(str(err))
+                else:
+                    raise
+    finally:
+        sys.argv = saved_argv
+    if message is not None:
+        fail(message)
 
 
 if __name__ == "__main__":

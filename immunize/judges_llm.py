@@ -25,7 +25,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from immunize.errors import UserError
-from immunize.judge_inputs import HUB_ID, check_lengths, is_blank
+from immunize.judge_inputs import HUB_ID, check_lengths, encode_parts, is_blank, marked_parts, value_marks
 
 NAN = float("nan")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -185,19 +185,31 @@ class GenerativeJudge:
             return [{"role": "user", "content": self.format(prompt, response)}]
         return None
 
-    def input_text(self, prompt: str, response: str) -> tuple[str, bool]:
-        """(the judge input's text for one item, whether the tokenizer adds its special tokens to it): the filled
-        template, or with a chat template the whole conversation up to the judge's turn (special tokens included)."""
-        response = self._cut(response)
+    def render(self, prompt: str, response: str) -> tuple[str, bool]:
+        """(the judge input's text around these two strings, whether the tokenizer adds its special tokens to it):
+        the filled template, or with a chat template the whole conversation up to the judge's turn."""
         messages = self._messages(prompt, response)
         if messages is None:
             return self.format(prompt, response), True
         return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), False
 
+    def input_parts(self, prompt: str, response: str) -> tuple[list[tuple[str, bool]], bool]:
+        """(the judge input as (text, is_data) parts, whether the tokenizer adds its special tokens): the template
+        around the prompt and the (cut) response, which are data: guarded against the template's tags and labels
+        (judge_inputs.guard_data), and tokenized without parsing special-token text (judge_inputs.encode_parts)."""
+        values = value_marks(str(prompt or ""), self._cut(response))
+        text, special = self.render(*values)
+        return marked_parts(text, values)[0], special
+
+    def input_text(self, prompt: str, response: str) -> tuple[str, bool]:
+        """(the judge input's text for one item, whether the tokenizer adds its special tokens to it)."""
+        parts, special = self.input_parts(prompt, response)
+        return "".join(text for text, _ in parts), special
+
     def encode(self, prompt: str, response: str) -> list[int]:
-        """Token ids of the judge input for one item."""
-        text, special = self.input_text(prompt, response)
-        return list(self._tokenizer(text, add_special_tokens=special).input_ids)
+        """Token ids of the judge input for one item (special tokens only where the template writes them)."""
+        parts, special = self.input_parts(prompt, response)
+        return encode_parts(self._tokenizer, parts, special)
 
     def _left_padded(self, rows: list[list[int]]):
         import torch
@@ -429,9 +441,9 @@ class StrongRejectClassifierJudge(GenerativeJudge):
         get that space in the input, so the digits are read where the model would write them. A UserError when
         the five ratings do not share that prefix or end in one token each."""
         tok = self.tokenizer
-        text, special = self.input_text(prompt, response)
-        separator = "" if not special or text[-1:].isspace() else " "
-        rows = [list(tok(text + separator + d, add_special_tokens=special).input_ids) for d in DIGITS]
+        parts, special = self.input_parts(prompt, response)
+        separator = "" if not special or parts[-1][0][-1:].isspace() else " "
+        rows = [encode_parts(tok, [*parts, (separator + d, False)], special) for d in DIGITS]
         prefix, digits = rows[0][:-1], [r[-1] for r in rows]
         if any(r[:-1] != prefix for r in rows) or len(set(digits)) != len(DIGITS):
             raise UserError(f"StrongRejectClassifierJudge: the tokenizer of {self.model_name!r} does not write the "
@@ -562,16 +574,14 @@ class ChatModeratorJudge(GenerativeJudge):
         return _fill(self.template, prompt=str(prompt or ""), response=str(response),
                      categories="\n".join(self.categories))
 
-    def encode(self, prompt: str, response: str) -> list[int]:
+    def render(self, prompt: str, response: str) -> tuple[str, bool]:
         if not self.native:
-            return super().encode(prompt, response)
+            return super().render(prompt, response)
         if not getattr(self._tokenizer, "chat_template", None):
             raise UserError(f"ChatModeratorJudge: template 'native' needs a tokenizer with a chat template, and the "
                             f"one of {self.model_name!r} has none; use template 'llama_guard' or 'plain'")
-        conversation = [{"role": "user", "content": str(prompt or "")},
-                        {"role": "assistant", "content": self._cut(response)}]
-        text = self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        return list(self._tokenizer(text, add_special_tokens=False).input_ids)
+        conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return self._tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False), False
 
     def parse(self, text: str) -> tuple[float, Any]:
         found = parse_moderation(text)

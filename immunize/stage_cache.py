@@ -1,4 +1,9 @@
-"""A finished stage leaves stage.json (its config hash) next to its exported model, so reruns skip it."""
+"""A finished stage leaves stage.json next to its exported model, so a rerun of the same stage skips it.
+
+The key covers what the stage computes from: the resolved config (minus logging and output-location keys) and the
+content of every input it names (immunize.fingerprint: the input model's files, data files, include paths, a
+checkpoint). A changed data file or a re-exported input model changes the key, so the fit runs again.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from immunize.fingerprint import input_digests
 from immunize.io import atomic_write_json
 
 STAGE_FILE = "stage.json"
+FORMAT = 2  # 1: the config alone; 2: the config and its inputs' content
 # Keys that do not change what a stage computes.
 IGNORED_KEYS = ("config", "export_dir", "skip_if_cached", "trainer.logger", "trainer.enable_progress_bar", "trainer.default_root_dir")
 
@@ -23,11 +30,13 @@ def _drop(cfg: dict, dotted: str) -> None:
 
 
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Stable short hash of a resolved config, ignoring logging and output-location keys."""
+    """Stable short hash of a resolved config and the content of its inputs, ignoring logging and output-location
+    keys."""
     cfg = json.loads(json.dumps(cfg, default=str))
     for key in IGNORED_KEYS:
         _drop(cfg, key)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    payload = {"format": FORMAT, "config": cfg, "inputs": input_digests(cfg)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cached(export_dir: Optional[str], digest: str) -> bool:
@@ -37,7 +46,7 @@ def cached(export_dir: Optional[str], digest: str) -> bool:
     marker = Path(export_dir) / STAGE_FILE
     try:
         return json.loads(marker.read_text()).get("config_hash") == digest
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 

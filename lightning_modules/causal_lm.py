@@ -5,6 +5,7 @@ Every method in this project subclasses it, so loading, evaluation and export be
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -17,18 +18,29 @@ import torch.distributed as dist
 
 from immunize.errors import UserError
 from immunize.io import atomic_write_json, atomic_write_jsonl
+from immunize.outputs import prepare_staging, replace_dir
 from datamodules.records import OVER_REFUSAL
 from immunize.judges import is_refusal, make_judge
 from immunize.metrics import HarmfulScore, KeyedMean, TaskAccuracy, match_answer
 from immunize.statistics import chance_level
 from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
 from lightning_modules.generation import greedy_generate
-from lightning_modules.lora import LoraSpec, apply_lora
+from lightning_modules.lora import LoraSpec, apply_lora, as_lora_spec
 from lightning_modules.grad_math import global_norm, sequence_ce
 from lightning_modules.model_loading import load_model, load_tokenizer, resolve_source
-from lightning_modules.optim import build_optimizer, build_scheduler
+from lightning_modules.optim import build_optimizer, build_scheduler, check_training_args
 from lightning_modules.sharding import drop_gathered, full_state_dict, is_fsdp_model, shard_model
 from lightning_modules.supervised_ce import response_ce
+
+
+def check_module_args(max_new_tokens: int = 48, diagnostic_items: int = 64, **training) -> None:
+    """The module's counts and its optimizer/schedule values (lightning_modules.optim.check_training_args) in range,
+    or a one-line UserError: called by the constructor and by `immunize bench` before any work."""
+    check_training_args(**training)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"model.max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(diagnostic_items, bool) or not isinstance(diagnostic_items, int) or diagnostic_items < 0:
+        raise UserError(f"model.diagnostic_items must be an integer >= 0 (0: not measured), got {diagnostic_items!r}")
 
 
 class CausalLMModule(L.LightningModule):
@@ -63,7 +75,7 @@ class CausalLMModule(L.LightningModule):
         gguf_file: Optional[str] = None,
         dtype: str = "float32",
         trust_remote_code: bool = False,
-        lora: Optional[LoraSpec] = None,
+        lora: Optional[Union[LoraSpec, dict]] = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
@@ -78,9 +90,13 @@ class CausalLMModule(L.LightningModule):
         lm_eval: Optional[dict] = None,
     ):
         super().__init__()
+        check_module_args(optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum,
+                          scheduler=scheduler, warmup_ratio=warmup_ratio, max_new_tokens=max_new_tokens,
+                          diagnostic_items=diagnostic_items)
         self.save_hyperparameters()
-        if lr <= 0 or not math.isfinite(lr):
-            raise UserError(f"learning rate must be a positive number, got {lr}; set model.lr")
+        lora = as_lora_spec(lora)
+        if lora is not None:  # hyper-parameters hold plain data: a checkpoint loads with weights_only=True
+            self.hparams["lora"] = dataclasses.asdict(lora)
         from lightning_modules.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
 
         self.lm_eval_spec = check_lm_eval_spec(lm_eval)
@@ -325,19 +341,20 @@ class CausalLMModule(L.LightningModule):
         self._export_copy = copy_
 
     def export(self, dirpath: Union[str, os.PathLike], merge_lora: bool = True) -> Path:
-        """save_pretrained (safetensors) with the tokenizer; LoRA merged unless merge_lora=False. Atomic.
-        Under FSDP2, call prepare_export() on every rank first; rank 0 then writes the gathered weights."""
-        target = Path(dirpath)
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        """save_pretrained (safetensors) with the tokenizer; LoRA merged unless merge_lora=False. The model is
+        written to a staging folder beside `dirpath` and swapped in whole (immunize.outputs.replace_dir): an
+        earlier export there stays until the new one is complete, and a folder immunize did not write is never
+        replaced. Under FSDP2, call prepare_export() on every rank first; rank 0 then writes the gathered weights."""
         if is_fsdp_model(self.model) and self._export_copy is None:
             raise RuntimeError("export of an FSDP-sharded model needs prepare_export() on every rank first")
         model = self._export_copy if self._export_copy is not None else self.model
         if merge_lora and hasattr(model, "merge_and_unload"):
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-        return target
+        staging = prepare_staging(dirpath)
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            self.tokenizer.save_pretrained(staging)
+            return replace_dir(staging, dirpath)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise

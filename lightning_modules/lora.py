@@ -1,7 +1,7 @@
 """Optional LoRA adapters through peft."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from immunize.errors import UserError
 
@@ -21,6 +21,18 @@ class LoraSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+
+
+def as_lora_spec(value) -> "LoraSpec | None":
+    """A LoraSpec from a LoraSpec, its plain-dict form (as saved in a checkpoint's hyper-parameters) or None."""
+    if value is None or isinstance(value, LoraSpec):
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"model.lora must be a mapping such as {{r: 8, alpha: 16}}, got {type(value).__name__}")
+    unknown = sorted(set(value) - {f.name for f in fields(LoraSpec)})
+    if unknown:
+        raise UserError(f"model.lora: unknown key {unknown[0]!r}; it takes {[f.name for f in fields(LoraSpec)]}")
+    return LoraSpec(**value)
 
 
 def apply_lora(model, spec: LoraSpec):

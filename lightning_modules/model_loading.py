@@ -1,7 +1,9 @@
 """Load a causal LM and its tokenizer from a toy preset, a local directory, a GGUF file or a hub id."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,6 +14,15 @@ from lightning_modules.toy_presets import toy_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOY_PREFIX = "toy:"
+
+
+# What transformers raises for a missing, damaged or unsupported model or tokenizer (never for a bug of ours alone).
+LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _looks_local(source: str) -> bool:
@@ -46,6 +57,14 @@ def check_source(source: str, gguf_file: Optional[str] = None) -> None:
     if "config.json" not in files:
         raise UserError(f"model directory {source!r} has no config.json; it is not a Hugging Face model directory "
                         "(save it with model.save_pretrained(dir))")
+    try:
+        config = json.loads(Path(source, "config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"model directory {source!r}: config.json is not readable JSON ({str(err).splitlines()[0]}); "
+                        "export the model again (model.save_pretrained(dir))") from err
+    if not isinstance(config, dict):
+        raise UserError(f"model directory {source!r}: config.json holds a {type(config).__name__}, not a mapping; "
+                        "export the model again (model.save_pretrained(dir))")
     if not any(name.endswith(WEIGHT_PATTERNS) for name in files):
         raise UserError(f"model directory {source!r} has no weights (*.safetensors or *.bin); save them with "
                         "model.save_pretrained(dir)")
@@ -71,7 +90,11 @@ def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_co
 
         return build_toy_tokenizer()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except LOAD_ERRORS as err:
+        raise UserError(f"cannot load the tokenizer of {source!r}: {_first_line(err)}; check the hub id or the local "
+                        "directory's tokenizer files") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -91,9 +114,9 @@ def load_model(source: str, tokenizer, gguf_file: Optional[str] = None, dtype: s
     try:
         return plain_weights(AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                                   trust_remote_code=trust_remote_code, **kwargs))
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load model {source!r}: {first}; check the hub id or the local directory") from err
+    except LOAD_ERRORS as err:
+        raise UserError(f"cannot load model {source!r}: {_first_line(err)}; check the hub id or the local directory "
+                        "(its config.json and weights)") from err
 
 
 def resolve_source(source: str) -> str:

@@ -71,8 +71,10 @@ def _alpaca_file(tmp_path):
     return path
 
 
-def test_export_failure_after_training_keeps_the_model_and_says_where(tmp_path, monkeypatch):
-    from immunize.cli import export_or_keep
+@pytest.mark.parametrize("error, needle", [(OSError(28, "No space left on device"), "No space left on device"),
+                                           (ValueError("PosixPath('.') has an empty name"), "empty name")])
+def test_export_failure_after_training_keeps_the_model_and_says_where(tmp_path, monkeypatch, error, needle):
+    from immunize.cli import FALLBACK_PREFIX, export_or_keep
     from immunize.errors import UserError
 
     module = CausalLMModule(model="toy:tiny")
@@ -80,15 +82,16 @@ def test_export_failure_after_training_keeps_the_model_and_says_where(tmp_path, 
 
     def export(self, dirpath, merge_lora=True):
         if "target" in str(dirpath):
-            raise OSError(28, "No space left on device")
+            raise error
         return original(self, dirpath, merge_lora)
 
     monkeypatch.setattr(CausalLMModule, "export", export)
     with pytest.raises(UserError) as excinfo:
         export_or_keep(module, str(tmp_path / "target"), tmp_path / "root")
     message = str(excinfo.value)
-    assert "\n" not in message and "No space left on device" in message and str(tmp_path / "root" / "export_fallback") in message
-    assert (tmp_path / "root" / "export_fallback" / "model.safetensors").is_file()
+    kept = list((tmp_path / "root").glob(f"{FALLBACK_PREFIX}-*"))
+    assert len(kept) == 1 and "\n" not in message and needle in message and str(kept[0]) in message
+    assert (kept[0] / "model.safetensors").is_file()
 
 
 def test_unwritable_export_dir_fails_before_training(tmp_path, cli):

@@ -5,7 +5,7 @@
     L3  lightning_modules
     L2  immunize.judges, immunize.judges_llm, immunize.judge_inputs, immunize.judge_agreement, immunize.metrics,
         immunize.statistics
-    L1  datamodules (including the toy world)
+    L1  datamodules (including the toy world), immunize.outputs, immunize.fingerprint (output folders, input digests)
     L0  immunize.errors, immunize.io                                                  (import nothing of the project)
 """
 import ast
@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import REPO
 
 PACKAGES = ("immunize", "lightning_modules", "datamodules", "callbacks", "benchmarks")
-LAYER_OF = {"immunize.errors": 0, "immunize.io": 0, "datamodules": 1, "immunize.judges": 2, "immunize.judges_llm": 2,
+LAYER_OF = {"immunize.errors": 0, "immunize.io": 0, "immunize.outputs": 1, "immunize.fingerprint": 1, "datamodules": 1, "immunize.judges": 2, "immunize.judges_llm": 2,
             "immunize.judge_inputs": 2, "immunize.judge_agreement": 2, "immunize.metrics": 2, "immunize.statistics": 2,
             "lightning_modules": 3, "callbacks": 4}
 CALLBACK_BASE = "callbacks.base"

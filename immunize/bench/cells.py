@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import datamodules.toy
+from immunize.fingerprint import input_digests, path_digest
 
 FORMAT = 2  # bump when what a cell computes from the same config changes
 MODEL_KEY = "model.init_args.model"
@@ -74,14 +75,13 @@ class Cell:
 
 
 def source_fingerprint(source: str) -> str:
-    """What identifies a model source in a hash: a toy preset or hub id as is; a local directory by its
-    absolute path and the names, sizes and modification times of its files (a re-export changes it)."""
+    """What identifies a model source in a hash: a toy preset or hub id as is; a local directory by its absolute
+    path and the content of its files (immunize.fingerprint: a re-export with other weights changes it, a copy
+    with the same bytes does not)."""
     path = Path(source).expanduser()
     if source.startswith("toy:") or not path.is_dir():
         return source
-    files = sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
-                   for p in path.rglob("*") if p.is_file())
-    return json.dumps([str(path.resolve()), files])
+    return json.dumps([str(path.resolve()), path_digest(path)])
 
 
 @lru_cache(maxsize=1)
@@ -96,9 +96,15 @@ def world_fingerprint() -> str:
 
 
 def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) -> str:
+    """The cell's name: a hash of its config, its input model (upstream cell or source), the toy world's code and
+    the content of the files its config names (data files, include paths; immunize.fingerprint), so a changed data
+    file reruns the cell and everything downstream of it."""
     upstream = f"cell:{input.digest}" if isinstance(input, Cell) else f"source:{source_fingerprint(input)}"
     payload = {"format": FORMAT, "world": world_fingerprint(), "kind": kind, "stage": stage, "input": upstream,
                "config": config}
+    inputs = input_digests(config)
+    if inputs:  # only when the config names files, so the toy world's cells keep their names
+        payload["inputs"] = inputs
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from immunize.bench.schema import BenchConfig
 from immunize.bench.stages import find_file
-from immunize.errors import UserError, fail, find_user_error, summarize_parser_error
+from immunize.errors import UserError, errors_only_on_stderr, fail, find_user_error, summarize_parser_error
 from immunize.io import atomic_write_json, atomic_write_text
 
 QUICKSTART_CONFIG = "configs/bench/quickstart.yaml"
@@ -99,12 +99,14 @@ def launcher_for(bench: BenchConfig, out: Path, mode: str):
     return RayLauncher(spec.address, bench.trainer.threads)
 
 
-def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
+def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=None) -> int:
+    """Run (or, with show_plan or dry_run, list) the validated plan; `plan` is validate(bench)'s, built here when not
+    given. Returns the exit code."""
     from immunize.bench.cells import plan_graph
     from immunize.bench.runner import CellFailed, Runner, lock
-    from immunize.bench.validate import validate
+    from immunize.bench.validate import BENCH_MARKER, validate
 
-    plan = validate(bench)
+    plan = plan if plan is not None else validate(bench)
     out = Path(bench.out)
     cells_dir = Path(bench.cells_dir) if bench.cells_dir else out / "cells"
     if bench.dry_run or show_plan:
@@ -112,6 +114,8 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
         if show_plan:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "plan.json", {"cells_dir": str(cells_dir), "cells": graph})
+            if not (out / BENCH_MARKER).exists():
+                atomic_write_json(out / BENCH_MARKER, config)
         for i, row in enumerate(graph, start=1):
             res = row["resources"]
             needs = f" <- {row['needs'][0]}" if row["needs"] else ""
@@ -125,7 +129,7 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False) -> int:
                   f"the study runs; study in {out / 'search.db'})")
         return 0
     locks = [lock(out)] + ([lock(cells_dir)] if cells_dir.resolve() != out.resolve() else [])
-    atomic_write_json(out / "bench.json", config)
+    atomic_write_json(out / BENCH_MARKER, config)
     mode = bench.progress
     if mode == "auto":
         mode = "bars" if sys.stdout.isatty() else "lines"
@@ -184,8 +188,12 @@ def bench_main(argv: list[str]) -> None:
     try:
         argv = list(argv)
         show_plan = "--plan" in argv
-        bench, config = _parse(_with_default_config([a for a in argv if a != "--plan"]))
-        code = run_bench(bench, config, show_plan)
+        with errors_only_on_stderr():  # warnings of parsing and validation must not precede an error line
+            from immunize.bench.validate import validate
+
+            bench, config = _parse(_with_default_config([a for a in argv if a != "--plan"]))
+            plan = validate(bench)
+        code = run_bench(bench, config, show_plan, plan)
     except UserError as err:
         fail(str(err))
     sys.exit(code)

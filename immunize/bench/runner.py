@@ -292,7 +292,8 @@ class Runner:
     def run_cell(self, cell: Cell) -> float:
         d = cell.directory(self.cells_dir)
         if d.exists():
-            shutil.rmtree(d)  # leftovers of a killed attempt
+            keep_fallbacks(d, self.cells_dir)
+            shutil.rmtree(d)  # leftovers of a killed or failed attempt (its fallback exports were moved out)
         d.mkdir(parents=True)
         bars = self.mode == "bars"
         cfg = runtime_config(cell, self.cells_dir, progress_bar=bars, updates=0 if bars or self.mode == "quiet" else 4)
@@ -308,6 +309,27 @@ class Runner:
                              code=2 if (user_error or rc == 2) else 1)
         atomic_write_json(d / "run.json", {"wall_time_s": round(seconds, 1), "command": ["-m", "immunize", *argv]})
         return seconds
+
+
+KEPT_DIR = "kept"  # cells_dir/kept/<cell>/<fallback>: trained models whose export failed, never deleted by the bench
+
+
+def keep_fallbacks(cell_dir: Path, cells_dir: Path) -> list[Path]:
+    """Move the fallback exports a failed attempt left in a cell folder (immunize.cli.export_or_keep) to
+    cells_dir/kept/<cell>/ before the folder is cleared for a rerun; returns their new paths and says so."""
+    from immunize.cli import FALLBACK_PREFIX
+
+    moved = []
+    for folder in sorted(Path(cell_dir).glob(f"{FALLBACK_PREFIX}-*")):
+        if not folder.is_dir():
+            continue
+        target = Path(cells_dir) / KEPT_DIR / Path(cell_dir).name / folder.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+        moved.append(target)
+        print(f"immunize bench: kept the trained model of an earlier failed export of {Path(cell_dir).name} in "
+              f"{_shown(target)}", file=sys.stderr)
+    return moved
 
 
 def _shown(path: Path) -> str:

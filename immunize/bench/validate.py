@@ -31,12 +31,107 @@ def _unique(names: list[str], what: str) -> None:
         seen.add(name)
 
 
+def _count(value, what: str, low: int, none_ok: bool = True, meaning: str = "") -> None:
+    """An integer >= low (or None where allowed), else a one-line UserError naming the field."""
+    if value is None and none_ok:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{what} must be an integer >= {low}{meaning}, got {value!r}")
+
+
+def _number(value, what: str, low: float, high: float = math.inf, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and low <= value \
+        and (value < high if high_open else value <= high)
+    if not ok:
+        upper = ")" if high_open else "]"
+        raise UserError(f"{what} must be a number in [{low}, {high}{upper}, got {value!r}")
+
+
+def check_counts(b: BenchConfig) -> None:
+    """Every count, size, step and ratio field of the bench config in range (one line naming the field)."""
+    if not b.seeds:
+        raise UserError("seeds is empty, so the bench would run no cell; give at least one seed (e.g. --seeds '[0]')")
+    for seed in b.seeds:
+        _count(seed, "seeds: each seed", 0, none_ok=False)
+    if len(set(b.seeds)) != len(b.seeds):
+        raise UserError(f"seeds {b.seeds} repeats a seed; each seed runs the whole pipeline once")
+    e = b.eval
+    for name in ("n_harmful_per_category", "n_per_task", "n_over_refusal"):
+        _count(getattr(e, name), f"eval.{name}", 0, meaning=" (0 takes none; null keeps the eval config's)")
+    _count(e.max_new_tokens, "eval.max_new_tokens", 1)
+    _count(e.batch_size, "eval.batch_size", 1)
+    _count(b.trainer.log_every_n_steps, "trainer.log_every_n_steps", 1, none_ok=False)
+    _count(b.launcher.time_min, "launcher.time_min", 1, none_ok=False)
+    r = b.report
+    _number(r.threshold, "report.threshold (a harmful score in %)", 0.0, 100.0)
+    _number(r.stability_tolerance, "report.stability_tolerance", 0.0)
+    _number(r.finetune_tolerance, "report.finetune_tolerance", 0.0)
+    for pair in r.pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise UserError(f"report.pairs: each entry must be [defense_a, defense_b], got {pair!r}")
+    if b.attack is not None:
+        a = b.attack
+        _count(a.loss_curve_every, "attack.loss_curve_every", 0, none_ok=False, meaning=" (0: not measured)")
+        window = a.window or {}
+        unknown = sorted(set(window) - {"harm", "capability_drop"})
+        if unknown:
+            raise UserError(f"attack.window: unknown key {unknown[0]!r}; it takes harm and capability_drop")
+        _number(window.get("harm", 50.0), "attack.window.harm", 0.0, 100.0)
+        _number(window.get("capability_drop", 5.0), "attack.window.capability_drop", 0.0)
+        lora_r = (a.lora or {}).get("r", 8)
+        _count(lora_r, "attack.lora.r", 1, none_ok=False)
+
+
+BENCH_MARKER = "bench.json"  # written into OUT when a bench starts: the folder is the bench's own from then on
+OWN_FILES = (BENCH_MARKER, "plan.json", ".lock")  # what the bench writes before the marker (--plan, the lock)
+
+
+def check_out(b: BenchConfig) -> None:
+    """OUT (and cells_dir) must be folders the bench may write: new, empty, or an earlier bench's output (it holds
+    bench.json); a file, or a folder of someone else's files whose results.json and report.md would be overwritten,
+    is refused."""
+    from pathlib import Path
+
+    for what, value in (("--out", b.out), ("cells_dir", b.cells_dir)):
+        if value is None:
+            continue
+        if not str(value).strip():
+            raise UserError(f"{what} is empty; give a folder for the bench's output")
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{what} {value!r} is a file, not a folder; give a new folder (e.g. runs/bench/mine)")
+    out = Path(b.out).expanduser()
+    foreign = [p for p in out.iterdir() if p.name not in OWN_FILES] if out.is_dir() else []
+    if foreign and not (out / BENCH_MARKER).is_file():
+        raise UserError(f"--out {b.out!r} holds files the bench did not write (no {BENCH_MARKER}), and the bench "
+                        "writes results.json, report.md and plots there; give a new or empty folder")
+
+
+def check_launcher(b: BenchConfig) -> None:
+    """The launcher's scheduler is reachable from here: Slurm's sbatch for cluster slurm, submitit or Ray installed."""
+    import importlib.util
+    import shutil
+
+    name = b.launcher.name
+    if name == "slurm":
+        if importlib.util.find_spec("submitit") is None:
+            raise UserError("launcher slurm needs submitit: pip install 'immunize[cluster]' (or pip install submitit)")
+        if b.launcher.cluster == "slurm" and shutil.which("sbatch") is None:
+            raise UserError("launcher slurm: Slurm's sbatch is not on PATH here; run the bench on a Slurm login node, "
+                            "or use --launcher.cluster local (submitit's local jobs) or --launcher local")
+    if name == "ray" and importlib.util.find_spec("ray") is None:
+        raise UserError("launcher ray needs Ray: pip install 'immunize[cluster]' (or pip install ray)")
+
+
 def check_config(b: BenchConfig) -> None:
     """Checks that need no imports beyond the config itself."""
+    check_counts(b)
+    check_out(b)
     if b.launcher.name not in LAUNCHERS:
         raise UserError(f"launcher must be one of {list(LAUNCHERS)}, got {b.launcher.name!r}")
     if b.launcher.name == "slurm" and b.launcher.cluster not in ("slurm", "local", "debug"):
         raise UserError(f"launcher.cluster must be slurm, local or debug, got {b.launcher.cluster!r}")
+    check_launcher(b)
     if b.progress not in PROGRESS_MODES:
         raise UserError(f"progress must be one of {list(PROGRESS_MODES)}, got {b.progress!r}")
     if b.wandb.mode not in WANDB_MODES:
@@ -143,17 +238,68 @@ def check_trainer(trainer: dict, what: str) -> None:
         check_component(cb, f"{what}: trainer.callbacks[{i}]")
 
 
+def check_model_values(spec: dict, what: str) -> None:
+    """The counts, learning rate and schedule values of a CausalLMModule section (its constructor's checks, without
+    loading the model)."""
+    from lightning_modules.causal_lm import CausalLMModule, check_module_args
+    from lightning_modules.optim import check_training_args
+
+    cls = import_class(spec["class_path"], what)
+    if not (inspect.isclass(cls) and issubclass(cls, CausalLMModule)):
+        return
+    accepted = {"max_new_tokens", "diagnostic_items", *inspect.signature(check_training_args).parameters}
+    args = {k: v for k, v in (spec.get("init_args") or {}).items() if k in accepted}
+    try:
+        check_module_args(**args)
+    except UserError as err:
+        raise UserError(f"{what}: {err}") from err
+
+
+def check_data_values(spec: dict, what: str, cache: dict) -> None:
+    """Build the datamodule from its section as `immunize fit` would (jsonargparse; constructors only, no data is
+    read), so its constructor's checks (sizes, counts, ratios, a mix whose rounding empties a part) run now."""
+    import json
+
+    key = json.dumps(spec, sort_keys=True, default=str)
+    if key in cache:
+        return
+    cache[key] = True
+    from jsonargparse import ArgumentParser
+
+    cls = import_class(spec["class_path"], what)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=cls)
+    try:
+        parser.instantiate_classes(parser.parse_object({"data": spec}))
+    except UserError as err:
+        raise UserError(f"{what}: {err}") from err
+    except Exception as err:  # noqa: BLE001 - jsonargparse reports a bad type or value here
+        from immunize.errors import find_user_error, summarize_parser_error
+
+        found = find_user_error(err)
+        raise UserError(f"{what}: {found if found is not None else summarize_parser_error(str(err))}") from err
+
+
 def check_cells(plan, bench: BenchConfig) -> None:
-    """Import every class the cells name and check their arguments (each distinct config once)."""
+    """Import every class the cells name and check their arguments and values (each distinct config once)."""
+    from immunize.cli import check_trainer_counts
+
     seen: set[str] = set()
+    data_seen: dict = {}
     for cell in plan.cells:
         if cell.digest in seen:
             continue
         seen.add(cell.digest)
         check_component(cell.config.get("model"), f"{cell.label}: model")
+        check_model_values(cell.config["model"], f"{cell.label}: model")
         if cell.config.get("data") is not None:
             check_component(cell.config["data"], f"{cell.label}: data")
+            check_data_values(cell.config["data"], f"{cell.label}: data", data_seen)
         check_trainer(cell.config.get("trainer") or {}, cell.label)
+        try:
+            check_trainer_counts(cell.config.get("trainer"))
+        except UserError as err:
+            raise UserError(f"{cell.label}: {err}") from err
     if bench.attack is not None and bench.attack.optimizers:
         from lightning_modules.optim import OPTIMIZERS
 

@@ -1,0 +1,115 @@
+"""Content fingerprints of the files a run reads, for cache keys that change when an input's bytes change.
+
+`path_digest(path)`: the sha256 of a file's bytes, or for a folder a hash of its files' relative names and digests.
+Hashing a 7B model's 13 GB on every rerun would cost a minute, so each file's digest is remembered together with
+its size, modification time, change time and inode (a JSON memo in the user's cache folder): a file whose stat is
+unchanged is not read again, and any write to it changes its change time, which the user cannot set back, so the
+file is hashed again. `input_digests(config)` finds the inputs a stage config names: the existing files and
+folders given under INPUT_KEYS (a model directory, a data file, an lm-eval include path, a checkpoint).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from immunize.io import atomic_write_json
+
+INPUT_KEYS = ("model", "path", "paths", "data_files", "include_path", "tokenizer", "ckpt_path")
+MEMO_LIMIT = 20000  # entries kept in the memo (the oldest are dropped first)
+_memo: Optional[dict] = None
+_memo_dirty = False
+
+
+def memo_path() -> Path:
+    """$IMMUNIZE_CACHE_DIR, else $XDG_CACHE_HOME/immunize, else ~/.cache/immunize; the memo file inside it."""
+    root = os.environ.get("IMMUNIZE_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "immunize")
+    return Path(root) / "content_digests.json"
+
+
+def _load_memo() -> dict:
+    global _memo
+    if _memo is None:
+        try:
+            data = json.loads(memo_path().read_text())
+            _memo = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            _memo = {}
+    return _memo
+
+
+def _save_memo() -> None:
+    global _memo_dirty
+    if not _memo_dirty or _memo is None:
+        return
+    if len(_memo) > MEMO_LIMIT:
+        for key in list(_memo)[: len(_memo) - MEMO_LIMIT]:
+            del _memo[key]
+    try:
+        atomic_write_json(memo_path(), _memo)
+    except OSError:
+        pass  # an unwritable cache folder only costs rehashing next time
+    _memo_dirty = False
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (remembered per stat, see the module docstring)."""
+    global _memo_dirty
+    path = Path(path)
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    memo = _load_memo()
+    if key in memo:
+        return memo[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    memo[key] = digest.hexdigest()
+    _memo_dirty = True
+    return memo[key]
+
+
+def path_digest(path: str | os.PathLike) -> str:
+    """A file's digest, or a folder's: every file below it by relative name and digest."""
+    path = Path(path).expanduser()
+    try:
+        if path.is_file():
+            return file_digest(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
+        return digest.hexdigest()
+    finally:
+        _save_memo()
+
+
+def input_paths(config: Any) -> list[str]:
+    """The existing files and folders named under INPUT_KEYS anywhere in a config (as given, each once)."""
+    found: list[str] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in INPUT_KEYS:
+                    for item in value if isinstance(value, list) else [value]:
+                        if isinstance(item, str) and item.strip() and os.path.exists(os.path.expanduser(item)):
+                            found.append(item)
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(config)
+    return list(dict.fromkeys(found))
+
+
+def input_digests(config: Any) -> dict[str, str]:
+    """{absolute path: content digest} of every input a config names."""
+    return {str(Path(p).expanduser().resolve()): path_digest(p) for p in input_paths(config)}
