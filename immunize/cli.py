@@ -55,8 +55,11 @@ class ImmunizeCLI(LightningCLI):
             cfg = self.config["fit"]
             if cfg.get("export_dir"):
                 check_output_dir(cfg.export_dir, "--export_dir")
-            self._digest = config_hash(self._stage_config())
-            if cfg.get("skip_if_cached") and cached(cfg.get("export_dir"), self._digest):
+            # the cache key reads every input's content (memoised); without skip_if_cached (bench cells, which key
+            # themselves) it is not needed, and stage.json then holds no key that a later rerun could match
+            self._digest = config_hash(self._stage_config()) if cfg.get("skip_if_cached") and cfg.get("export_dir") \
+                else None
+            if self._digest is not None and cached(cfg.get("export_dir"), self._digest):
                 self._cache_hit = True
                 print(f"immunize: {cfg.export_dir} already holds this config's result for these inputs "
                       f"(hash {self._digest}); skipping fit")

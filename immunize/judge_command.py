@@ -27,13 +27,14 @@ from typing import Any, Optional
 import yaml
 
 from immunize.errors import OneLineArgumentParser, UserError, errors_only_on_stderr, fail
+from immunize.fingerprint import path_digest
 from immunize.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from immunize.judge_agreement import agreement
 from immunize.judges import make_judge
 
 RECORDED = "recorded"
 CHUNK = 64
-JUDGES_CODE_VERSION = 2  # raise when a judge's prompt, parser or scoring changes: cached scores are then redone
+JUDGES_CODE_VERSION = 3  # raise when a judge's prompt, parser or scoring changes: cached scores are then redone
 
 
 def find_generations(sources: list[str]) -> list[Path]:
@@ -134,14 +135,12 @@ def item_key(prompt: str, answer: str) -> str:
 
 
 def _model_fingerprint(model: Any) -> Any:
-    """Size and modification time of a local judge model's files (a retrained model invalidates the cache); a hub
-    id or anything else as it is."""
+    """The content digest of a local judge model (a retrained model invalidates the cache; immunize.fingerprint);
+    a hub id or anything else as it is."""
     if not isinstance(model, str):
         return model
     path = Path(model).expanduser()
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    return [model] + [[str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns]
-                      for f in files]
+    return [model, path_digest(path)] if path.exists() else model
 
 
 def spec_hash(spec: Any) -> str:

@@ -24,7 +24,7 @@ def is_blank(response) -> bool:
 
 # ----- answers are data: what a judged model wrote never becomes the judge's control tokens or template ------------
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9 _-]{0,40}>")
-_LABEL = re.compile(r"^[ \t]*([A-Za-z][A-Za-z0-9' _-]{0,40}):", re.M)
+_LABEL = re.compile(r"^[ \t]*((?:\d{1,2}[.)][ \t]*)?[A-Za-z][A-Za-z0-9' _-]{0,40}):", re.M)
 QUOTE = "> "  # put before a data line that starts with one of the template's labels
 
 
@@ -37,17 +37,19 @@ def template_delimiters(structure: str) -> tuple[list[str], list[str]]:
     return tags, labels
 
 
-def guard_data(value: str, tags: Sequence[str], labels: Sequence[str]) -> str:
+def guard_data(value: str, tags: Sequence[str], labels: Sequence[str], at_line_start: bool = False) -> str:
     """A value as it may appear inside a judge template: each of the template's tags written in it is escaped
     (`<` and `>` as `&lt;` and `&gt;`), and each of its lines that opens with one of the template's labels is quoted
-    (QUOTE before it), so the value cannot close a section of the template or start a line of its own. A value
-    without those strings is returned unchanged."""
+    (QUOTE before it; its first line too when the template puts the value at the start of a line), so the value
+    cannot close a section of the template or start a line of its own. A value without those strings is returned
+    unchanged."""
     if tags:
         pattern = re.compile("|".join(re.escape(t) for t in tags), re.I)
         value = pattern.sub(lambda m: m.group(0).replace("<", "&lt;").replace(">", "&gt;"), value)
     if labels:
         names = "|".join(re.escape(label) for label in labels)
-        value = re.sub(rf"(^|\n)([ \t]*)(?=(?:{names})[ \t]*:)", lambda m: m.group(1) + QUOTE + m.group(2), value,
+        start = "^|\n" if at_line_start else "\n"
+        value = re.sub(rf"({start})([ \t]*)(?=(?:{names})[ \t]*:)", lambda m: m.group(1) + QUOTE + m.group(2), value,
                        flags=re.I)
     return value
 
@@ -104,5 +106,11 @@ def marked_parts(text: str, values: dict[str, str]) -> tuple[list[tuple[str, boo
     pieces = pattern.split(text)
     structure = "".join(p for p in pieces if p not in values)
     tags, labels = template_delimiters(structure)
-    parts = [(guard_data(values[p], tags, labels), True) if p in values else (p, False) for p in pieces if p]
+    parts: list[tuple[str, bool]] = []
+    for i, piece in enumerate(pieces):
+        if piece in values:
+            line_start = i == 0 or pieces[i - 1].endswith("\n") or (pieces[i - 1] == "" and i == 1)
+            parts.append((guard_data(values[piece], tags, labels, line_start), True))
+        elif piece:
+            parts.append((piece, False))
     return parts, structure

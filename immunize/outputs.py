@@ -35,10 +35,10 @@ def is_owned(path: Path) -> bool:
 
 def _protected(target: Path) -> Optional[str]:
     """Why replacing `target` would be unsafe whatever it holds, or None."""
-    if target.name in ("", ".", ".."):
-        return "it names no folder of its own"
     if target == Path(target.anchor):
         return "it is the filesystem root"
+    if target.name in ("", ".", ".."):
+        return "it names no folder of its own"
     home = Path.home().resolve()
     if target == home:
         return "it is your home folder"

@@ -50,5 +50,6 @@ def cached(export_dir: Optional[str], digest: str) -> bool:
         return False
 
 
-def mark_done(export_dir: str, digest: str, cfg: dict) -> None:
+def mark_done(export_dir: str, digest: Optional[str], cfg: dict) -> None:
+    """stage.json: the key (None when the fit was not keyed: it then never counts as cached) and the config."""
     atomic_write_json(Path(export_dir) / STAGE_FILE, {"config_hash": digest, "config": json.loads(json.dumps(cfg, default=str))})

@@ -93,6 +93,9 @@ def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_co
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except LOAD_ERRORS as err:
+        if gguf_file:
+            raise UserError(f"cannot read the tokenizer in {os.path.join(source, gguf_file)!r}: {_first_line(err)}; the "
+                            "GGUF file may be truncated or damaged: download it again") from err
         raise UserError(f"cannot load the tokenizer of {source!r}: {_first_line(err)}; check the hub id or the local "
                         "directory's tokenizer files") from err
     if tok.pad_token is None:
@@ -115,6 +118,9 @@ def load_model(source: str, tokenizer, gguf_file: Optional[str] = None, dtype: s
         return plain_weights(AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                                   trust_remote_code=trust_remote_code, **kwargs))
     except LOAD_ERRORS as err:
+        if gguf_file:
+            raise UserError(f"cannot read the model in {os.path.join(source, gguf_file)!r}: {_first_line(err)}; the "
+                            "GGUF file may be truncated or damaged: download it again") from err
         raise UserError(f"cannot load model {source!r}: {_first_line(err)}; check the hub id or the local directory "
                         "(its config.json and weights)") from err
 

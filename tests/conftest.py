@@ -43,3 +43,13 @@ def toy_tokenizer():
     from datamodules.toy.tokenizer import build_toy_tokenizer
 
     return build_toy_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def cli_server():
+    """A warm `immunize` command server (helpers.cli_server): each run is a forked process, without the imports."""
+    from helpers.cli_server import CliServer
+
+    server = CliServer(REPO)
+    yield server
+    server.close()

@@ -93,7 +93,7 @@ def test_bad_spaces_are_one_line_errors(space, needle):
 def test_bad_search_settings():
     with pytest.raises(UserError, match="unknown sampler 'grid'"):
         check_search(AttackSearch(sampler="grid"), ["undefended"])
-    with pytest.raises(UserError, match="trials must be >= 1"):
+    with pytest.raises(UserError, match="trials must be an integer >= 1"):
         check_search(AttackSearch(trials=0), ["undefended"])
     with pytest.raises(UserError, match="'seam' is not one of the bench's defenses"):
         check_search(AttackSearch(defenses=["seam"]), ["undefended"])

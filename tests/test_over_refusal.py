@@ -68,7 +68,7 @@ def test_eval_spec_keeps_over_refusal_out_of_capability():
     cats, tasks = data.eval_spec()
     assert OVER_REFUSAL not in tasks and set(tasks) == set(lx.TASKS)
     assert sum(it.kind == OVER_REFUSAL for it in data.items()) == 28
-    with pytest.raises(UserError, match="n_over_refusal must be >= 0"):
+    with pytest.raises(UserError, match="n_over_refusal must be an integer >= 0"):
         EvalData(n_over_refusal=-1)
 
 

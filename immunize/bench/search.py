@@ -56,16 +56,41 @@ def parse_space(space: dict) -> list[Axis]:
     return axes
 
 
+def check_axis_values(axis: Axis) -> None:
+    """Every value an axis can take is a valid attack setting: lr > 0; samples, steps, batch_size, lora_rank
+    integers >= 1; optimizer and mode among the known names (a range only for number axes)."""
+    from immunize.bench.schema import ATTACK_MODES
+    from lightning_modules.optim import OPTIMIZERS
+
+    where = f"attack.search.space.{axis.name}"
+    values = axis.choices if axis.choices is not None else [axis.lo, axis.hi]
+    names = {"optimizer": OPTIMIZERS, "mode": ATTACK_MODES}.get(axis.name)
+    if names is not None:
+        if axis.choices is None:
+            raise UserError(f"{where}: give the values to choose from ({list(names)}), not a range")
+        bad = [v for v in values if v not in names]
+        if bad:
+            raise UserError(f"{where}: unknown value {bad[0]!r}; choose from {list(names)}")
+        return
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if axis.name == "lr":
+        bad = [v for v in values if not number(v) or v <= 0]
+        if bad:
+            raise UserError(f"{where}: learning rates must be numbers > 0, got {bad[0]!r}")
+    elif axis.name in INT_AXES:
+        bad = [v for v in values if not number(v) or v < 1 or (axis.choices is not None and int(v) != v)]
+        if bad:
+            raise UserError(f"{where}: values must be integers >= 1, got {bad[0]!r}")
+
+
 def check_search(search: AttackSearch, defenses: list[str]) -> None:
     """Every config error of attack.search, before anything runs."""
     if search.sampler not in SEARCH_SAMPLERS:
         raise UserError(f"attack.search.sampler: unknown sampler {search.sampler!r}; choose from {list(SEARCH_SAMPLERS)}")
-    if search.trials < 1:
-        raise UserError(f"attack.search.trials must be >= 1, got {search.trials}")
+    if isinstance(search.trials, bool) or not isinstance(search.trials, int) or search.trials < 1:
+        raise UserError(f"attack.search.trials must be an integer >= 1, got {search.trials!r}")
     for axis in parse_space(search.space):
-        if axis.name == "lr" and axis.choices is not None and any(not isinstance(v, (int, float)) or v <= 0
-                                                                  for v in axis.choices):
-            raise UserError(f"attack.search.space.lr: learning rates must be > 0, got {axis.choices}")
+        check_axis_values(axis)
     unknown = [d for d in (search.defenses or []) if d not in defenses]
     if unknown:
         raise UserError(f"attack.search.defenses: {unknown[0]!r} is not one of the bench's defenses {defenses}")

@@ -83,7 +83,7 @@ def check_counts(b: BenchConfig) -> None:
 
 
 BENCH_MARKER = "bench.json"  # written into OUT when a bench starts: the folder is the bench's own from then on
-OWN_FILES = (BENCH_MARKER, "plan.json", ".lock")  # what the bench writes before the marker (--plan, the lock)
+OWN_FILES = (BENCH_MARKER, "plan.json", ".lock", "cells")  # the bench's own names (--plan, the lock, the cells)
 
 
 def check_out(b: BenchConfig) -> None:
