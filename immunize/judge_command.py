@@ -33,6 +33,7 @@ from immunize.judge_agreement import agreement
 from immunize.judges import make_judge
 
 RECORDED = "recorded"
+OUTPUT_NAMES = ("scores", "judge_scores.jsonl", "agreement.json", "agreement.md")  # what --out may already hold
 CHUNK = 64
 JUDGES_CODE_VERSION = 3  # raise when a judge's prompt, parser or scoring changes: cached scores are then redone
 
@@ -247,6 +248,12 @@ def run(sources: list[str], specs: list[str], out: str = "runs/judges", threshol
         raise UserError(f"two judges share a label in {labels}; give each a 'label' in its spec")
     items = read_items(find_generations(sources), limit, seed)
     out_dir = Path(out)
+    foreign = [p.name for p in out_dir.iterdir() if p.name not in OUTPUT_NAMES] if out_dir.is_dir() else []
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out!r} is a file, not a folder; give a new folder (e.g. runs/judges)")
+    if foreign:
+        raise UserError(f"--out {out!r} holds files `immunize judges` did not write ({foreign[0]!r}), and it writes "
+                        "agreement.json, agreement.md and judge_scores.jsonl there; give a new or empty folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write_test"

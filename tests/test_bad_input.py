@@ -208,6 +208,8 @@ CASES = [
          ["score cache", "damaged", "line 2"], damaged_cache),
     Case("judges_phrases_string", _judges("--judge", "{name: keyword, refusal_phrases: i cannot}"),
          ["refusal_phrases", "list"], lambda t: generations(t, harmful_row())),
+    Case("judges_out_foreign", ["judges", "gens.jsonl", "--out", "runs", "--judge", "keyword"],
+         ["--out", "did not write"], lambda t: (generations(t, harmful_row()), foreign_folder(t, "runs"))),
     Case("judges_unknown_option", _judges("--judges", "keyword"), ["unrecognized arguments"],
          lambda t: generations(t, harmful_row())),
 ]

@@ -255,9 +255,10 @@ def check_model_values(spec: dict, what: str) -> None:
         raise UserError(f"{what}: {err}") from err
 
 
-def check_data_values(spec: dict, what: str, cache: dict) -> None:
-    """Build the datamodule from its section as `immunize fit` would (jsonargparse; constructors only, no data is
-    read), so its constructor's checks (sizes, counts, ratios, a mix whose rounding empties a part) run now."""
+def check_built(spec: dict, what: str, cache: dict) -> None:
+    """Build a datamodule or a callback from its section as `immunize fit` would (jsonargparse; constructors only:
+    no data is read, no model loaded), so its constructor's checks (sizes, counts, steps, ratios, a mix whose
+    rounding empties a part) run now, before any cell."""
     import json
 
     key = json.dumps(spec, sort_keys=True, default=str)
@@ -268,9 +269,9 @@ def check_data_values(spec: dict, what: str, cache: dict) -> None:
 
     cls = import_class(spec["class_path"], what)
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--data", type=cls)
+    parser.add_argument("--component", type=cls)
     try:
-        parser.instantiate_classes(parser.parse_object({"data": spec}))
+        parser.instantiate_classes(parser.parse_object({"component": spec}))
     except UserError as err:
         raise UserError(f"{what}: {err}") from err
     except Exception as err:  # noqa: BLE001 - jsonargparse reports a bad type or value here
@@ -285,7 +286,7 @@ def check_cells(plan, bench: BenchConfig) -> None:
     from immunize.cli import check_trainer_counts
 
     seen: set[str] = set()
-    data_seen: dict = {}
+    built: dict = {}
     for cell in plan.cells:
         if cell.digest in seen:
             continue
@@ -294,8 +295,11 @@ def check_cells(plan, bench: BenchConfig) -> None:
         check_model_values(cell.config["model"], f"{cell.label}: model")
         if cell.config.get("data") is not None:
             check_component(cell.config["data"], f"{cell.label}: data")
-            check_data_values(cell.config["data"], f"{cell.label}: data", data_seen)
+            check_built(cell.config["data"], f"{cell.label}: data", built)
         check_trainer(cell.config.get("trainer") or {}, cell.label)
+        callbacks = (cell.config.get("trainer") or {}).get("callbacks") or []
+        for i, cb in enumerate(callbacks if isinstance(callbacks, list) else [callbacks]):
+            check_built(cb, f"{cell.label}: trainer.callbacks[{i}]", built)
         try:
             check_trainer_counts(cell.config.get("trainer"))
         except UserError as err:
