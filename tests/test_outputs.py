@@ -77,9 +77,14 @@ def test_a_crash_between_the_fallback_renames_is_recovered(tmp_path):
 
 
 def _export_in_child(module, target: Path) -> int:
+    """Export in a forked child (to be killed). The child draws no progress bar: tqdm's write lock is a semaphore
+    shared across fork, and a child killed while holding it would block this process's next bar forever."""
     pid = os.fork()
     if pid == 0:
         try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
             module.export(target)
         finally:
             os._exit(0)
