@@ -89,14 +89,34 @@ def recover(target: Path) -> None:
             return
 
 
+def remove_owned(folder: Path) -> None:
+    """Delete a folder of immunize's with its ownership markers last, so a delete cut short by a kill leaves a folder
+    that still says it is immunize's (and the next prepare_staging finishes the job)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    entries = sorted(folder.rglob("*"), key=lambda p: (p.name in OWNER_MARKERS, -len(p.parts)))
+    for entry in entries:
+        try:
+            entry.rmdir() if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except OSError:
+            pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _only_marker_in_progress(folder: Path) -> bool:
+    """A staging folder killed before its marker was in place: empty, or holding only the marker's temporary file."""
+    return all(p.name.startswith(f".{EXPORT_MARKER}.") and p.name.endswith(".tmp") for p in folder.iterdir())
+
+
 def prepare_staging(target: str | os.PathLike) -> Path:
     """A fresh staging folder beside `target`, marked as immunize's from the start; leftovers of earlier killed
     runs for the same target (staging or set-aside folders that hold a marker) are removed first."""
     target = Path(target).expanduser().absolute()
     recover(target)
     for leftover in [*_siblings(target, STAGING), *_siblings(target, ASIDE)]:
-        if leftover.is_dir() and is_owned(leftover):
-            shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir() and (is_owned(leftover) or _only_marker_in_progress(leftover)):
+            remove_owned(leftover)
     staging = target.parent / f".{target.name}.{STAGING}-{os.getpid()}"
     staging.mkdir(parents=True)
     atomic_write_json(staging / EXPORT_MARKER, {"target": target.name})
@@ -134,11 +154,11 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
         os.replace(staging, target)
         return target
     if _exchange(staging, target):
-        shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+        remove_owned(staging)  # now the old folder
         return target
     aside = target.parent / f".{target.name}.{ASIDE}-{os.getpid()}"
     os.replace(target, aside)
     os.replace(staging, target)
-    shutil.rmtree(aside, ignore_errors=True)
+    remove_owned(aside)
     return target
 
