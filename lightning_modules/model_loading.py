@@ -25,6 +25,14 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def load_error(what: str, source: str, gguf_file: Optional[str], err: BaseException, check: str) -> UserError:
+    """The one-line error of a failed load: a damaged GGUF file, or a hub id / local directory to check."""
+    if gguf_file:
+        return UserError(f"cannot read {what} in {os.path.join(source, gguf_file)!r}: {_first_line(err)}; the GGUF file "
+                         "may be truncated or damaged: download it again")
+    return UserError(f"cannot load {what} of {source!r}: {_first_line(err)}; check the hub id or {check}")
+
+
 def _looks_local(source: str) -> bool:
     return os.path.isabs(source) or source.startswith(".") or os.path.exists(source) or source.count("/") != 1
 
@@ -93,11 +101,7 @@ def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_co
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
     except LOAD_ERRORS as err:
-        if gguf_file:
-            raise UserError(f"cannot read the tokenizer in {os.path.join(source, gguf_file)!r}: {_first_line(err)}; the "
-                            "GGUF file may be truncated or damaged: download it again") from err
-        raise UserError(f"cannot load the tokenizer of {source!r}: {_first_line(err)}; check the hub id or the local "
-                        "directory's tokenizer files") from err
+        raise load_error("the tokenizer", source, gguf_file, err, "the local directory's tokenizer files") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -118,11 +122,7 @@ def load_model(source: str, tokenizer, gguf_file: Optional[str] = None, dtype: s
         return plain_weights(AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                                   trust_remote_code=trust_remote_code, **kwargs))
     except LOAD_ERRORS as err:
-        if gguf_file:
-            raise UserError(f"cannot read the model in {os.path.join(source, gguf_file)!r}: {_first_line(err)}; the "
-                            "GGUF file may be truncated or damaged: download it again") from err
-        raise UserError(f"cannot load model {source!r}: {_first_line(err)}; check the hub id or the local directory "
-                        "(its config.json and weights)") from err
+        raise load_error("the model", source, gguf_file, err, "the local directory's config.json and weights") from err
 
 
 def resolve_source(source: str) -> str:
