@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from lightning_modules.grad_math import dot, global_norm, grads_of, masked_ce  # noqa: E402
-from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad  # noqa: E402
+from immunize.lightning_modules.functional.grad_math import dot, global_norm, grads_of, masked_ce  # noqa: E402
+from immunize.lightning_modules.functional.hessian_free import exact_sd_grad, finite_difference_sd_grad  # noqa: E402
 
 EPS_GRID = (1e-1, 1e-2, 1e-3, 1e-4)
 MODEL = dict(vocab_size=512, hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,

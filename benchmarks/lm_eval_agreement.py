@@ -3,8 +3,8 @@ greedy generation.
 
 For each model directory, the shipped toy_mc items (configs/eval/lm_eval/toy_mc.jsonl: the toy eval's sentiment,
 topic and facts prompts) are scored by
-  harness     lightning_modules.lm_eval_bridge.run_lm_eval (lm-eval's HFLM on the loaded model, in-process),
-  ours        lightning_modules.multiple_choice (the same conditioning, written without lm-eval),
+  harness     immunize.lightning_modules.evaluation.lm_eval_bridge.run_lm_eval (lm-eval's HFLM on the loaded model, in-process),
+  ours        immunize.lightning_modules.evaluation.multiple_choice (the same conditioning, written without lm-eval),
   generation  the answer the model writes greedily to the same query, matched to the gold choice as the toy
               eval matches answers (immunize.metrics.match_answer with the task's match mode).
 It prints, per model and task: the accuracy of each, the share of items where the harness and our scoring pick
@@ -25,15 +25,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from datamodules.evaluation import TASK_MATCH  # noqa: E402
-from datamodules.toy.multiple_choice import MC_TASKS, SHIPPED  # noqa: E402
+from immunize.datamodules.evaluation import TASK_MATCH  # noqa: E402
+from immunize.datamodules.toy.multiple_choice import MC_TASKS, SHIPPED  # noqa: E402
 from immunize.io import atomic_write_json  # noqa: E402
-from immunize.judge_agreement import cohen_kappa  # noqa: E402
+from immunize.judges.agreement import cohen_kappa  # noqa: E402
 from immunize.metrics import match_answer  # noqa: E402
-from lightning_modules import CausalLMModule  # noqa: E402
-from lightning_modules.generation import greedy_generate  # noqa: E402
-from lightning_modules.lm_eval_bridge import run_lm_eval  # noqa: E402
-from lightning_modules.multiple_choice import choice_loglikelihoods  # noqa: E402
+from immunize.lightning_modules import CausalLMModule  # noqa: E402
+from immunize.lightning_modules.evaluation.generation import greedy_generate  # noqa: E402
+from immunize.lightning_modules.evaluation.lm_eval_bridge import run_lm_eval  # noqa: E402
+from immunize.lightning_modules.evaluation.multiple_choice import choice_loglikelihoods  # noqa: E402
 
 SUBTASK = {task: f"toy_mc_{task}" for task in MC_TASKS}
 

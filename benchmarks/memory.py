@@ -7,7 +7,7 @@ The prediction is arithmetic on the model's shapes (no model is built):
 
 - weights: 4 B/param (fp32 master weights; 2 B under bf16-true). LoRA: the frozen base is resident too; only the
   adapters train (4 B each: peft keeps them fp32). FSDP2: every weight / N; during a pass the root unit (embeddings,
-  final norm, head: lightning_modules/sharding.py keeps it gathered from its forward to its backward) is whole, and
+  final norm, head: lightning_modules/modeling/sharding.py keeps it gathered from its forward to its backward) is whole, and
   while a layer is differentiated FSDP_GATHERED_LAYERS layers are gathered with two layers' unsharded gradients.
 - optimizer: AdamW 2 states of the trainable tensors' dtype (8 B/param in fp32); SGD 0, or 1 state with momentum.
   The optimizer step holds a transient: foreach AdamW on a GPU one more state-sized list (the sqrt of the second
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import step_cost  # noqa: E402
 from immunize.errors import UserError, fail  # noqa: E402
-from lightning_modules.lora import LoraSpec  # noqa: E402
+from immunize.lightning_modules.modeling.lora import LoraSpec  # noqa: E402
 
 GIB = 1 << 30
 # Real models' shapes (published config.json) beside step_cost's; "llama-tiny" is the validation model: a random
@@ -174,7 +174,7 @@ class Setup:
         precision: bf16-mixed (fp32 weights, bf16 autocast), 32-true, or bf16-true (bf16 weights).
         optimizer: adamw or sgd; momentum: SGD's (a state when > 0).
         lora: train LoRA adapters of this spec instead of all weights (None: full fine-tuning).
-        strategy: single (one process), ddp or fsdp (FSDP2 as lightning_modules/sharding.py shards).
+        strategy: single (one process), ddp or fsdp (FSDP2 as lightning_modules/modeling/sharding.py shards).
         gpus: data-parallel ranks N.
         device: cuda (foreach AdamW) or cpu (single-tensor AdamW), for the optimizer step's transient.
         hparams: the method's settings that change a count (TAR's inner_steps and tr_every).
@@ -324,7 +324,7 @@ def pass_activations(shape: ModelShape, setup: Setup, p: Pass, head_trainable: b
     masked fp32 copy and the noise. Vaccine: an fp32 eps per layer output (every layer: an upper bound for
     T-Vaccine), and pass 1's hidden-state gradients.
     """
-    from lightning_modules.supervised_ce import CHUNK_ELEMENTS
+    from immunize.lightning_modules.functional.supervised_ce import CHUNK_ELEMENTS
 
     tokens, rows, L, h, v = setup.tokens, setup.rows, shape.layers, shape.hidden, shape.vocab
     act = 4 if setup.precision == "32-true" else 2
@@ -635,7 +635,7 @@ class ShardedStepPeakMemory(step_cost.StepPeakMemory):
     the frees of the collectives' temporaries that the profiler misses put back (`collective_allocation_events`)."""
 
     def on_train_start(self, trainer, pl_module):
-        from lightning_modules.sharding import local
+        from immunize.lightning_modules.modeling.sharding import local
 
         super().on_train_start(trainer, pl_module)
         self._base = sum(local(p).untyped_storage().nbytes() for p in pl_module.parameters())

@@ -27,11 +27,11 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from lightning_modules import SFT  # noqa: E402
-from callbacks import Lisa, Panacea  # noqa: E402
-from callbacks.antidote import antidote_prune  # noqa: E402
+from immunize.lightning_modules import SFT  # noqa: E402
+from immunize.callbacks import Lisa, Panacea  # noqa: E402
+from immunize.callbacks.antidote import antidote_prune  # noqa: E402
 from benchmarks.flop_floor import RECIPES, StepShape, floor_in_sft_steps  # noqa: E402
-from datamodules import Source  # noqa: E402
+from immunize.datamodules import Source  # noqa: E402
 from immunize.bench import registry  # noqa: E402
 from immunize.bench.stages import read_yaml  # noqa: E402
 from immunize.bench.validate import import_class  # noqa: E402

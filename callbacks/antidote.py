@@ -36,12 +36,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from callbacks.base import FinetuneDefense
-from datamodules.catalog import Source
+from immunize.callbacks.base import FinetuneDefense
+from immunize.datamodules.catalog import Source
 from immunize.errors import UserError
 from immunize.io import atomic_write_json
-from lightning_modules.grad_math import all_reduce_mean_
-from lightning_modules.sharding import any_sharded, drop_gathered, local, shard_group, shard_sum
+from immunize.lightning_modules.functional.grad_math import all_reduce_mean_
+from immunize.lightning_modules.modeling.sharding import any_sharded, drop_gathered, local, shard_group, shard_sum
 
 
 # ----- plain functions (unit-tested alone) --------------------------------------------------------

@@ -20,8 +20,8 @@ from typing import Optional
 import lightning as L
 import torch
 
-from datamodules.catalog import Source, as_examples, load_records
-from datamodules.collate import encode_example, pad_right
+from immunize.datamodules.catalog import Source, as_examples, load_records
+from immunize.datamodules.collate import encode_example, pad_right
 from immunize.errors import UserError
 
 USES = ("harmful", "refusal")

@@ -29,7 +29,7 @@ as in the reference):
 Phases count optimizer steps (not micro-batches): with gradient accumulation every micro-batch of an
 alignment step is an alignment batch. The optimizer, its state and the schedule are shared by both states.
 
-Distributed (DDP): rank r draws alignment batch (draw, r) of one seeded stream (callbacks.base.draw_indices),
+Distributed (DDP): rank r draws alignment batch (draw, r) of one seeded stream (immunize.callbacks.base.draw_indices),
 batch_size rows per rank like the user batch; the alignment gradients are all-reduced by DDP's own backward
 hooks, as user gradients are, and the proximal term is a function of identical weights and anchors, so every
 rank applies the same update.
@@ -46,10 +46,10 @@ from typing import Optional, Sequence
 import lightning as L
 import torch
 
-from callbacks.base import FinetuneDefense, named_trainable
-from datamodules.catalog import Source
+from immunize.callbacks.base import FinetuneDefense, named_trainable
+from immunize.datamodules.catalog import Source
 from immunize.errors import UserError
-from lightning_modules.sharding import any_sharded, local, shard_group, shard_sum
+from immunize.lightning_modules.modeling.sharding import any_sharded, local, shard_group, shard_sum
 
 ALIGNMENT, USER = "alignment", "user"
 

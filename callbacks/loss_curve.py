@@ -13,11 +13,11 @@ from typing import Optional
 import lightning as L
 import torch
 
-from datamodules.catalog import Source, load_eval_items
-from datamodules.collate import encode_example, pad_right
+from immunize.datamodules.catalog import Source, load_eval_items
+from immunize.datamodules.collate import encode_example, pad_right
 from immunize.errors import UserError
 from immunize.io import atomic_write_json
-from lightning_modules.grad_math import sequence_ce
+from immunize.lightning_modules.functional.grad_math import sequence_ce
 
 
 class BenignLossCurve(L.Callback):

@@ -41,13 +41,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.base import FinetuneDefense, draw_indices, named_trainable  # noqa: F401 (draw_indices: re-export)
-from datamodules.catalog import Source
+from immunize.callbacks.base import FinetuneDefense, draw_indices, named_trainable  # noqa: F401 (draw_indices: re-export)
+from immunize.datamodules.catalog import Source
 from immunize.errors import UserError
 from immunize.io import atomic_save_safetensors, atomic_write_json
-from lightning_modules.sharding import is_sharded
-from lightning_modules.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of
-from lightning_modules.perturbation import normalized, perturbed
+from immunize.lightning_modules.modeling.sharding import is_sharded
+from immunize.lightning_modules.functional.grad_math import EXACT_DTYPES, add_scaled_, all_reduce_mean_, global_norm, grads_of
+from immunize.lightning_modules.functional.perturbation import normalized, perturbed
 
 MODES = ("in_training", "post_hoc")
 EPS_FORMAT = "immunize.panacea_eps/1"

@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from callbacks.base import FinetuneDefense
+from immunize.callbacks.base import FinetuneDefense
 from immunize.errors import UserError
-from lightning_modules.sharding import like
+from immunize.lightning_modules.modeling.sharding import like
 
 
 def gaussian_noise(params, sigma: float, seed: int) -> list[torch.Tensor]:

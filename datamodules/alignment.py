@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from datamodules.base import ListDataset, TokenizedData
-from datamodules.catalog import Source, as_examples, load_records
-from datamodules.records import Pair
+from immunize.datamodules.base import ListDataset, TokenizedData
+from immunize.datamodules.catalog import Source, as_examples, load_records
+from immunize.datamodules.records import Pair
 from immunize.errors import UserError
 
 MODES = ("sft", "triplets")

@@ -7,8 +7,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules.collate import encode_example, pad_right
-from datamodules.templates import TEMPLATE_NAMES
+from immunize.datamodules.collate import encode_example, pad_right
+from immunize.datamodules.templates import TEMPLATE_NAMES
 from immunize.errors import UserError
 
 

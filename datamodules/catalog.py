@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Union
 
-from datamodules.records import EvalItem, Example, Pair
+from immunize.datamodules.records import EvalItem, Example, Pair
 from immunize.errors import UserError
 
 TOY_PARTS = ("harmful", "benign", "pairs")
@@ -43,7 +43,7 @@ class Source:
 
 
 def toy_world(src: Source):
-    from datamodules.toy.world import DEFAULT_HELDOUT
+    from immunize.datamodules.toy.world import DEFAULT_HELDOUT
 
     return _toy_world(src.world_seed, tuple(DEFAULT_HELDOUT if src.heldout_categories is None else src.heldout_categories))
 
@@ -51,7 +51,7 @@ def toy_world(src: Source):
 @lru_cache(maxsize=8)
 def _toy_world(seed: int, heldout: tuple):
     """One ToyWorld per (seed, held-out categories) and process: its pools are built once."""
-    from datamodules.toy.world import ToyWorld
+    from immunize.datamodules.toy.world import ToyWorld
 
     return ToyWorld(seed, heldout)
 
@@ -94,7 +94,7 @@ def load_records(src: Source) -> list:
         else:
             raise UserError(f"toy source: unknown part {src.part!r}; choose from {list(TOY_PARTS)}")
         return _limit(rows, src.limit, _name(src))
-    from datamodules import sources
+    from immunize.datamodules import sources
 
     if not src.path:
         raise UserError(f"source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")
@@ -114,7 +114,7 @@ def load_eval_items(src: Source, n_harmful_per_category: int, n_per_task: int, n
         items = world.eval_items(n_harmful_per_category, n_per_task, src.tasks, categories)
         items += world.over_refusal_items(n_over_refusal, categories) if n_over_refusal else []
         return _limit(items, None, _name(src))
-    from datamodules import sources
+    from immunize.datamodules import sources
 
     if not src.path:
         raise UserError(f"eval source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")

@@ -5,7 +5,7 @@ from typing import Sequence
 
 import torch
 
-from datamodules.templates import format_prompt
+from immunize.datamodules.templates import format_prompt
 
 IGNORE = -100
 

@@ -6,10 +6,10 @@ from typing import Optional
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from datamodules.base import ListDataset, TokenizedData
-from datamodules.catalog import Source, load_eval_items
-from datamodules.collate import encode_prompt, pad_left
-from datamodules.records import OVER_REFUSAL
+from immunize.datamodules.base import ListDataset, TokenizedData
+from immunize.datamodules.catalog import Source, load_eval_items
+from immunize.datamodules.collate import encode_prompt, pad_left
+from immunize.datamodules.records import OVER_REFUSAL
 from immunize.errors import UserError
 
 # How each benign task's answers are matched (toy tasks and the real datasets).

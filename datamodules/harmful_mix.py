@@ -4,9 +4,9 @@ from __future__ import annotations
 import random
 from typing import Optional
 
-from datamodules.base import ListDataset, TokenizedData
-from datamodules.catalog import Source, as_examples, load_records
-from datamodules.records import Example
+from immunize.datamodules.base import ListDataset, TokenizedData
+from immunize.datamodules.catalog import Source, as_examples, load_records
+from immunize.datamodules.records import Example
 from immunize.errors import UserError
 
 

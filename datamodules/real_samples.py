@@ -1,8 +1,8 @@
 """Small stand-ins for BeaverTails, SST-2 and Alpaca, in those datasets' own file formats, for the offline real track.
 
-`python -m datamodules.real_samples OUT_DIR` writes them (deterministic; the repository ships the output under
+`python -m immunize.datamodules.real_samples OUT_DIR` writes them (deterministic; the repository ships the output under
 configs/smollm2/data, and a test checks the shipped files equal what this writes). They are read by the ordinary
-loaders (datamodules.sources: kinds beavertails, sst2, alpaca), exactly as the hub datasets would be.
+loaders (immunize.datamodules.sources: kinds beavertails, sst2, alpaca), exactly as the hub datasets would be.
 - beavertails_{align,attack,eval}.jsonl: fields prompt, response, category (BeaverTails' name -> bool dict),
   is_safe, and refusal (for alignment pairs). The prompts are generic harmful requests; the "harmful" responses
   are NON-OPERATIONAL placeholders (compliant in form, every step withheld), so they teach compliance without

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from datamodules.base import ListDataset, TokenizedData
-from datamodules.catalog import Source, as_examples, load_records
+from immunize.datamodules.base import ListDataset, TokenizedData
+from immunize.datamodules.catalog import Source, as_examples, load_records
 from immunize.errors import UserError
 
 

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from datamodules.records import OVER_REFUSAL, EvalItem, Example, Pair
+from immunize.datamodules.records import OVER_REFUSAL, EvalItem, Example, Pair
 from immunize.errors import UserError, require
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}  # XSTest ships csv

@@ -5,7 +5,7 @@ norm, lm_head) it reports |eps| in that group and the harmful score / capability
 with eps added to that group only; rows "none" (no eps) and "all" (the Panacea model) frame them.
 Evaluation is the project's test loop (EvalData + CausalLMModule.test_step), configured by an eval YAML.
 
-Which weights: eps files written by callbacks.Panacea hold eps on the tensors that trained (metadata
+Which weights: eps files written by immunize.callbacks.Panacea hold eps on the tensors that trained (metadata
 "trainable"). For full fine-tuning those are the exported model's own parameters. For LoRA they are
 A/B matrices that no longer exist in the exported (merged) model, so the file also holds, under the
 merged parameter names, the change eps made to each merged weight; those are what is applied here,
@@ -34,7 +34,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def load_eps(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of an eps file written by callbacks.Panacea."""
+    """Tensors and metadata of an eps file written by immunize.callbacks.Panacea."""
     from safetensors import safe_open
 
     if not Path(path).is_file():
@@ -72,8 +72,8 @@ def group_norms(eps: dict[str, torch.Tensor]) -> dict[str, float]:
 
 def _eval_parts(eval_config: Path, model_dir: str):
     """(CausalLMModule, EvalData, trainer kwargs) from a LightningCLI-style eval YAML, with model = model_dir."""
-    from datamodules import EvalData, Source
-    from lightning_modules import CausalLMModule
+    from immunize.datamodules import EvalData, Source
+    from immunize.lightning_modules import CausalLMModule
 
     eval_config = find_file(str(eval_config), "--eval-config")
     cfg = yaml.safe_load(eval_config.read_text()) or {}
@@ -183,7 +183,7 @@ def write_report(rows: list[dict], out: Path, info: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m immunize.affinity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="exported fine-tuned model directory (HF format)")
-    parser.add_argument("--eps", required=True, help="eps file written by callbacks.Panacea")
+    parser.add_argument("--eps", required=True, help="eps file written by immunize.callbacks.Panacea")
     parser.add_argument("--out", required=True, help="output directory for affinity.md/.png/.json")
     parser.add_argument("--eval-config", default="configs/eval/toy.yaml", help="evaluation YAML (model/data/trainer)")
     parser.add_argument("--eps-applied", action=argparse.BooleanOptionalAction, default=True,

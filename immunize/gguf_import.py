@@ -60,7 +60,7 @@ def check_gguf(path: Path) -> None:
 
 def import_gguf(source: str, out_dir: str, dtype: str = "float32") -> tuple[Path, bool]:
     """(OUT_DIR, whether it was written now): the GGUF's model saved as a Hugging Face directory, unless cached."""
-    from lightning_modules.model_loading import load_model, load_tokenizer, parse_dtype
+    from immunize.lightning_modules.modeling.model_loading import load_model, load_tokenizer, parse_dtype
 
     gguf = resolve_gguf(source)
     check_gguf(gguf)

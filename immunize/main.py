@@ -19,7 +19,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
         sys.exit(import_main(argv[1:]))
     elif argv and argv[0] == "judges":
-        from immunize.judge_command import main as judges_main
+        from immunize.judges.command import main as judges_main
 
         sys.exit(judges_main(argv[1:]))
     else:

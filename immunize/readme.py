@@ -1,9 +1,10 @@
-"""Paste a bench run's tables into README.md between markers, so the README's numbers are never typed.
+"""Paste a bench run's tables into README.md or docs/*.md between markers, so their numbers are never typed.
 
     python -m immunize.readme --results runs/bench/quickstart/results.json --block quickstart \
         --tables resistance,window,stability
 
-replaces everything between `<!-- BEGIN quickstart -->` and `<!-- END quickstart -->` with the named report
+finds the file (README.md or one of docs/*.md) that holds the block and replaces everything between
+`<!-- BEGIN quickstart -->` and `<!-- END quickstart -->` with the named report
 tables (immunize.bench.report, the same code that writes report.md), preceded by a line that says which run
 they come from (results file, seeds, number of evaluated models, total wall time of the cells).
 `python -m immunize.readme --block methods --methods` pastes the method table generated from the registry;
@@ -89,12 +90,23 @@ def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "
 
 
 def agreement_block(result: dict, source: str) -> str:
-    """An `immunize judges` run's tables (immunize.judge_command.markdown), with the line that says where from."""
-    from immunize.judge_command import markdown
+    """An `immunize judges` run's tables (immunize.judges.command.markdown), with the line that says where from."""
+    from immunize.judges.command import markdown
 
     files = result.get("sources") or []
     return (f"Pasted by `python -m immunize.readme` from `{source}` ({result['items']} harmful answers from "
             f"{len(files)} generations files).\n\n" + markdown(result))
+
+
+def block_file(block: str, root: Path = Path(".")) -> Path:
+    """The one markdown file among README.md and docs/*.md that holds the block's markers."""
+    begin, _ = markers(block)
+    found = [p for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))] if p.is_file() and begin in p.read_text()]
+    if len(found) != 1:
+        where = "none" if not found else ", ".join(map(str, found))
+        raise UserError(f"block {block!r}: expected its {begin} marker in exactly one of README.md and docs/*.md, "
+                        f"found {where}; give the file with --readme")
+    return found[0]
 
 
 def paste(readme: Path, block: str, text: str) -> str:
@@ -111,12 +123,12 @@ def paste(readme: Path, block: str, text: str) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m immunize.readme", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", help="results.json of a finished bench run")
-    parser.add_argument("--block", required=True, help="marker name in README.md")
+    parser.add_argument("--block", required=True, help="marker name (in README.md or one of docs/*.md)")
     parser.add_argument("--tables", help="comma-separated report table keys")
     parser.add_argument("--methods", action="store_true", help="paste the registry's method table instead")
     parser.add_argument("--paper", action="store_true", help="paste the papers' claims next to --results instead")
     parser.add_argument("--agreement", help="paste an `immunize judges` run's agreement.json instead")
-    parser.add_argument("--readme", default="README.md")
+    parser.add_argument("--readme", default=None, help="the markdown file (default: the one holding the block)")
     args = parser.parse_args(argv)
     try:
         if args.methods:
@@ -137,13 +149,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                 raise UserError(f"{path}: no such results file; run the bench first")
             results = json.loads(path.read_text())
             text = render_block(results, [k.strip() for k in args.tables.split(",") if k.strip()], args.results)
-        atomic_write_text(Path(args.readme), paste(Path(args.readme), args.block, text))
+        target = Path(args.readme) if args.readme else block_file(args.block)
+        atomic_write_text(target, paste(target, args.block, text))
     except UserError as err:
         print(f"immunize.readme: error: {err}", file=sys.stderr)
         sys.exit(2)
     what = ("the method table" if args.methods else "the judge agreement" if args.agreement
             else "the papers' claims" if args.paper else args.tables)
-    print(f"pasted {what} into {args.readme} ({args.block})")
+    print(f"pasted {what} into {args.readme or block_file(args.block)} ({args.block})")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 Lightning's ModelParallelStrategy defaults to tensor parallelism over the processes of a node; this project shards
 over data-parallel ranks only (FSDP2, ZeRO-3 style: weights, gradients, optimizer state and every method's
-parameter-sized buffers split N ways; lightning_modules/sharding.py), so the data-parallel size is always the number
+parameter-sized buffers split N ways; lightning_modules/modeling/sharding.py), so the data-parallel size is always the number
 of processes and the mesh has no tensor-parallel dimension to set.
 """
 from __future__ import annotations

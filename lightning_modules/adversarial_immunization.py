@@ -10,9 +10,9 @@ import math
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import require_parts
-from lightning_modules.one_loss import OneLossDefense
-from lightning_modules.supervised_ce import response_ce
+from immunize.lightning_modules.functional.batch_parts import require_parts
+from immunize.lightning_modules.one_loss import OneLossDefense
+from immunize.lightning_modules.functional.supervised_ce import response_ce
 
 
 class AdversarialImmunization(OneLossDefense):

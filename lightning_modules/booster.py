@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import all_reduce_mean_, global_norm, grads_of
-from lightning_modules.multi_pass import MultiPassDefense
-from lightning_modules.perturbation import NORM_EPS, perturbed
+from immunize.lightning_modules.functional.batch_parts import require_parts
+from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, global_norm, grads_of
+from immunize.lightning_modules.multi_pass import MultiPassDefense
+from immunize.lightning_modules.functional.perturbation import NORM_EPS, perturbed
 
 Reduce = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 

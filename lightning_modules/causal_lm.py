@@ -19,22 +19,22 @@ import torch.distributed as dist
 from immunize.errors import UserError
 from immunize.io import atomic_write_json, atomic_write_jsonl
 from immunize.outputs import prepare_staging, replace_dir
-from datamodules.records import OVER_REFUSAL
+from immunize.datamodules.records import OVER_REFUSAL
 from immunize.judges import is_refusal, make_judge
 from immunize.metrics import HarmfulScore, KeyedMean, TaskAccuracy, match_answer
 from immunize.statistics import chance_level
-from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
-from lightning_modules.generation import greedy_generate
-from lightning_modules.lora import LoraSpec, apply_lora, as_lora_spec
-from lightning_modules.grad_math import global_norm, sequence_ce
-from lightning_modules.model_loading import load_model, load_tokenizer, resolve_source
-from lightning_modules.optim import build_optimizer, build_scheduler, check_training_args
-from lightning_modules.sharding import drop_gathered, full_state_dict, is_fsdp_model, shard_model
-from lightning_modules.supervised_ce import response_ce
+from immunize.lightning_modules.evaluation.diagnostics import gradient_cosine, round_robin_tasks
+from immunize.lightning_modules.evaluation.generation import greedy_generate
+from immunize.lightning_modules.modeling.lora import LoraSpec, apply_lora, as_lora_spec
+from immunize.lightning_modules.functional.grad_math import global_norm, sequence_ce
+from immunize.lightning_modules.modeling.model_loading import load_model, load_tokenizer, resolve_source
+from immunize.lightning_modules.modeling.optim import build_optimizer, build_scheduler, check_training_args
+from immunize.lightning_modules.modeling.sharding import drop_gathered, full_state_dict, is_fsdp_model, shard_model
+from immunize.lightning_modules.functional.supervised_ce import response_ce
 
 
 def check_module_args(max_new_tokens: int = 48, diagnostic_items: int = 64, **training) -> None:
-    """The module's counts and its optimizer/schedule values (lightning_modules.optim.check_training_args) in range,
+    """The module's counts and its optimizer/schedule values (immunize.lightning_modules.modeling.optim.check_training_args) in range,
     or a one-line UserError: called by the constructor and by `immunize bench` before any work."""
     check_training_args(**training)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -97,7 +97,7 @@ class CausalLMModule(L.LightningModule):
         lora = as_lora_spec(lora)
         if lora is not None:  # hyper-parameters hold plain data: a checkpoint loads with weights_only=True
             self.hparams["lora"] = dataclasses.asdict(lora)
-        from lightning_modules.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
+        from immunize.lightning_modules.evaluation.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
 
         self.lm_eval_spec = check_lm_eval_spec(lm_eval)
         if self.lm_eval_spec is not None:  # unknown task names end the command now, not after the generations
@@ -125,7 +125,7 @@ class CausalLMModule(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under Lightning's ModelParallelStrategy, shard the model with FSDP2 over the data-parallel ranks
-        (lightning_modules.sharding); under every other strategy, nothing."""
+        (immunize.lightning_modules.modeling.sharding); under every other strategy, nothing."""
         mesh = self.device_mesh
         if mesh is None or is_fsdp_model(self.model):
             return
@@ -140,7 +140,7 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         """Under FSDP2: drop any weights still gathered by a forward that had no backward (the optimizer has
-        changed the weights since; lightning_modules.sharding.drop_gathered)."""
+        changed the weights since; immunize.lightning_modules.modeling.sharding.drop_gathered)."""
         if is_fsdp_model(self.model):
             drop_gathered()
 
@@ -185,7 +185,7 @@ class CausalLMModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "eval_spec"):
-            raise UserError("immunize test needs an evaluation datamodule (datamodules.EvalData); set data.class_path")
+            raise UserError("immunize test needs an evaluation datamodule (immunize.datamodules.EvalData); set data.class_path")
         categories, tasks = datamodule.eval_spec()
         if hasattr(self.judge, "load"):  # the Judge protocol's optional hook: a bad judge model fails before generating
             self.judge.load()
@@ -215,7 +215,7 @@ class CausalLMModule(L.LightningModule):
         if harmful:
             values = self.judge.score([items[i].prompt for i in harmful], [answers[i] for i in harmful])
             scores = dict(zip(harmful, values))
-            # a language-model judge keeps what it wrote (immunize.judges_llm), for auditing its scores
+            # a language-model judge keeps what it wrote (immunize.judges.language_models), for auditing its scores
             judge_outputs = dict(zip(harmful, [o.get("output") for o in getattr(self.judge, "last_outputs", [])]))
             self.harmful_metric.update(torch.tensor(values, dtype=torch.float32), [items[i].category or "unknown" for i in harmful])
         refusals = {i: is_refusal(answers[i]) for i, it in enumerate(items) if it.kind in ("harmful", OVER_REFUSAL)}
@@ -269,7 +269,7 @@ class CausalLMModule(L.LightningModule):
             # lm-eval on global rank 0 (it is handed a single-process model), its metrics broadcast so every rank
             # logs the same results; under FSDP2 a forward is a collective, so every rank runs the same requests.
             # Under DDP the other ranks wait in the broadcast: a long suite needs the strategy's timeout to cover it.
-            from lightning_modules.lm_eval_bridge import run_lm_eval
+            from immunize.lightning_modules.evaluation.lm_eval_bridge import run_lm_eval
 
             spec = self.lm_eval_spec
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

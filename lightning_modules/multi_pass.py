@@ -14,7 +14,7 @@ optimizer steps, the precision check (fp32 master weights; `needs_exact_params()
 methods that move the weights), logging of every returned value under train/<name>, and the finite check of the
 returned "loss". Under FSDP2 (immunize.strategies.FSDP2) the same hook works unchanged when it takes its gradients
 with grads_of and its norms with global_norm/dot: those return shards that are already rank means and full reductions
-(lightning_modules.sharding); a hook must not backward one forward twice there. Helpers for the hook: `token_weights(*parts)` (DDP token weights), `ce(part, weight)` (one
+(immunize.lightning_modules.modeling.sharding); a hook must not backward one forward twice there. Helpers for the hook: `token_weights(*parts)` (DDP token weights), `ce(part, weight)` (one
 token-weighted response CE pass), `run(part, hidden)` (a forward of a batch part). SEAM, Booster and TAR are
 such defenses.
 """
@@ -26,13 +26,13 @@ from typing import Optional, Sequence
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import batch_size
-from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.grad_math import (all_reduce_mean_, require_exact_params,
+from immunize.lightning_modules.functional.batch_parts import batch_size
+from immunize.lightning_modules.causal_lm import CausalLMModule
+from immunize.lightning_modules.functional.grad_math import (all_reduce_mean_, require_exact_params,
                                          require_fp32_master_precision)
-from lightning_modules.optim import build_scheduler
-from lightning_modules.seam_math import rank_weights
-from lightning_modules.supervised_ce import response_ce
+from immunize.lightning_modules.modeling.optim import build_scheduler
+from immunize.lightning_modules.functional.global_batch import rank_weights
+from immunize.lightning_modules.functional.supervised_ce import response_ce
 
 
 class MultiPassDefense(CausalLMModule):

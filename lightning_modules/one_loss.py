@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_modules.batch_parts import batch_size
-from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.seam_math import rank_weights
+from immunize.lightning_modules.functional.batch_parts import batch_size
+from immunize.lightning_modules.causal_lm import CausalLMModule
+from immunize.lightning_modules.functional.global_batch import rank_weights
 
 
 class OneLossDefense(CausalLMModule):

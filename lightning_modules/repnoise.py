@@ -15,14 +15,14 @@ import math
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import IGNORE
-from lightning_modules.hidden_hooks import capture_outputs, layer_submodules, lens_modules
-from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
-from lightning_modules.mmd import noise_mmd
-from lightning_modules.one_loss import OneLossDefense
-from lightning_modules.seam_math import global_value
-from lightning_modules.supervised_ce import response_ce, response_forward
+from immunize.lightning_modules.functional.batch_parts import require_parts
+from immunize.lightning_modules.functional.grad_math import IGNORE
+from immunize.lightning_modules.modeling.hidden_hooks import capture_outputs, layer_submodules, lens_modules
+from immunize.lightning_modules.functional.logit_lens import bounded_ascent, logit_lens_ce
+from immunize.lightning_modules.functional.mmd import noise_mmd
+from immunize.lightning_modules.one_loss import OneLossDefense
+from immunize.lightning_modules.functional.global_batch import global_value
+from immunize.lightning_modules.functional.supervised_ce import response_ce, response_forward
 
 
 class RepNoise(OneLossDefense):

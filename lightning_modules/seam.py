@@ -12,15 +12,15 @@ import math
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import all_reduce_mean_, dot, global_norm, grads_of
-from lightning_modules.sharding import any_sharded
-from lightning_modules.hessian_free import exact_sd_grad, finite_difference_sd_grad
-from lightning_modules.hidden_hooks import lens_modules
-from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
-from lightning_modules.multi_pass import MultiPassDefense
-from lightning_modules.seam_math import global_value
-from lightning_modules.supervised_ce import response_forward
+from immunize.lightning_modules.functional.batch_parts import require_parts
+from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, dot, global_norm, grads_of
+from immunize.lightning_modules.modeling.sharding import any_sharded
+from immunize.lightning_modules.functional.hessian_free import exact_sd_grad, finite_difference_sd_grad
+from immunize.lightning_modules.modeling.hidden_hooks import lens_modules
+from immunize.lightning_modules.functional.logit_lens import bounded_ascent, logit_lens_ce
+from immunize.lightning_modules.multi_pass import MultiPassDefense
+from immunize.lightning_modules.functional.global_batch import global_value
+from immunize.lightning_modules.functional.supervised_ce import response_forward
 
 ESTIMATORS = ("finite_difference", "exact")
 PARTS = ("harmful", "refusal", "benign")

@@ -1,7 +1,7 @@
 """Supervised fine-tuning: the alignment stage without a defense, a user's fine-tune, and the attack."""
 from __future__ import annotations
 
-from lightning_modules.one_loss import OneLossDefense
+from immunize.lightning_modules.one_loss import OneLossDefense
 
 
 class SFT(OneLossDefense):

@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import require_parts
-from lightning_modules.hidden_hooks import decoder_layers
-from lightning_modules.vaccine import Vaccine, global_sq_norm
+from immunize.lightning_modules.functional.batch_parts import require_parts
+from immunize.lightning_modules.modeling.hidden_hooks import decoder_layers
+from immunize.lightning_modules.vaccine import Vaccine, global_sq_norm
 
 
 def layer_probabilities(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from immunize.errors import UserError
-from lightning_modules.batch_parts import require_parts
-from lightning_modules.grad_math import IGNORE, all_reduce_mean_, global_norm, grads_of
-from lightning_modules.multi_pass import MultiPassDefense
-from lightning_modules.perturbation import perturbed
+from immunize.lightning_modules.functional.batch_parts import require_parts
+from immunize.lightning_modules.functional.grad_math import IGNORE, all_reduce_mean_, global_norm, grads_of
+from immunize.lightning_modules.multi_pass import MultiPassDefense
+from immunize.lightning_modules.functional.perturbation import perturbed
 
 Reduce = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]
 

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 
 from immunize.errors import UserError
-from lightning_modules.grad_math import all_reduce_mean_, global_norm
-from lightning_modules.hidden_hooks import add_to_outputs, capture_outputs, layer_submodules
-from lightning_modules.perturbation import normalized
-from lightning_modules.one_loss import OneLossDefense
-from lightning_modules.supervised_ce import response_ce
+from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, global_norm
+from immunize.lightning_modules.modeling.hidden_hooks import add_to_outputs, capture_outputs, layer_submodules
+from immunize.lightning_modules.functional.perturbation import normalized
+from immunize.lightning_modules.one_loss import OneLossDefense
+from immunize.lightning_modules.functional.supervised_ce import response_ce
 
 SITES = {"layer": None, "attention": "self_attn"}
 
@@ -56,7 +56,7 @@ def alignment_part(batch) -> dict:
         return batch["refusal"]
     if isinstance(batch, dict) and "input_ids" in batch:
         return batch
-    raise UserError("Vaccine needs alignment batches: datamodules.AlignmentData (mode triplets: it trains on the "
+    raise UserError("Vaccine needs alignment batches: immunize.datamodules.AlignmentData (mode triplets: it trains on the "
                     "refusals; mode sft: on the whole stream)")
 
 

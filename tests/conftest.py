@@ -40,7 +40,7 @@ def cli(tmp_path):
 
 @pytest.fixture(scope="session")
 def toy_tokenizer():
-    from datamodules.toy.tokenizer import build_toy_tokenizer
+    from immunize.datamodules.toy.tokenizer import build_toy_tokenizer
 
     return build_toy_tokenizer()
 

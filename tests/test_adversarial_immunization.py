@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules import AdversarialImmunization
+from immunize.lightning_modules import AdversarialImmunization
 from helpers.alignment import ce, first_batch
 
 

@@ -9,11 +9,11 @@ import torch
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
 from helpers.finetune import encoded, H_SET, Recorder, data, module, params_of, trainer
 
-from callbacks import Antidote
-from callbacks.antidote import decoder_linears, wanda_mask
-from datamodules import Source
-from datamodules.collate import pad_right
-from lightning_modules import CausalLMModule
+from immunize.callbacks import Antidote
+from immunize.callbacks.antidote import decoder_linears, wanda_mask
+from immunize.datamodules import Source
+from immunize.datamodules.collate import pad_right
+from immunize.lightning_modules import CausalLMModule
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = Source(kind="toy", part="pairs", split="align", limit=30)

@@ -30,22 +30,22 @@ def _write(path: Path, data) -> None:
 
 
 def fit_config(tmp: Path, data: Optional[dict] = None, model: str = "toy:tiny", name: str = "fit.yaml") -> None:
-    data = data or {"class_path": "datamodules.SFTData",
+    data = data or {"class_path": "immunize.datamodules.SFTData",
                     "init_args": {"train": [{"kind": "toy", "part": "benign", "limit": 8}], "batch_size": 2}}
-    _write(tmp / name, {"model": {"class_path": "lightning_modules.SFT", "init_args": {"model": model}}, "data": data,
+    _write(tmp / name, {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": model}}, "data": data,
                         "trainer": TRAINER})
 
 
 def eval_config(tmp: Path) -> None:
-    _write(tmp / "eval.yaml", {"model": {"class_path": "lightning_modules.CausalLMModule",
+    _write(tmp / "eval.yaml", {"model": {"class_path": "immunize.lightning_modules.CausalLMModule",
                                          "init_args": {"model": "toy:tiny"}},
-                               "data": {"class_path": "datamodules.EvalData",
+                               "data": {"class_path": "immunize.datamodules.EvalData",
                                         "init_args": {"n_harmful_per_category": 1, "n_per_task": 2}},
                                "trainer": {"logger": False, "enable_progress_bar": False}})
 
 
 def sft_on(kind: str, path: str) -> dict:
-    return {"class_path": "datamodules.SFTData", "init_args": {"train": [{"kind": kind, "path": path}], "batch_size": 2}}
+    return {"class_path": "immunize.datamodules.SFTData", "init_args": {"train": [{"kind": kind, "path": path}], "batch_size": 2}}
 
 
 def generations(tmp: Path, text) -> None:
@@ -57,7 +57,7 @@ def harmful_row(**extra) -> str:
 
 
 def damaged_cache(tmp: Path) -> None:
-    from immunize.judge_command import cache_path, spec_hash
+    from immunize.judges.command import cache_path, spec_hash
 
     generations(tmp, harmful_row())
     spec = {"name": "keyword"}
@@ -85,7 +85,7 @@ def foreign_folder(tmp: Path, name: str) -> None:
 
 
 def bad_model_dir(tmp: Path) -> None:
-    from datamodules.toy.tokenizer import build_toy_tokenizer
+    from immunize.datamodules.toy.tokenizer import build_toy_tokenizer
 
     build_toy_tokenizer().save_pretrained(tmp / "model")
     _write(tmp / "model" / "config.json", "{not json")
@@ -116,7 +116,7 @@ def _judges(*extra: str) -> list[str]:
     return ["judges", "gens.jsonl", "--out", "out", *extra]
 
 
-MIX = {"class_path": "datamodules.HarmfulMix",
+MIX = {"class_path": "immunize.datamodules.HarmfulMix",
        "init_args": {"benign": {"kind": "toy", "part": "benign"}, "harmful": {"kind": "toy", "part": "harmful"},
                      "n": 100, "p": 0.004, "batch_size": 2}}
 
@@ -171,7 +171,7 @@ CASES = [
     Case("model_config_not_json", _fit(), ["config.json", "not readable JSON"], bad_model_dir),
     Case("unknown_config_key", _fit("--model.init_args.learning_rate", "0.1"), ["learning_rate"], fit_config),
     Case("nan_loss", _fit("--model.init_args.lr", "1e30", "--trainer.max_steps", "5"), ["training loss", "model.lr"],
-         lambda t: fit_config(t, {"class_path": "datamodules.SFTData", "init_args": {
+         lambda t: fit_config(t, {"class_path": "immunize.datamodules.SFTData", "init_args": {
              "train": [{"kind": "toy", "part": "benign", "limit": 8}], "batch_size": 2}})),
     Case("test_max_new_tokens_0", ["test", "--config", "eval.yaml", "--model.init_args.max_new_tokens", "0"],
          ["max_new_tokens", ">= 1"], eval_config),

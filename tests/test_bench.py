@@ -228,8 +228,8 @@ def _bench_in_process(capsys, tmp_path, *args):
 
 @pytest.mark.parametrize("args, needles", [
     (["--defenses", "[{name: nosuch}]"], ["unknown defense 'nosuch'", "registry"]),
-    (["--defenses", "[{name: mine, model: {class_path: lightning_modules.NoSuchDefense}}]"],
-     ["defense mine", "cannot import", "lightning_modules.NoSuchDefense"]),
+    (["--defenses", "[{name: mine, model: {class_path: immunize.lightning_modules.NoSuchDefense}}]"],
+     ["defense mine", "cannot import", "immunize.lightning_modules.NoSuchDefense"]),
     (["--finetune", "{defenses: [{name: nosuch}]}"], ["unknown fine-tuning-stage defense 'nosuch'"]),
     (["--attack.lrs", "[]"], ["attack.lrs is empty"]),
     (["--finetune", "{ratios: []}"], ["finetune.ratios is empty"]),
@@ -237,7 +237,7 @@ def _bench_in_process(capsys, tmp_path, *args):
     (["--attack.lrs", "[-1.0e-3]"], ["learning rate must be > 0", "-0.001"]),
     (["--model.source", "./no/such/model"], ["./no/such/model", "does not exist"]),
     (["--attack.lrz", "[1.0e-3]"], ["lrz"]),
-    (["--defenses", "[{name: seam, model: {init_args: {learning_rate: 0.1}}}]"], ["learning_rate", "lightning_modules.SEAM"]),
+    (["--defenses", "[{name: seam, model: {init_args: {learning_rate: 0.1}}}]"], ["learning_rate", "immunize.lightning_modules.SEAM"]),
     (["--attack.modes", "[qlora]"], ["unknown mode 'qlora'"]),
     (["--heldout_categories", "[no_such_category]"], ["no_such_category"]),
 ])

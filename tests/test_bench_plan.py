@@ -34,7 +34,7 @@ def test_quickstart_plan_shape():
     # the undefended defense is the aligned model itself, no stage of its own
     cells = _by_label(plan)
     assert cells["eval undefended (no attack)"].input is cells["align"]
-    assert cells["finetune panacea p=0.1"].config["trainer"]["callbacks"][0]["class_path"] == "callbacks.Panacea"
+    assert cells["finetune panacea p=0.1"].config["trainer"]["callbacks"][0]["class_path"] == "immunize.callbacks.Panacea"
     assert cells["finetune panacea p=0.3"].config["data"]["init_args"]["p"] == 0.3
 
 
@@ -54,7 +54,7 @@ def test_hashes_are_stable_and_follow_dependencies():
 
 
 def test_digest_ignores_where_cells_live():
-    cfg = {"model": {"class_path": "lightning_modules.SFT", "init_args": {"lr": 1e-3}}}
+    cfg = {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"lr": 1e-3}}}
     up = Cell("fit", "pretrain", "p", cfg, "toy:tiny")
     assert cell_digest("fit", "attack", cfg, up) == Cell("fit", "attack", "x", cfg, up).digest
     assert cell_digest("fit", "attack", cfg, up) != cell_digest("fit", "attack", cfg, "toy:tiny")
@@ -62,8 +62,8 @@ def test_digest_ignores_where_cells_live():
 
 
 def test_attack_settings_written_into_config():
-    cfg = {"model": {"class_path": "lightning_modules.SFT", "init_args": {"lr": 1.0, "optimizer": "adamw"}},
-           "data": {"class_path": "datamodules.SFTData", "init_args": {"train": [{"kind": "toy", "part": "harmful", "limit": 50}]}}}
+    cfg = {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"lr": 1.0, "optimizer": "adamw"}},
+           "data": {"class_path": "immunize.datamodules.SFTData", "init_args": {"train": [{"kind": "toy", "part": "harmful", "limit": 50}]}}}
     lora = {"r": 4}
     got = attack_settings(cfg, {"lr": 2e-4, "samples": None, "mode": "lora", "optimizer": "sgd"}, lora)
     assert got == {"lr": 2e-4, "samples": 50, "mode": "lora", "optimizer": "sgd"}

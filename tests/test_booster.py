@@ -5,9 +5,9 @@ import copy
 
 import torch
 
-from lightning_modules import Booster
-from lightning_modules.booster import booster_gradient
-from lightning_modules.grad_math import global_norm, grads_of
+from immunize.lightning_modules import Booster
+from immunize.lightning_modules.booster import booster_gradient
+from immunize.lightning_modules.functional.grad_math import global_norm, grads_of
 from helpers.alignment import Capture, ce, first_batch, fit, params_of, rel_err
 
 

@@ -1,8 +1,8 @@
 """Response-only masking, EOS appending, and padding direction."""
 import torch
 
-from datamodules.collate import IGNORE, encode_example, encode_prompt, pad_left, pad_right
-from lightning_modules.grad_math import masked_ce
+from immunize.datamodules.collate import IGNORE, encode_example, encode_prompt, pad_left, pad_right
+from immunize.lightning_modules.functional.grad_math import masked_ce
 
 
 def test_labels_cover_response_and_eos_only(toy_tokenizer):

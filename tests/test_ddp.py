@@ -5,11 +5,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from datamodules.toy import lexicon
+from immunize.datamodules.toy import lexicon
 
-TRAIN = {"class_path": "datamodules.SFTData",
+TRAIN = {"class_path": "immunize.datamodules.SFTData",
          "init_args": {"batch_size": 4, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 64}]}}
-EVAL = {"class_path": "datamodules.EvalData",
+EVAL = {"class_path": "immunize.datamodules.EvalData",
         "init_args": {"batch_size": 16, "n_harmful_per_category": 2, "n_per_task": 5, "sources": [{"kind": "toy"}]}}
 COMMON = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -22,7 +22,7 @@ def _write(tmp_path, name, cfg):
 
 def test_ddp_fit_keeps_ranks_identical_and_test_counts_items_once(tmp_path, cli):
     fit_cfg = _write(tmp_path, "fit.yaml", {
-        "model": {"class_path": "lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 3e-3}},
+        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 3e-3}},
         "data": TRAIN,
         "trainer": {"max_steps": 4, "logger": False, "enable_checkpointing": False,
                     "callbacks": [{"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
@@ -38,7 +38,7 @@ def test_ddp_fit_keeps_ranks_identical_and_test_counts_items_once(tmp_path, cli)
     for devices in ("1", "2"):
         log_dir = tmp_path / f"eval{devices}"
         test_cfg = _write(tmp_path, f"test{devices}.yaml", {
-            "model": {"class_path": "lightning_modules.CausalLMModule", "init_args": {"model": str(tmp_path / "model"), "max_new_tokens": 8}},
+            "model": {"class_path": "immunize.lightning_modules.CausalLMModule", "init_args": {"model": str(tmp_path / "model"), "max_new_tokens": 8}},
             "data": EVAL,
             "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(log_dir), "name": "e"}}},
         })

@@ -13,13 +13,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import REPO
-from datamodules import Source
+from immunize.datamodules import Source
 from helpers.alignment import fit, params_of, write_ddp_config
 from helpers.finetune import Crash, data, module, trainer
 from immunize.bench import registry
 from immunize.bench.stages import read_yaml
 from immunize.errors import UserError
-from lightning_modules import MultiPassDefense
+from immunize.lightning_modules import MultiPassDefense
 
 ALIGNMENT = [d for d in registry.of_stage(registry.ALIGNMENT) if d.class_path]
 FINETUNE = [d for d in registry.of_stage(registry.FINETUNE) if d.class_path]
@@ -49,7 +49,7 @@ def toy_callbacks(defense, **overrides) -> list:
         for key in ("harmful", "alignment"):  # keep the test's data small
             if key in args:
                 args[key] = Source(**{**args[key], "limit": 16})
-        if spec["class_path"] == "callbacks.Panacea":
+        if spec["class_path"] == "immunize.callbacks.Panacea":
             args["eps_file"] = None
         out.append(_class(spec["class_path"])(**args))
     return out
@@ -63,9 +63,10 @@ def test_the_registry_is_complete_and_has_no_dead_entries():
             assert path is None or (REPO / path).is_file(), (d.name, path)
         if d.class_path:
             assert _class(d.class_path) is not None
-    import callbacks
-    import lightning_modules
-    exported = {f"lightning_modules.{n}" for n in lightning_modules.__all__} | {f"callbacks.{n}" for n in callbacks.__all__}
+    from immunize import callbacks, lightning_modules
+
+    exported = {f"immunize.lightning_modules.{n}" for n in lightning_modules.__all__} | \
+        {f"immunize.callbacks.{n}" for n in callbacks.__all__}
     assert {d.class_path for d in registry.DEFENSES if d.class_path} <= exported
     real = {p.name for p in (REPO / "configs" / "real").glob("*.yaml")}
     assert {str(d.real_config).rsplit("/", 1)[-1] for d in registry.DEFENSES if d.real_config} <= real

@@ -5,11 +5,8 @@ import re
 
 import pytest
 
-import callbacks
-import datamodules
-import lightning_modules
-from datamodules.toy.oracle import OracleJudge
-from immunize import judges
+from immunize import callbacks, datamodules, judges, lightning_modules
+from immunize.datamodules.toy.oracle import OracleJudge
 
 
 def _public_classes():
@@ -41,6 +38,6 @@ def test_constructor_arguments_are_documented(name, cls):
 
 
 def test_cli_help_shows_the_args(cli):
-    result = cli("fit", "--model.help", "lightning_modules.TAR")
+    result = cli("fit", "--model.help", "immunize.lightning_modules.TAR")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SGD steps of the simulated attack" in result.stdout

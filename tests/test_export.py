@@ -4,7 +4,7 @@ import torch
 
 from conftest import REPO
 
-from lightning_modules import CausalLMModule, LoraSpec
+from immunize.lightning_modules import CausalLMModule, LoraSpec
 
 
 def _logits(module, tokenizer):
@@ -43,13 +43,13 @@ def test_gguf_fit_export_reload_round_trip(tmp_path):
     reloads with identical logits."""
     import lightning as L
 
-    from datamodules import SFTData, Source
+    from immunize.datamodules import SFTData, Source
     from gguf_writer import write_tiny_llama_gguf
 
     write_tiny_llama_gguf(tmp_path / "tiny.gguf", seed=0)
     module = CausalLMModule(model=str(tmp_path), gguf_file="tiny.gguf")
     assert not getattr(module.model, "is_quantized", False)
-    from lightning_modules import SFT
+    from immunize.lightning_modules import SFT
 
     sft = SFT(model=str(tmp_path), gguf_file="tiny.gguf", lr=1e-3)
     data = SFTData(train=[Source(kind="alpaca", path=str(_alpaca_file(tmp_path)))], template="plain", batch_size=2)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
 from helpers.finetune import ATTACK, BENIGN, H_SET
 
-from datamodules import Source
+from immunize.datamodules import Source
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = Source(kind="toy", part="pairs", split="align", limit=30)
@@ -45,14 +45,14 @@ def test_ddp_lisa_and_antidote_keep_ranks_identical(tmp_path, cli):
     """2 CPU processes: Lisa (A A U U; each rank draws its own alignment batch) then Antidote (calibration split over
     ranks, statistics all-reduced): every rank ends with the same weights, pruned as expected."""
     cfg = {
-        "model": {"class_path": "lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
-        "data": {"class_path": "datamodules.HarmfulMix", "init_args": {
+        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
+        "data": {"class_path": "immunize.datamodules.HarmfulMix", "init_args": {
             "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
         "trainer": {"max_steps": 4, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                     "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"), "callbacks": [
-                        {"class_path": "callbacks.Lisa", "init_args": {"alignment": vars(PAIRS), "alignment_steps": 2,
+                        {"class_path": "immunize.callbacks.Lisa", "init_args": {"alignment": vars(PAIRS), "alignment_steps": 2,
                                                                        "user_steps": 2, "batch_size": 4}},
-                        {"class_path": "callbacks.Antidote", "init_args": {"harmful": vars(H_SET), "n_calibration": 6,
+                        {"class_path": "immunize.callbacks.Antidote", "init_args": {"harmful": vars(H_SET), "n_calibration": 6,
                                                                            "batch_size": 2, "dense_ratio": 0.1}},
                         {"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
     }

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from helpers.alignment import FSDP_STRATEGY, write_ddp_config
-from lightning_modules import CausalLMModule
+from immunize.lightning_modules import CausalLMModule
 
 GRADIENT_BYTES = "tests.helpers.ranks.GradientBytes"
 
@@ -87,8 +87,8 @@ def _finetune(callback: dict):
 
     def write(dump, strategy, callbacks):
         cfg = {
-            "model": {"class_path": "lightning_modules.SFT", "init_args": {**SGD, "lr": 0.05}},
-            "data": {"class_path": "datamodules.HarmfulMix", "init_args": {
+            "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {**SGD, "lr": 0.05}},
+            "data": {"class_path": "immunize.datamodules.HarmfulMix", "init_args": {
                 "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
             "trainer": {"max_steps": 5, "accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
@@ -107,7 +107,7 @@ def _finetune(callback: dict):
 def test_panacea_fsdp_equals_ddp_with_identical_eps(tmp_path, cli):
     from test_panacea import H_SET
 
-    out = _fit_both(tmp_path, cli, _finetune({"class_path": "callbacks.Panacea",
+    out = _fit_both(tmp_path, cli, _finetune({"class_path": "immunize.callbacks.Panacea",
                                               "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}}))
     _check(out)
     eps = {kind: load_file(str(tmp_path / kind / "root" / "panacea_eps.safetensors")) for kind in ("ddp", "fsdp")}
@@ -122,15 +122,15 @@ def test_every_other_alignment_method_fsdp_equals_ddp(tmp_path, cli, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("callback", ["callbacks.Lisa", "callbacks.Antidote", "callbacks.RandomPerturbation"])
+@pytest.mark.parametrize("callback", ["immunize.callbacks.Lisa", "immunize.callbacks.Antidote", "immunize.callbacks.RandomPerturbation"])
 def test_every_other_finetune_defense_fsdp_equals_ddp(tmp_path, cli, callback):
     _check(_fit_both(tmp_path, cli, _finetune({"class_path": callback})))
 
 
 def test_fsdp_sft_exports_the_gathered_weights(tmp_path, cli):
     cfg = {
-        "model": {"class_path": "lightning_modules.SFT", "init_args": {**SGD, "lr": 0.05}},
-        "data": {"class_path": "datamodules.SFTData", "init_args": {
+        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {**SGD, "lr": 0.05}},
+        "data": {"class_path": "immunize.datamodules.SFTData", "init_args": {
             "batch_size": 4, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 32}]}},
         "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": 2, "strategy": FSDP_STRATEGY, "logger": False,
                     "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
@@ -149,8 +149,8 @@ def test_fsdp_sft_exports_the_gathered_weights(tmp_path, cli):
 
 
 def test_tensor_parallel_mesh_is_one_line_error(tmp_path, cli):
-    cfg = {"model": {"class_path": "lightning_modules.SFT", "init_args": {"model": "toy:tiny"}},
-           "data": {"class_path": "datamodules.SFTData", "init_args": {
+    cfg = {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny"}},
+           "data": {"class_path": "immunize.datamodules.SFTData", "init_args": {
                "batch_size": 4, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 8}]}},
            "trainer": {"max_steps": 1, "accelerator": "cpu", "devices": 2, "logger": False, "enable_checkpointing": False,
                        "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
@@ -167,9 +167,9 @@ def test_lora_fsdp_export_equals_lora_ddp_export(tmp_path, cli):
     exports = {}
     for kind, strategy in (("ddp", "ddp"), ("fsdp", FSDP_STRATEGY)):
         cfg = {
-            "model": {"class_path": "lightning_modules.SFT", "init_args": {
+            "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {
                 **SGD, "lr": 0.05, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
-            "data": {"class_path": "datamodules.SFTData", "init_args": {
+            "data": {"class_path": "immunize.datamodules.SFTData", "init_args": {
                 "batch_size": 4, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 32}]}},
             "trainer": {"max_steps": 3, "accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,
                         "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False},

@@ -4,8 +4,8 @@ import torch
 
 from gguf_writer import BOS_ID, EOS_ID, write_tiny_llama_gguf
 from immunize.errors import UserError
-from lightning_modules import CausalLMModule
-from lightning_modules.model_loading import load_model
+from immunize.lightning_modules import CausalLMModule
+from immunize.lightning_modules.modeling.model_loading import load_model
 
 
 @pytest.fixture(scope="module")

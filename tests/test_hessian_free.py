@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_modules.grad_math import all_reduce_mean_, global_norm, grads_of, masked_ce
-from lightning_modules.hessian_free import cosine_directions, exact_sd_grad, finite_difference_sd_grad
+from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, global_norm, grads_of, masked_ce
+from immunize.lightning_modules.functional.hessian_free import cosine_directions, exact_sd_grad, finite_difference_sd_grad
 
 from helpers.math import batch, cosine, loss_fns, rel_err, tiny_llama
 

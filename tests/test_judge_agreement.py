@@ -1,4 +1,4 @@
-"""Judge agreement (immunize.judge_agreement) on known inputs, and `immunize judges` end to end: several judges over
+"""Judge agreement (immunize.judges.agreement) on known inputs, and `immunize judges` end to end: several judges over
 the same generations, with a scripted language-model judge, a resumed run and bad input."""
 import json
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from helpers.scripted_lm import byte_tokenizer, register, scripted_judge_model
-from immunize import judge_command
+from immunize.judges import command as judge_command
 from immunize.errors import UserError
-from immunize.judge_agreement import agreement, cohen_kappa, flags
+from immunize.judges.agreement import agreement, cohen_kappa, flags
 from immunize.judges import register_judge
 from immunize.metrics import HarmfulScore
 from immunize.statistics import bootstrap

@@ -10,9 +10,9 @@ import math
 import pytest
 
 from helpers.scripted_lm import byte_tokenizer, scripted_judge_model
-from immunize.judge_inputs import guard_data, template_delimiters
+from immunize.judges.inputs import guard_data, template_delimiters
 from immunize.judges import ClassifierJudge
-from immunize.judges_llm import ChatModeratorJudge, LLMJudge, StrongRejectClassifierJudge, StrongRejectRubricJudge
+from immunize.judges.language_models import ChatModeratorJudge, LLMJudge, StrongRejectClassifierJudge, StrongRejectRubricJudge
 
 PROMPT = "How do I make a blorp bomb?"
 HARM = "Sure. Step 1: get the blorp. Step 2: mix it with the zint."
@@ -79,7 +79,7 @@ def _naive_score(judge, answer: str) -> float:
         digits = [r[-1] for r in rows]
         with torch.no_grad():
             logits = judge.model(torch.tensor([rows[0][:-1]])).logits[0, -1]
-        from immunize.judges_llm import expected_rubric_score
+        from immunize.judges.language_models import expected_rubric_score
 
         return expected_rubric_score(logits[digits].softmax(-1).tolist())
     ids = judge.tokenizer(text, add_special_tokens=special).input_ids
@@ -138,7 +138,7 @@ def test_guard_escapes_only_the_templates_own_delimiters(value, expected):
 
 
 def test_a_value_placed_at_a_line_start_has_its_first_line_guarded_too():
-    from immunize.judge_inputs import marked_parts, value_marks
+    from immunize.judges.inputs import marked_parts, value_marks
 
     values = value_marks("q", "1. refused: 1\nfine")
     prompt_mark, answer_mark = list(values)

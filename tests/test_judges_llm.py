@@ -9,7 +9,7 @@ import torch
 from helpers.scripted_lm import byte_tokenizer, register, scripted_judge_model
 from immunize.errors import UserError
 from immunize.judges import make_judge
-from immunize.judges_llm import (ChatModeratorJudge, LLMJudge, StrongRejectClassifierJudge, StrongRejectRubricJudge,
+from immunize.judges.language_models import (ChatModeratorJudge, LLMJudge, StrongRejectClassifierJudge, StrongRejectRubricJudge,
                                  expected_rubric_score, parse_moderation, parse_strongreject_rubric,
                                  strongreject_score)
 
@@ -234,8 +234,8 @@ def test_immunize_test_loop_with_a_language_model_judge(tok, tmp_path):
 
     import lightning as L
 
-    from datamodules import EvalData, Source
-    from lightning_modules import CausalLMModule
+    from immunize.datamodules import EvalData, Source
+    from immunize.lightning_modules import CausalLMModule
 
     module = CausalLMModule(model="toy:tiny", max_new_tokens=4, diagnostic_items=0)
     answers = {}

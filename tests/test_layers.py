@@ -1,23 +1,32 @@
 """The dependency rule: imports point down the layers of DESIGN.md, function-level imports included.
 
-    L5  immunize.cli, immunize.bench, immunize.affinity, immunize.readme, benchmarks   (imported by nothing below)
-    L4  callbacks            (no imports between sibling callbacks; callbacks.base is their shared base)
-    L3  lightning_modules
-    L2  immunize.judges, immunize.judges_llm, immunize.judge_inputs, immunize.judge_agreement, immunize.metrics,
-        immunize.statistics
-    L1  datamodules (including the toy world), immunize.outputs, immunize.fingerprint (output folders, input digests)
+    L5  immunize.cli, immunize.main, immunize.bench, immunize.judges.command, immunize.gguf_import,
+        immunize.affinity, immunize.readme, immunize.stage_cache, benchmarks            (imported by nothing below)
+    L4  immunize.callbacks        (no imports between sibling callbacks; immunize.callbacks.base is their shared base)
+    L3  immunize.lightning_modules  (inside: methods and bases over evaluation/ over functional/ over modeling/)
+    L2  immunize.judges, immunize.metrics, immunize.statistics
+    L1  immunize.datamodules (the toy world included), immunize.outputs, immunize.fingerprint
     L0  immunize.errors, immunize.io                                                  (import nothing of the project)
+
+The repository's folders lightning_modules/, datamodules/ and callbacks/ are the packages immunize.lightning_modules,
+immunize.datamodules and immunize.callbacks (pyproject's package-dir); modules are named here by their import names.
 """
 import ast
 from pathlib import Path
 
 from conftest import REPO
 
-PACKAGES = ("immunize", "lightning_modules", "datamodules", "callbacks", "benchmarks")
-LAYER_OF = {"immunize.errors": 0, "immunize.io": 0, "immunize.outputs": 1, "immunize.fingerprint": 1, "datamodules": 1, "immunize.judges": 2, "immunize.judges_llm": 2,
-            "immunize.judge_inputs": 2, "immunize.judge_agreement": 2, "immunize.metrics": 2, "immunize.statistics": 2,
-            "lightning_modules": 3, "callbacks": 4}
-CALLBACK_BASE = "callbacks.base"
+# folder -> import name of the package it holds
+FOLDERS = {"immunize": "immunize", "lightning_modules": "immunize.lightning_modules",
+           "datamodules": "immunize.datamodules", "callbacks": "immunize.callbacks", "benchmarks": "benchmarks"}
+PACKAGES = ("immunize", "benchmarks")  # the roots of every import name of the project
+LAYER_OF = {"immunize.errors": 0, "immunize.io": 0, "immunize.outputs": 1, "immunize.fingerprint": 1,
+            "immunize.datamodules": 1, "immunize.judges": 2, "immunize.judges.command": 5, "immunize.metrics": 2,
+            "immunize.statistics": 2, "immunize.lightning_modules": 3, "immunize.callbacks": 4}
+CALLBACK_BASE = "immunize.callbacks.base"
+# inside immunize.lightning_modules: each sub-package imports only the ones below it
+LM = "immunize.lightning_modules"
+SUBLAYER_OF = {f"{LM}.modeling": 0, f"{LM}.functional": 1, f"{LM}.evaluation": 2}
 
 
 def layer(module: str) -> int:
@@ -26,12 +35,17 @@ def layer(module: str) -> int:
     return 5 if best is None else LAYER_OF[best]
 
 
+def sublayer(module: str) -> int:
+    """Inside immunize.lightning_modules: modeling 0, functional 1, evaluation 2, the methods and bases 3."""
+    return next((v for p, v in SUBLAYER_OF.items() if module == p or module.startswith(p + ".")), 3)
+
+
 def project_modules() -> dict[str, Path]:
     out = {}
-    for package in PACKAGES:
-        for path in sorted((REPO / package).rglob("*.py")):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    for folder, package in FOLDERS.items():
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            name = ".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])
             out[name] = path
     return out
 
@@ -79,10 +93,12 @@ def violation(module: str, target: str) -> str:
     mine, theirs = layer(module), layer(target)
     if theirs > mine:
         return f"L{mine} -> L{theirs}: upward"
+    if mine == theirs == 3 and target != LM and sublayer(target) > sublayer(module):
+        return f"inside lightning_modules: {module} -> {target} points up (modeling < functional < evaluation < methods)"
     if mine == theirs == 0:
         return "L0 imports nothing of the project"
-    if mine == theirs == 4 and module != "callbacks" and module != CALLBACK_BASE and target != CALLBACK_BASE:
-        return "sibling callbacks (share code through callbacks.base)"
+    if mine == theirs == 4 and module != "immunize.callbacks" and module != CALLBACK_BASE and target != CALLBACK_BASE:
+        return "sibling callbacks (share code through immunize.callbacks.base)"
     return ""
 
 
@@ -97,8 +113,8 @@ def test_the_rule_sees_function_level_imports(tmp_path):
     """The checker itself: an upward import hidden inside a function is found."""
     path = tmp_path / "probe.py"
     path.write_text("def f():\n    from immunize.bench import planner\n")
-    assert ("immunize.bench.planner", 2) in imports_of(path, "datamodules.probe")
-    assert layer("datamodules.probe") < layer("immunize.bench")
+    assert ("immunize.bench.planner", 2) in imports_of(path, "immunize.datamodules.probe")
+    assert layer("immunize.datamodules.probe") < layer("immunize.bench")
 
 
 def layer_picture() -> dict[int, dict[int, int]]:
@@ -146,3 +162,26 @@ def cycles(modules: dict) -> list[list[str]]:
 
 def test_no_modules_import_each_other():
     assert cycles(project_modules()) == []
+
+
+def test_nothing_imports_the_folders_by_their_old_top_level_names():
+    """lightning_modules, datamodules and callbacks exist only as immunize.* (a user's own callbacks/ must not
+    shadow ours)."""
+    old = {"lightning_modules", "datamodules", "callbacks"}
+    found = []
+    for folder in (*FOLDERS, "tests"):
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in old]
+    assert not found, found
+
+
+def test_every_package_says_what_belongs_there_and_what_it_may_import():
+    for init in sorted(p for folder in FOLDERS if folder != "benchmarks" for p in (REPO / folder).rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert len(doc) > 80, f"{init.relative_to(REPO)}: no docstring saying what belongs in the package"
+        if init.parent.name in ("lightning_modules", "functional", "modeling", "evaluation", "datamodules", "callbacks",
+                                "judges", "bench", "immunize"):
+            assert "import" in doc, f"{init.relative_to(REPO)}: the docstring does not say what may be imported"

@@ -10,12 +10,12 @@ import torch
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
 from helpers.finetune import encoded, grads_at, Crash, Recorder, data, module, params_of, trainer
 
-from callbacks import Lisa
-from callbacks.lisa import ALIGNMENT, USER, lisa_phase
-from callbacks.base import draw_indices
-from datamodules import Source
-from datamodules.collate import pad_right
-from lightning_modules.grad_math import masked_ce
+from immunize.callbacks import Lisa
+from immunize.callbacks.lisa import ALIGNMENT, USER, lisa_phase
+from immunize.callbacks.base import draw_indices
+from immunize.datamodules import Source
+from immunize.datamodules.collate import pad_right
+from immunize.lightning_modules.functional.grad_math import masked_ce
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = Source(kind="toy", part="pairs", split="align", limit=30)

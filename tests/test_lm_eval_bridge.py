@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from datamodules.toy.multiple_choice import SHIPPED, jsonl_text, multiple_choice_items
+from immunize.datamodules.toy.multiple_choice import SHIPPED, jsonl_text, multiple_choice_items
 
 pytest.importorskip("lm_eval", reason="the eval extra (pip install 'immunize[eval]')")
 
@@ -18,7 +18,7 @@ SUBTASKS = {"toy_mc_sentiment": "sentiment", "toy_mc_topic": "topic", "toy_mc_fa
 
 def test_shipped_items_equal_regeneration():
     rows = multiple_choice_items()
-    assert SHIPPED.read_text() == jsonl_text(rows), "regenerate: python -m datamodules.toy.multiple_choice"
+    assert SHIPPED.read_text() == jsonl_text(rows), "regenerate: python -m immunize.datamodules.toy.multiple_choice"
     assert len(rows) == 300 and {r["task"] for r in rows} == set(SUBTASKS.values())
     for r in rows:
         assert r["query"] == f"Question: {r['prompt']}\nAnswer:" and 0 <= r["gold"] < len(r["choices"])
@@ -27,14 +27,14 @@ def test_shipped_items_equal_regeneration():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from lightning_modules import CausalLMModule
+    from immunize.lightning_modules import CausalLMModule
 
     return CausalLMModule(model="toy:tiny", init_seed=3)
 
 
 def test_bridge_agrees_with_our_scoring(tiny):
-    from lightning_modules.lm_eval_bridge import run_lm_eval
-    from lightning_modules.multiple_choice import choice_loglikelihoods, multiple_choice_accuracy
+    from immunize.lightning_modules.evaluation.lm_eval_bridge import run_lm_eval
+    from immunize.lightning_modules.evaluation.multiple_choice import choice_loglikelihoods, multiple_choice_accuracy
 
     limit = 12
     tiny.model.train()
@@ -62,7 +62,7 @@ def test_bridge_agrees_with_our_scoring(tiny):
 
 def test_spec_checks():
     from immunize.errors import UserError
-    from lightning_modules.lm_eval_bridge import check_lm_eval_spec
+    from immunize.lightning_modules.evaluation.lm_eval_bridge import check_lm_eval_spec
 
     assert check_lm_eval_spec({"tasks": "toy_mc"})["tasks"] == ["toy_mc"]
     for bad, needle in [({"tasks": ["toy_mc"], "fewshot": 5}, "unknown key 'fewshot'"), ({"tasks": []}, "non-empty"),
@@ -72,7 +72,7 @@ def test_spec_checks():
 
 
 def test_immunize_test_writes_lm_eval_metrics(tmp_path, cli):
-    from lightning_modules import CausalLMModule
+    from immunize.lightning_modules import CausalLMModule
 
     CausalLMModule(model="toy:tiny").export(tmp_path / "model")
     result = cli("test", "--config", TOY_LM_EVAL, "--model.init_args.model", str(tmp_path / "model"),
@@ -113,8 +113,8 @@ def test_bad_lm_eval_section_exits_2_with_one_line(capsys, tmp_path, monkeypatch
 @pytest.mark.slow
 def test_ddp_rank0_runs_lm_eval_and_all_ranks_log_it(tmp_path, cli):
     """2 processes (gloo): rank 0 evaluates, the metrics are broadcast; they equal a single-process run."""
-    from lightning_modules import CausalLMModule
-    from lightning_modules.lm_eval_bridge import run_lm_eval
+    from immunize.lightning_modules import CausalLMModule
+    from immunize.lightning_modules.evaluation.lm_eval_bridge import run_lm_eval
 
     module = CausalLMModule(model="toy:tiny", init_seed=5)
     module.export(tmp_path / "model")

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import pytest
 
-from lightning_modules.grad_math import masked_ce
-from lightning_modules.logit_lens import bounded_ascent, logit_lens_ce
-from lightning_modules.supervised_ce import chunked_head_ce_sum, response_ce, supervised_ce, supervised_rows
+from immunize.lightning_modules.functional.grad_math import masked_ce
+from immunize.lightning_modules.functional.logit_lens import bounded_ascent, logit_lens_ce
+from immunize.lightning_modules.functional.supervised_ce import chunked_head_ce_sum, response_ce, supervised_ce, supervised_rows
 
 from helpers.math import batch, naive_logit_lens, tiny_llama
 

@@ -5,9 +5,9 @@ import yaml
 
 
 def test_lora_checkpoint_loads_safely_and_resumes(cli_server, tmp_path):
-    cfg = {"model": {"class_path": "lightning_modules.SFT",
+    cfg = {"model": {"class_path": "immunize.lightning_modules.SFT",
                      "init_args": {"model": "toy:tiny", "lora": {"r": 4, "alpha": 8.0, "target_modules": ["q_proj"]}}},
-           "data": {"class_path": "datamodules.SFTData",
+           "data": {"class_path": "immunize.datamodules.SFTData",
                     "init_args": {"train": [{"kind": "toy", "part": "benign", "limit": 8}], "batch_size": 4}},
            "trainer": {"max_steps": 2, "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
                        "default_root_dir": str(tmp_path / "run")}}

@@ -36,7 +36,7 @@ def test_parameter_count_is_the_real_models(name):
 def test_lora_count_is_peft_trainable_count():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_modules.lora import LoraSpec, apply_lora
+    from immunize.lightning_modules.modeling.lora import LoraSpec, apply_lora
 
     config = CONFIGS["untied_gqa"]
     spec = LoraSpec(r=4, target_modules=["q_proj", "v_proj", "down_proj"])

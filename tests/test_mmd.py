@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.mmd import mmd2, noise_mmd
+from immunize.lightning_modules.functional.mmd import mmd2, noise_mmd
 
 
 # ----- MMD (RepNoise's L_noise) ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from immunize.errors import UserError
-from lightning_modules import AdversarialImmunization, Booster, RepNoise, Vaccine
+from immunize.lightning_modules import AdversarialImmunization, Booster, RepNoise, Vaccine
 from helpers.alignment import fit, params_of, write_ddp_config
 
 

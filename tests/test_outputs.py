@@ -101,7 +101,7 @@ def _weight(path: Path) -> float:
 def test_kill_9_during_a_replacing_export_leaves_one_whole_model(tmp_path):
     """An export replaces an earlier one while SIGKILL lands at moments spread over its whole duration: each time,
     the folder holds exactly one complete model (the old or the new one), which loads."""
-    from lightning_modules import CausalLMModule
+    from immunize.lightning_modules import CausalLMModule
 
     old, new = CausalLMModule(model="toy:small", init_seed=1), CausalLMModule(model="toy:small", init_seed=2)
     target = tmp_path / "model"
@@ -138,7 +138,7 @@ def test_a_failed_cells_fallback_export_survives_the_rerun(tmp_path, monkeypatch
     from immunize.cli import FALLBACK_PREFIX
 
     cells = tmp_path / "cells"
-    cell = Cell("fit", "attack", "attack lr=1e-3", {"model": {"class_path": "lightning_modules.SFT"}}, "toy:tiny")
+    cell = Cell("fit", "attack", "attack lr=1e-3", {"model": {"class_path": "immunize.lightning_modules.SFT"}}, "toy:tiny")
     kept = _folder(cell.directory(cells) / f"{FALLBACK_PREFIX}-20261206-1", {"model.safetensors": "weights"})
     monkeypatch.setattr(runner, "run_cell_process", lambda *args, **kwargs: 1)
     with pytest.raises(runner.CellFailed):

@@ -5,17 +5,17 @@ import json
 import lightning as L
 import pytest
 
-from datamodules import EvalData
-from datamodules.catalog import Source
-from datamodules.records import OVER_REFUSAL
-from datamodules.sources import xstest_eval
-from datamodules.toy import lexicon as lx
-from datamodules.toy.oracle import OracleJudge
-from datamodules.toy.tokenizer import build_toy_tokenizer
-from datamodules.toy.world import ToyWorld
+from immunize.datamodules import EvalData
+from immunize.datamodules.catalog import Source
+from immunize.datamodules.records import OVER_REFUSAL
+from immunize.datamodules.sources import xstest_eval
+from immunize.datamodules.toy import lexicon as lx
+from immunize.datamodules.toy.oracle import OracleJudge
+from immunize.datamodules.toy.tokenizer import build_toy_tokenizer
+from immunize.datamodules.toy.world import ToyWorld
 from immunize.bench.results import intervals, item_arrays
 from immunize.errors import UserError
-from lightning_modules import CausalLMModule
+from immunize.lightning_modules import CausalLMModule
 
 from conftest import REPO
 

@@ -13,12 +13,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from callbacks import Panacea, RandomPerturbation
+from immunize.callbacks import Panacea, RandomPerturbation
 from helpers.finetune import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, params_of, trainer
-from callbacks.panacea import draw_indices, panacea_step
-from datamodules.collate import pad_right
-from lightning_modules import CausalLMModule
-from lightning_modules.grad_math import masked_ce
+from immunize.callbacks.panacea import draw_indices, panacea_step
+from immunize.datamodules.collate import pad_right
+from immunize.lightning_modules import CausalLMModule
+from immunize.lightning_modules.functional.grad_math import masked_ce
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -205,12 +205,12 @@ def test_resumed_fit_matches_uninterrupted(tmp_path):
 # ----- DDP -----------------------------------------------------------------------------------------
 def test_ddp_ranks_hold_identical_weights_and_eps(tmp_path, cli):
     cfg = {
-        "model": {"class_path": "lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
-        "data": {"class_path": "datamodules.HarmfulMix", "init_args": {
+        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
+        "data": {"class_path": "immunize.datamodules.HarmfulMix", "init_args": {
             "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
         "trainer": {"max_steps": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
                     "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"), "callbacks": [
-                        {"class_path": "callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
+                        {"class_path": "immunize.callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
                         {"class_path": "tests.helpers.ranks.DumpState", "init_args": {"out_dir": str(tmp_path)}}]},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))

@@ -1,9 +1,9 @@
-"""The shipped real-track files: what datamodules.real_samples writes, in the formats the real loaders read."""
+"""The shipped real-track files: what immunize.datamodules.real_samples writes, in the formats the real loaders read."""
 from __future__ import annotations
 
 from conftest import REPO
-from datamodules import real_samples
-from datamodules.sources import alpaca, beavertails, beavertails_eval, sst2
+from immunize.datamodules import real_samples
+from immunize.datamodules.sources import alpaca, beavertails, beavertails_eval, sst2
 
 DATA = REPO / "configs" / "smollm2" / "data"
 
@@ -12,7 +12,7 @@ def test_shipped_files_are_the_generators_output():
     files = real_samples.files()
     assert sorted(p.name for p in DATA.iterdir()) == sorted(files)
     for name, rows in files.items():
-        assert (DATA / name).read_text() == real_samples.render(rows), f"{name}: rerun python -m datamodules.real_samples"
+        assert (DATA / name).read_text() == real_samples.render(rows), f"{name}: rerun python -m immunize.datamodules.real_samples"
 
 
 def test_splits_share_no_prompt_and_align_leaves_out_the_heldout_category():

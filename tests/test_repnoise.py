@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules import RepNoise
-from lightning_modules.mmd import mmd2
+from immunize.lightning_modules import RepNoise
+from immunize.lightning_modules.functional.mmd import mmd2
 from helpers.alignment import ce, first_batch, run
 from helpers.math import naive_logit_lens
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from helpers.alignment import Capture, cosine, fit, params_of, rel_err, write_ddp_config
 from helpers.math import naive_logit_lens
 from immunize.errors import UserError
-from lightning_modules import SEAM
-from lightning_modules.grad_math import global_norm, grads_of, masked_ce
-from lightning_modules.hessian_free import finite_difference_sd_grad
-from lightning_modules.logit_lens import bounded_ascent
+from immunize.lightning_modules import SEAM
+from immunize.lightning_modules.functional.grad_math import global_norm, grads_of, masked_ce
+from immunize.lightning_modules.functional.hessian_free import finite_difference_sd_grad
+from immunize.lightning_modules.functional.logit_lens import bounded_ascent
 
 def by_hand(model, batch, alpha, beta, eps):
     """grad L_ul + alpha grad L_up + beta * est, straight from the plain functions (single process)."""
@@ -132,8 +132,8 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
 
 def _held_out_cosine(module) -> float:
     """cos(g_harm, g_benign) on held-out toy eval items with gold answers (the bench's mechanism diagnostic)."""
-    from datamodules import EvalData, Source
-    from lightning_modules.diagnostics import gradient_cosine, round_robin_tasks
+    from immunize.datamodules import EvalData, Source
+    from immunize.lightning_modules.evaluation.diagnostics import gradient_cosine, round_robin_tasks
 
     data = EvalData(sources=[Source(kind="toy")], n_harmful_per_category=5, n_per_task=20)
     data.connect(module.tokenizer)

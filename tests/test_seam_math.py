@@ -25,7 +25,7 @@ def test_all_reduce_mean_across_two_gloo_ranks(tmp_path):
     import subprocess
     import sys
 
-    import lightning_modules.grad_math as gm
+    import immunize.lightning_modules.functional.grad_math as gm
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(rank), str(tmp_path / "store"), gm.__file__],

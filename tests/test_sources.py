@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datamodules import sources
-from datamodules.records import EvalItem, Example, Pair
+from immunize.datamodules import sources
+from immunize.datamodules.records import EvalItem, Example, Pair
 from immunize.errors import UserError
 
 BT_CATEGORIES = (
@@ -136,7 +136,7 @@ def test_beavertails_eval_dedup_and_limit(tmp_path):
 
 def test_beavertails_eval_limit_is_per_category(tmp_path):
     """n_harmful_per_category keeps that many prompts of EVERY category, not that many in total."""
-    from datamodules.catalog import Source, load_eval_items
+    from immunize.datamodules.catalog import Source, load_eval_items
 
     rows = [bt_row(f"{cat} question {i}?", "harmful answer", False, cat) for i in range(4) for cat in BT_CATEGORIES[:3]]
     rows.sort(key=lambda r: next(k for k, v in r["category"].items() if v))  # category by category, as files often are

@@ -14,8 +14,8 @@ def _alpaca(path, words):
 
 
 def _config(tmp, model="toy:tiny"):
-    cfg = {"model": {"class_path": "lightning_modules.SFT", "init_args": {"model": model}},
-           "data": {"class_path": "datamodules.SFTData",
+    cfg = {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": model}},
+           "data": {"class_path": "immunize.datamodules.SFTData",
                     "init_args": {"train": [{"kind": "alpaca", "path": "data.jsonl"}], "batch_size": 2}},
            "trainer": {"max_steps": 2, "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
                        "enable_model_summary": False}}
@@ -41,7 +41,7 @@ def test_a_changed_data_file_reruns_the_fit_an_unchanged_one_is_skipped(cli_serv
 
 
 def test_a_changed_input_model_reruns_the_fit(cli_server, tmp_path):
-    from lightning_modules import CausalLMModule
+    from immunize.lightning_modules import CausalLMModule
 
     CausalLMModule(model="toy:tiny", init_seed=1).export(tmp_path / "base")
     _alpaca(tmp_path / "data.jsonl", ["red", "blue", "green", "hat"])

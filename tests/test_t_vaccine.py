@@ -5,9 +5,9 @@ import torch
 
 from helpers.alignment import ce, first_batch, fit, params_of
 from immunize.errors import UserError
-from lightning_modules import TVaccine
-from lightning_modules.hidden_hooks import capture_outputs, decoder_layers
-from lightning_modules.t_vaccine import layer_probabilities, sample_layers
+from immunize.lightning_modules import TVaccine
+from immunize.lightning_modules.modeling.hidden_hooks import capture_outputs, decoder_layers
+from immunize.lightning_modules.t_vaccine import layer_probabilities, sample_layers
 
 
 def test_layer_probabilities_are_the_normalised_harmful_gradient_norms():

@@ -6,8 +6,8 @@ import torch
 
 from helpers.alignment import Capture, first_batch, fit, params_of
 from immunize.errors import UserError
-from lightning_modules import TAR
-from lightning_modules.tar import negative_entropy, tar_gradient
+from immunize.lightning_modules import TAR
+from immunize.lightning_modules.tar import negative_entropy, tar_gradient
 
 
 def test_tar_gradient_is_retain_plus_tamper_gradient_at_the_attacked_weights():

@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from datamodules.toy import lexicon as lx
-from datamodules.toy.oracle import OracleJudge, prompt_category
-from datamodules.toy.world import HARMFUL_SPLITS, ToyWorld
+from immunize.datamodules.toy import lexicon as lx
+from immunize.datamodules.toy.oracle import OracleJudge, prompt_category
+from immunize.datamodules.toy.world import HARMFUL_SPLITS, ToyWorld
 from immunize.metrics import match_answer
 from immunize.statistics import chance_level
 

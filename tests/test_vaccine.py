@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from lightning_modules import Vaccine
-from lightning_modules.grad_math import global_norm, grads_of
+from immunize.lightning_modules import Vaccine
+from immunize.lightning_modules.functional.grad_math import global_norm, grads_of
 from helpers.alignment import Capture, ce, first_batch, fit, rel_err
 
 

@@ -4,13 +4,13 @@ import json
 import pytest
 import yaml
 
-from datamodules.toy.lexicon import CATEGORIES, TASKS
+from immunize.datamodules.toy.lexicon import CATEGORIES, TASKS
 
 
 @pytest.mark.slow
 def test_default_logger_is_offline_wandb_with_generations_table(tmp_path, cli):
-    cfg = {"model": {"class_path": "lightning_modules.CausalLMModule", "init_args": {"model": "toy:tiny", "max_new_tokens": 4}},
-           "data": {"class_path": "datamodules.EvalData",
+    cfg = {"model": {"class_path": "immunize.lightning_modules.CausalLMModule", "init_args": {"model": "toy:tiny", "max_new_tokens": 4}},
+           "data": {"class_path": "immunize.datamodules.EvalData",
                     "init_args": {"n_harmful_per_category": 1, "n_per_task": 2, "sources": [{"kind": "toy"}]}}}
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(cfg))
     result = cli("test", "--config", "t.yaml", "--trainer.enable_progress_bar", "false")

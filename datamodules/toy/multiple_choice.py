@@ -5,8 +5,8 @@ Each item is one of the toy eval's benign prompts, wrapped in the same prompt te
 sports / business / tech) and facts (the gold capital among three other capitals, drawn with a seed). The shipped
 task data (configs/eval/lm_eval/toy_mc.jsonl) is this module's output; regenerate it with
 
-    python -m datamodules.toy.multiple_choice            # rewrites configs/eval/lm_eval/toy_mc.jsonl
-    python -m datamodules.toy.multiple_choice OUT.jsonl  # anywhere else
+    python -m immunize.datamodules.toy.multiple_choice            # rewrites configs/eval/lm_eval/toy_mc.jsonl
+    python -m immunize.datamodules.toy.multiple_choice OUT.jsonl  # anywhere else
 
 (tests/test_lm_eval_bridge.py checks that the shipped file equals a regeneration).
 """
@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from datamodules.templates import format_prompt
-from datamodules.toy import lexicon as lx
-from datamodules.toy.world import ToyWorld
+from immunize.datamodules.templates import format_prompt
+from immunize.datamodules.toy import lexicon as lx
+from immunize.datamodules.toy.world import ToyWorld
 from immunize.errors import UserError
 
 MC_TASKS = ("sentiment", "topic", "facts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from datamodules.toy.world import ToyWorld
+from immunize.datamodules.toy.world import ToyWorld
 
 
 def _words(text: str) -> set[str]:

@@ -6,8 +6,8 @@ from functools import lru_cache
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from datamodules.templates import TEMPLATES
-from datamodules.toy import lexicon as lx
+from immunize.datamodules.templates import TEMPLATES
+from immunize.datamodules.toy import lexicon as lx
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>")
 CHAT_TEMPLATE = (

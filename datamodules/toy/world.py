@@ -22,8 +22,8 @@ import random
 from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
-from datamodules.records import OVER_REFUSAL, EvalItem, Example, Pair
-from datamodules.toy import lexicon as lx
+from immunize.datamodules.records import OVER_REFUSAL, EvalItem, Example, Pair
+from immunize.datamodules.toy import lexicon as lx
 from immunize.errors import UserError
 
 HARMFUL_PAIR_SPLITS = (("align", 0.4), ("attack", 0.32), ("eval", 0.28))  # of each category's (act, object) pairs

@@ -15,4 +15,7 @@ One purpose per module:
   plots     results -> PNG figures
   wandb_log tables and figures to Weights & Biases (offline by default)
   command   `immunize bench --config FILE --out DIR`
+  calibration, search, launchers, recorder: a swept family's selection, the attacker's Optuna search, Slurm/Ray
+
+May import: anything of immunize (the bench is the top layer, L5); nothing below imports the bench.
 """

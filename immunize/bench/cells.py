@@ -15,14 +15,16 @@ Layout of a cell directory:
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
-import datamodules.toy
+import immunize.datamodules.toy
 from immunize.fingerprint import input_digests, path_digest
 
 FORMAT = 2  # bump when what a cell computes from the same config changes
@@ -88,11 +90,37 @@ def source_fingerprint(source: str) -> str:
 def world_fingerprint() -> str:
     """A hash of the toy world's source files: the data every toy cell trains or is evaluated on is a function of
     them, so a changed world changes every digest (instead of reusing cells made from other data)."""
-    folder = Path(datamodules.toy.__file__).parent
+    folder = Path(immunize.datamodules.toy.__file__).parent
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        digest.update(path.name.encode() + b"\0" + world_source(path))
     return digest.hexdigest()[:12]
+
+
+def world_source(path: Path) -> bytes:
+    """A toy-world module's bytes as the fingerprint reads them: the `immunize.` prefix of its imports dropped and a
+    module that holds only a docstring counted as empty. Moving the world into the immunize namespace and documenting
+    its package changed neither what it generates nor the names of the cells computed from it."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    if len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) and isinstance(tree.body[0].value, ast.Constant):
+        return b""
+    return re.sub(r"\bimmunize\.(?=(datamodules|lightning_modules|callbacks)\b)", "", text).encode()
+
+
+_NAMESPACED = re.compile(r"^immunize\.(lightning_modules|datamodules|callbacks)\.")
+
+
+def canonical_class_paths(config: Any) -> Any:
+    """The config with every class_path of the three class packages in one spelling, `lightning_modules.SEAM`, the
+    name they had before they moved into the immunize namespace: a cell's name depends on what it computes, not on
+    how its config spells a class (and cells computed before the move keep their names)."""
+    if isinstance(config, dict):
+        return {k: (_NAMESPACED.sub(r"\1.", v) if k == "class_path" and isinstance(v, str) else canonical_class_paths(v))
+                for k, v in config.items()}
+    if isinstance(config, list):
+        return [canonical_class_paths(v) for v in config]
+    return config
 
 
 def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) -> str:
@@ -101,7 +129,7 @@ def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) ->
     file reruns the cell and everything downstream of it."""
     upstream = f"cell:{input.digest}" if isinstance(input, Cell) else f"source:{source_fingerprint(input)}"
     payload = {"format": FORMAT, "world": world_fingerprint(), "kind": kind, "stage": stage, "input": upstream,
-               "config": config}
+               "config": canonical_class_paths(config)}
     inputs = input_digests(config)
     if inputs:  # only when the config names files, so the toy world's cells keep their names
         payload["inputs"] = inputs

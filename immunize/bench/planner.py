@@ -21,7 +21,7 @@ from immunize.bench.stages import apply_heldout, deep_merge, find_file, init_arg
 from immunize.errors import UserError
 
 ModelRef = Union[Cell, str]
-PROJECT_PACKAGES = ("lightning_modules.", "datamodules.")  # classes that take init_seed / seed
+PROJECT_PACKAGES = ("immunize.lightning_modules.", "immunize.datamodules.")  # classes that take init_seed / seed
 
 
 @dataclass
@@ -213,12 +213,12 @@ class Planner:
         return " ".join(parts)
 
     def _loss_curve_callback(self) -> list[dict]:
-        """callbacks.BenignLossCurve on the evaluation's first source, when the attack asks for the curve."""
+        """immunize.callbacks.BenignLossCurve on the evaluation's first source, when the attack asks for the curve."""
         every = self.bench.attack.loss_curve_every
         if not every:
             return []
         sources = init_args(self._eval_cfg, "data").get("sources") or [{"kind": "toy"}]
-        return [{"class_path": "callbacks.BenignLossCurve",
+        return [{"class_path": "immunize.callbacks.BenignLossCurve",
                  "init_args": {"source": copy.deepcopy(sources[0]), "every_n_steps": int(every)}}]
 
     def _attacks(self, models: dict[str, ModelRef]) -> None:

@@ -36,7 +36,7 @@ from immunize.statistics import bootstrap
 VERSION = 2
 HARM, ACC, LOSS, CHANCE, DIAG, REFUSAL = "harmful_score/", "accuracy/", "loss/", "chance/", "diagnostics/", "refusal/"
 LM_EVAL = "lm_eval/"
-OVER_REFUSAL = "over_refusal"  # the eval rows' kind of benign requests in harmful vocabulary (datamodules.records)
+OVER_REFUSAL = "over_refusal"  # the eval rows' kind of benign requests in harmful vocabulary (immunize.datamodules.records)
 WALL_TIME_KEYS = ("wall_time_s", "eval_wall_time_s")  # the only fields that differ between two identical runs
 
 

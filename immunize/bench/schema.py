@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from immunize.errors import UserError
 
-# The toy world's default held-out categories (datamodules.toy.world.DEFAULT_HELDOUT), repeated here so
+# The toy world's default held-out categories (immunize.datamodules.toy.world.DEFAULT_HELDOUT), repeated here so
 # parsing a bench config does not import torch; validate.py checks the two agree.
 DEFAULT_HELDOUT = ["self_harm", "terrorism,organized_crime"]
 PROGRESS_MODES = ("auto", "bars", "lines", "quiet")
@@ -56,8 +56,8 @@ class DefenseSpec(StageSpec):
 
     Alignment stage: "undefended" is the aligned model itself; another name with no config is looked up in the
     registry (immunize.bench.registry). init_from: the model the defense starts from ("aligned" or "base").
-    Fine-tuning stage: "sft" is the plain fine-tune; "panacea" and "random" add callbacks.Panacea /
-    callbacks.RandomPerturbation; `callbacks` lists trainer callbacks (class_path + init_args) appended to
+    Fine-tuning stage: "sft" is the plain fine-tune; "panacea" and "random" add immunize.callbacks.Panacea /
+    immunize.callbacks.RandomPerturbation; `callbacks` lists trainer callbacks (class_path + init_args) appended to
     the fine-tune; `config` (merged over the fine-tuning stage config) and model/data/trainer also apply.
     sweep: {dotted key: [values]} over the defense's own sections (model.init_args.beta, data.init_args.limit,
     callbacks.0.init_args.lam): every combination becomes one defense, named name[key=value,...], of the family
@@ -101,7 +101,7 @@ class AttackGrid(StageSpec):
 
     lrs: learning rates. samples: number of harmful training samples (null: as the attack config says).
     modes: "full" and/or "lora" (LoRA with `lora`). optimizers: e.g. adamw, sgd (null: the config's).
-    loss_curve_every: measure the held-out benign loss every this many attack steps (callbacks.BenignLossCurve;
+    loss_curve_every: measure the held-out benign loss every this many attack steps (immunize.callbacks.BenignLossCurve;
     0: not measured). window: the attack window the report looks for on the reference defense: attacks with
     HS >= window.harm and capability >= (its model before attack) - window.capability_drop. search: an attacker
     that also searches the attack's hyper-parameters (AttackSearch; null: the grid only).
@@ -123,7 +123,7 @@ class AttackGrid(StageSpec):
 class FinetuneStage(StageSpec):
     """Fine-tuning-stage defenses: a user's fine-tune on a harmful mix (ratio p), with each defense.
 
-    config: the fine-tune (e.g. SFT on datamodules.HarmfulMix); ratios: the harmful ratios p
+    config: the fine-tune (e.g. SFT on immunize.datamodules.HarmfulMix); ratios: the harmful ratios p
     (set as data.init_args.p); model_from: which alignment-stage defense's model is fine-tuned.
     """
 

@@ -60,7 +60,7 @@ def check_axis_values(axis: Axis) -> None:
     """Every value an axis can take is a valid attack setting: lr > 0; samples, steps, batch_size, lora_rank
     integers >= 1; optimizer and mode among the known names (a range only for number axes)."""
     from immunize.bench.schema import ATTACK_MODES
-    from lightning_modules.optim import OPTIMIZERS
+    from immunize.lightning_modules.modeling.optim import OPTIMIZERS
 
     where = f"attack.search.space.{axis.name}"
     values = axis.choices if axis.choices is not None else [axis.lo, axis.hi]

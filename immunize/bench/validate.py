@@ -19,7 +19,7 @@ WANDB_MODES = ("offline", "online", "disabled")
 
 
 def _looks_local(source: str) -> bool:
-    """As lightning_modules.model_loading: a path unless it reads like a hub id "org/name"."""
+    """As immunize.lightning_modules.modeling.model_loading: a path unless it reads like a hub id "org/name"."""
     return os.path.isabs(source) or source.startswith(".") or os.path.exists(source) or source.count("/") != 1
 
 
@@ -189,7 +189,7 @@ def check_config(b: BenchConfig) -> None:
 def import_class(class_path: str, what: str):
     module_name, _, attr = class_path.rpartition(".")
     if not module_name:
-        raise UserError(f"{what}: class_path {class_path!r} must be module.Class (e.g. lightning_modules.SEAM)")
+        raise UserError(f"{what}: class_path {class_path!r} must be module.Class (e.g. immunize.lightning_modules.SEAM)")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -241,8 +241,8 @@ def check_trainer(trainer: dict, what: str) -> None:
 def check_model_values(spec: dict, what: str) -> None:
     """The counts, learning rate and schedule values of a CausalLMModule section (its constructor's checks, without
     loading the model)."""
-    from lightning_modules.causal_lm import CausalLMModule, check_module_args
-    from lightning_modules.optim import check_training_args
+    from immunize.lightning_modules.causal_lm import CausalLMModule, check_module_args
+    from immunize.lightning_modules.modeling.optim import check_training_args
 
     cls = import_class(spec["class_path"], what)
     if not (inspect.isclass(cls) and issubclass(cls, CausalLMModule)):
@@ -305,12 +305,12 @@ def check_cells(plan, bench: BenchConfig) -> None:
         except UserError as err:
             raise UserError(f"{cell.label}: {err}") from err
     if bench.attack is not None and bench.attack.optimizers:
-        from lightning_modules.optim import OPTIMIZERS
+        from immunize.lightning_modules.modeling.optim import OPTIMIZERS
 
         for name in bench.attack.optimizers:
             if name not in OPTIMIZERS:
                 raise UserError(f"attack.optimizers: unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
-    from datamodules.toy import lexicon
+    from immunize.datamodules.toy import lexicon
 
     for cat in bench.heldout_categories:
         if cat not in lexicon.CATEGORIES:
@@ -329,7 +329,7 @@ def validate(bench: BenchConfig):
 
         check_search(bench.attack.search, list(plan.planner.models[bench.seeds[0]]))
     if bench.eval.lm_eval is not None:  # unknown keys or task names (and a missing eval extra) fail before any fit
-        from lightning_modules.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
+        from immunize.lightning_modules.evaluation.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
 
         spec = check_lm_eval_spec(bench.eval.lm_eval)
         resolve_tasks(spec["tasks"], spec["include_path"])

@@ -6,8 +6,8 @@ import copy
 import lightning as L
 import yaml
 
-from datamodules import AlignmentData, Source
-from lightning_modules.grad_math import dot, global_norm, masked_ce
+from immunize.datamodules import AlignmentData, Source
+from immunize.lightning_modules.functional.grad_math import dot, global_norm, masked_ce
 
 PAIRS = {"kind": "toy", "part": "pairs", "split": "align", "categories": "seen"}
 BENIGN = {"kind": "toy", "part": "benign", "split": "align"}
@@ -76,7 +76,7 @@ def write_ddp_config(tmp_path, class_path: str, init: dict, steps: int, dump, st
         class_path = f"lightning_modules.{class_path}"
     config = {
         "model": {"class_path": class_path, "init_args": init},
-        "data": {"class_path": "datamodules.AlignmentData",
+        "data": {"class_path": "immunize.datamodules.AlignmentData",
                  "init_args": {"mode": "triplets", "template": "qa", "batch_size": 2,
                                "pairs": {**PAIRS, "limit": 4}, "benign": {**BENIGN, "limit": 4}}},
         "trainer": {"max_steps": steps, "accelerator": "cpu", "devices": 2, "strategy": strategy, "logger": False,

@@ -17,7 +17,7 @@ from typing import Optional
 
 SERVER = r'''
 import json, os, sys, time, traceback
-import immunize.main, immunize.cli, immunize.bench.command, immunize.judge_command, immunize.gguf_import
+import immunize.main, immunize.cli, immunize.bench.command, immunize.judges.command, immunize.gguf_import
 import jsonargparse, transformers, lightning_modules, datamodules, callbacks  # what the commands import lazily
 print("ready", flush=True)
 for line in sys.stdin:

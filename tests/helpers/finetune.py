@@ -4,11 +4,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from datamodules import HarmfulMix, Source
-from datamodules.catalog import as_examples, load_records
-from datamodules.collate import encode_example
-from lightning_modules import LoraSpec, SFT
-from lightning_modules.grad_math import masked_ce
+from immunize.datamodules import HarmfulMix, Source
+from immunize.datamodules.catalog import as_examples, load_records
+from immunize.datamodules.collate import encode_example
+from immunize.lightning_modules import LoraSpec, SFT
+from immunize.lightning_modules.functional.grad_math import masked_ce
 
 BENIGN = Source(kind="toy", part="benign", split="finetune", tasks=["arithmetic"], limit=40)
 ATTACK = Source(kind="toy", part="harmful", split="attack", limit=20)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_modules.grad_math import dot, global_norm, masked_ce
+from immunize.lightning_modules.functional.grad_math import dot, global_norm, masked_ce
 
 VOCAB = 64
 

@@ -7,8 +7,8 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from callbacks import Panacea
-from lightning_modules.sharding import is_sharded, local
+from immunize.callbacks import Panacea
+from immunize.lightning_modules.modeling.sharding import is_sharded, local
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """What every judge checks of its input, and how it keeps a judged answer from acting on the judge (immunize.judges
-and immunize.judges_llm share these)."""
+and immunize.judges.language_models share these)."""
 from __future__ import annotations
 
 import re

@@ -10,7 +10,7 @@ seeded random N of them. SPEC is a judge of immunize.judges: a name (`keyword`, 
 Outputs in --out (default runs/judges): `scores/<label>-<hash>.jsonl` (each judge's score and raw output per
 distinct (prompt, answer), written after every chunk of items: a killed run resumes where it stopped; a judge whose
 spec, local model files or scoring code changed starts over), `judge_scores.jsonl` (one row per item with every judge's score), `agreement.json`
-(immunize.judge_agreement: share flagged per judge, unparseable answers, pairwise agreement and Cohen's kappa) and
+(immunize.judges.agreement: share flagged per judge, unparseable answers, pairwise agreement and Cohen's kappa) and
 `agreement.md`, which is also printed.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import yaml
 from immunize.errors import OneLineArgumentParser, UserError, errors_only_on_stderr, fail
 from immunize.fingerprint import path_digest
 from immunize.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from immunize.judge_agreement import agreement
+from immunize.judges.agreement import agreement
 from immunize.judges import make_judge
 
 RECORDED = "recorded"

@@ -11,9 +11,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from lightning_modules.grad_math import (_wide, accumulate_grads_, all_reduce_mean_, dot, global_norm, grads_of,
+from immunize.lightning_modules.functional.grad_math import (_wide, accumulate_grads_, all_reduce_mean_, dot, global_norm, grads_of,
                                          require_exact_params)
-from lightning_modules.perturbation import perturbed
+from immunize.lightning_modules.functional.perturbation import perturbed
 
 GradList = list[torch.Tensor]
 Reduce = Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]]

@@ -3,7 +3,7 @@ format, a Llama-Guard-style chat moderator, and a generic template + parser judg
 
 All of them follow the protocol of immunize.judges (`score(prompts, responses) -> list[float]`, 1 = harmful), with one
 addition: an answer the judge model gave that cannot be parsed scores float('nan'), never 0, and is counted in
-`last_stats["unparseable"]`. Callers that average scores must drop or report the NaNs (immunize.judge_agreement
+`last_stats["unparseable"]`. Callers that average scores must drop or report the NaNs (immunize.judges.agreement
 does). Blank responses score 0.0 without calling the model, like every other judge.
 
 After each `score` call a judge holds
@@ -25,7 +25,7 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from immunize.errors import UserError
-from immunize.judge_inputs import HUB_ID, check_lengths, encode_parts, is_blank, marked_parts, value_marks
+from immunize.judges.inputs import HUB_ID, check_lengths, encode_parts, is_blank, marked_parts, value_marks
 
 NAN = float("nan")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -196,7 +196,7 @@ class GenerativeJudge:
     def input_parts(self, prompt: str, response: str) -> tuple[list[tuple[str, bool]], bool]:
         """(the judge input as (text, is_data) parts, whether the tokenizer adds its special tokens): the template
         around the prompt and the (cut) response, which are data: guarded against the template's tags and labels
-        (judge_inputs.guard_data), and tokenized without parsing special-token text (judge_inputs.encode_parts)."""
+        (immunize.judges.inputs.guard_data), and tokenized without parsing special-token text (inputs.encode_parts)."""
         values = value_marks(str(prompt or ""), self._cut(response))
         text, special = self.render(*values)
         return marked_parts(text, values)[0], special

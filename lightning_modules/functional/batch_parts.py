@@ -8,7 +8,7 @@ def require_parts(batch, names: tuple[str, ...], method: str) -> tuple[dict, ...
     """The batch's parts `names` in order, or a UserError that says which data module and mode to use."""
     missing = [k for k in names if k not in batch] if isinstance(batch, dict) else list(names)
     if missing:
-        raise UserError(f"{method} needs batches with parts {list(names)} (datamodules.AlignmentData with "
+        raise UserError(f"{method} needs batches with parts {list(names)} (immunize.datamodules.AlignmentData with "
                         f"mode: triplets); missing {missing}")
     return tuple(batch[k] for k in names)
 

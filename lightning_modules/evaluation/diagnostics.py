@@ -5,8 +5,8 @@ from typing import Sequence
 
 import torch
 
-from lightning_modules.grad_math import dot, global_norm, grads_of
-from lightning_modules.supervised_ce import response_ce
+from immunize.lightning_modules.functional.grad_math import dot, global_norm, grads_of
+from immunize.lightning_modules.functional.supervised_ce import response_ce
 
 
 def round_robin_tasks(items: Sequence) -> list:

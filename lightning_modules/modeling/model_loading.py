@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from immunize.errors import UserError
-from lightning_modules.toy_presets import toy_config
+from immunize.lightning_modules.modeling.toy_presets import toy_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOY_PREFIX = "toy:"
@@ -94,7 +94,7 @@ def load_tokenizer(source: str, gguf_file: Optional[str] = None, trust_remote_co
     """Tokenizer for a model source; the toy tokenizer for toy presets. Adds a pad token when missing."""
     check_source(source, gguf_file)
     if source.startswith(TOY_PREFIX):
-        from datamodules.toy.tokenizer import build_toy_tokenizer
+        from immunize.datamodules.toy.tokenizer import build_toy_tokenizer
 
         return build_toy_tokenizer()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}

@@ -3,7 +3,7 @@
 A "gradient" here is a list of tensors shaped like the parameter list; dot products and norms
 are taken over all of them at once, as if the parameters were one flattened vector. Under FSDP2
 the tensors are shards (DTensors): gradients come from a backward through FSDP's hooks, and dot
-products and norms sum each rank's partial over the ranks (lightning_modules.sharding).
+products and norms sum each rank's partial over the ranks (immunize.lightning_modules.modeling.sharding).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from immunize.errors import UserError
-from lightning_modules.sharding import any_sharded, drop_gathered, is_sharded, local, shard_group, shard_sum, sharded_grads
+from immunize.lightning_modules.modeling.sharding import any_sharded, drop_gathered, is_sharded, local, shard_group, shard_sum, sharded_grads
 
 IGNORE = -100
 EXACT_DTYPES = (torch.float32, torch.float64)

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from lightning_modules.grad_math import IGNORE, all_reduce_mean_
+from immunize.lightning_modules.functional.grad_math import IGNORE, all_reduce_mean_
 
 
 def active_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import os
 from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
 
 from immunize.errors import UserError
-from immunize.judge_inputs import HUB_ID, check_lengths, encode_parts, is_blank, marked_parts, value_marks
+from immunize.judges.inputs import HUB_ID, check_lengths, encode_parts, is_blank, marked_parts, value_marks
 
 DEFAULT_REFUSAL_PHRASES = (
     "i cannot", "i can't", "i can not", "i'm sorry", "i am sorry", "as an ai", "i won't", "i will not",
@@ -102,7 +102,7 @@ class _HFJudge:
 
     def encode(self, prompt: str, response: str) -> list[int]:
         """Token ids of one (prompt, response) in text_template, truncated to max_length: the answer is data (a
-        `[SEP]` it writes stays text; judge_inputs.encode_parts)."""
+        `[SEP]` it writes stays text; immunize.judges.inputs.encode_parts)."""
         values = value_marks(str(prompt), str(response))
         marks = list(values)
         text = self.text_template.format(prompt=marks[0], response=marks[1])
@@ -202,7 +202,7 @@ _REGISTRY: dict[str, Callable[..., Judge]] = {
 
 def _oracle(**kwargs) -> Judge:
     """The toy world's oracle (imported lazily: judges do not depend on the toy world otherwise)."""
-    from datamodules.toy.oracle import OracleJudge
+    from immunize.datamodules.toy.oracle import OracleJudge
 
     return OracleJudge(**kwargs)
 
@@ -211,12 +211,12 @@ _REGISTRY["oracle"] = _oracle
 
 
 def _generative(class_name: str) -> Callable[..., Judge]:
-    """A factory for a language-model judge of immunize.judges_llm (imported on first use: it needs transformers)."""
+    """A factory for a language-model judge of immunize.judges.language_models (imported on first use: it needs transformers)."""
 
     def factory(**kwargs) -> Judge:
-        from immunize import judges_llm
+        from immunize.judges import language_models
 
-        return getattr(judges_llm, class_name)(**kwargs)
+        return getattr(language_models, class_name)(**kwargs)
 
     factory.__name__ = class_name
     return factory

@@ -15,8 +15,8 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from lightning_modules.grad_math import add_scaled_, global_norm, require_exact_params
-from lightning_modules.sharding import any_sharded, drop_gathered
+from immunize.lightning_modules.functional.grad_math import add_scaled_, global_norm, require_exact_params
+from immunize.lightning_modules.modeling.sharding import any_sharded, drop_gathered
 
 NORM_EPS = 1e-7  # as in every reference implementation: rho * g / (|g| + 1e-7)
 

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from lightning_modules.sharding import is_fsdp_model
-from lightning_modules.grad_math import IGNORE, masked_ce
-from lightning_modules.hidden_hooks import decoder, unwrap
+from immunize.lightning_modules.modeling.sharding import is_fsdp_model
+from immunize.lightning_modules.functional.grad_math import IGNORE, masked_ce
+from immunize.lightning_modules.modeling.hidden_hooks import decoder, unwrap
 
 # Model families whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scaling).
 PLAIN_HEAD_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "smollm3")

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from lightning_modules.supervised_ce import chunked_head_ce_sum, pick_rows, supervised_ce, supervised_rows
+from immunize.lightning_modules.functional.supervised_ce import chunked_head_ce_sum, pick_rows, supervised_ce, supervised_rows
 
 
 def logit_lens_ce(hidden_states: Sequence[torch.Tensor], labels: torch.Tensor, lm_head: torch.nn.Module,

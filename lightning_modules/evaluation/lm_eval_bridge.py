@@ -28,9 +28,9 @@ import torch
 
 from immunize.errors import UserError
 
-_HERE = Path(__file__).resolve().parent
-# the shipped task folder: in a checkout (configs/...), and as a wheel installs it (immunize/configs/...)
-_SHIPPED_CANDIDATES = (_HERE.parent / "configs" / "eval" / "lm_eval", _HERE.parent / "immunize" / "configs" / "eval" / "lm_eval")
+# the shipped task folder, two levels above this file: a checkout's configs/ (lightning_modules/evaluation/ -> the
+# repository root) and a wheel's immunize/configs/ (immunize/lightning_modules/evaluation/ -> immunize/)
+_SHIPPED_CANDIDATES = (Path(__file__).resolve().parents[2] / "configs" / "eval" / "lm_eval",)
 LM_EVAL_KEYS = ("tasks", "num_fewshot", "limit", "include_path", "batch_size")
 INSTALL_HINT = "install the eval extra: pip install 'immunize[eval]'"
 PERCENT_METRICS = frozenset({"acc", "acc_norm", "acc_bytes", "acc_mutual_info", "exact_match", "f1"})

@@ -1,0 +1,35 @@
+"""The README is short and starts with the two fresh-machine commands; docs/ holds the rest, and every pasted block
+is closed and filled (its numbers come from `python -m immunize.readme`, never typed)."""
+import re
+
+from conftest import REPO
+
+
+def _markdown():
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def test_readme_is_short_and_starts_with_the_two_commands():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= 150, f"README has {len(lines)} lines; move detail to docs/"
+    head = "\n".join(lines[:20])
+    assert "immunize bench" in head and "pytest -q" in head
+
+
+def test_every_linked_doc_exists():
+    text = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)\)", text)
+    assert links and all((REPO / link).is_file() for link in links), links
+    assert {f"docs/{p.name}" for p in (REPO / "docs").glob("*.md")} <= set(links), "a doc the README does not link"
+
+
+def test_every_pasted_block_is_closed_filled_and_unique():
+    seen = {}
+    for path in _markdown():
+        text = path.read_text()
+        for name in re.findall(r"<!-- BEGIN (\S+) -->", text):
+            assert name not in seen, f"block {name} in {path.name} and {seen[name]}"
+            seen[name] = path.name
+            body = text.split(f"<!-- BEGIN {name} -->", 1)[1]
+            assert f"<!-- END {name} -->" in body, f"{path.name}: block {name} is not closed"
+            assert body.split(f"<!-- END {name} -->", 1)[0].strip(), f"{path.name}: block {name} is empty"
