@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import step_cost  # noqa: E402
 from immunize.errors import UserError, fail  # noqa: E402
-from immunize.lightning_modules.modeling.lora import LoraSpec  # noqa: E402
+from immunize.lightning_modules.modeling.lora import DEFAULTS as LORA_DEFAULTS  # noqa: E402
 
 GIB = 1 << 30
 # Real models' shapes (published config.json) beside step_cost's; "llama-tiny" is the validation model: a random
@@ -151,16 +151,18 @@ class ModelShape:
         """Elements of the largest weight matrix (the embedding or an MLP projection)."""
         return max(self.vocab * self.hidden, self.hidden * self.intermediate)
 
-    def lora_params(self, spec: LoraSpec) -> int:
-        """Adapter parameters of LoRA rank spec.r on spec.target_modules of every layer: r * (in + out) each."""
+    def lora_params(self, spec: dict) -> int:
+        """Adapter parameters of LoRA rank spec["r"] on spec["target_modules"] of every layer: r * (in + out) each."""
         q = self.heads * self.head_dim
         sizes = {"q_proj": (self.hidden, q), "k_proj": (self.hidden, self.kv), "v_proj": (self.hidden, self.kv),
                  "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
                  "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
-        unknown = [m for m in spec.target_modules if m not in sizes]
+        targets = spec.get("target_modules", LORA_DEFAULTS["target_modules"])
+        unknown = [m for m in targets if m not in sizes]
         if unknown:
             raise UserError(f"unknown LoRA target {unknown[0]!r}; choose from {sorted(sizes)}")
-        return self.layers * sum(spec.r * sum(sizes[m]) for m in spec.target_modules)
+        r = spec.get("r", LORA_DEFAULTS["r"])
+        return self.layers * sum(r * sum(sizes[m]) for m in targets)
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class Setup:
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"
     momentum: float = 0.0
-    lora: Optional[LoraSpec] = None
+    lora: Optional[dict] = None  # LoRA settings (peft LoraConfig fields; r and target_modules are read)
     strategy: str = "ddp"
     gpus: int = 1
     device: str = "cuda"
@@ -519,7 +521,7 @@ def prediction_table(args) -> dict:
     shape = ModelShape.of(SHAPES[args.model])
     methods = _split(args.methods, METHOD_BUFFERS, "method")
     strategies = _split(args.strategies, STRATEGIES, "strategy")
-    lora = LoraSpec(r=args.lora_r, target_modules=args.lora_targets.split(",")) if args.lora else None
+    lora = {"r": args.lora_r, "target_modules": args.lora_targets.split(",")} if args.lora else None
     supervised = None if args.supervised >= 1 else int(args.supervised * args.batch * args.length)
     out = {}
     for method in methods:
@@ -783,8 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--optimizer", default="adamw", help=f"{list(OPTIMIZERS)}")
     add("--momentum", type=float, default=0.0, help="SGD momentum (> 0: one state per parameter)")
     add("--lora", action="store_true", help="train LoRA adapters (frozen base weights stay resident)")
-    add("--lora-r", type=int, default=LoraSpec().r, help="LoRA rank")
-    add("--lora-targets", default=",".join(LoraSpec().target_modules), help="comma-separated LoRA target modules")
+    add("--lora-r", type=int, default=LORA_DEFAULTS["r"], help="LoRA rank")
+    add("--lora-targets", default=",".join(LORA_DEFAULTS["target_modules"]), help="comma-separated LoRA target modules")
     add("--json", action="store_true", help="print one JSON object")
     add("--markdown", action="store_true", help="print the markdown table of what fits where (80 GB, 141 GB)")
     add("--readme", default=None, help="with --markdown: paste the tables into this file's --block (several --model)")

@@ -18,6 +18,10 @@ from immunize.errors import UserError, errors_only_on_stderr, fail, find_user_er
 from immunize.outputs import check_output_dir
 from immunize.stage_cache import cached, config_hash, mark_done
 
+CLI_DESCRIPTION = ("immunize fit|validate|test|predict: one stage of the pipeline through LightningCLI: a model "
+                   "(--model: a method of immunize.lightning_modules), its data (--data: immunize.datamodules) and "
+                   "the trainer (--trainer, with callbacks such as immunize.callbacks.Panacea). `immunize --help` "
+                   "lists every command.")
 DEFAULT_LOGGER = {
     "class_path": "lightning.pytorch.loggers.WandbLogger",
     "init_args": {"project": "immunize", "offline": True, "save_dir": "runs"},
@@ -145,7 +149,7 @@ def main(args: Optional[list[str]] = None) -> None:
                     trainer_defaults={"logger": DEFAULT_LOGGER},
                     save_config_callback=LogConfig,
                     save_config_kwargs={"overwrite": True},
-                    parser_kwargs={"exit_on_error": False},
+                    parser_kwargs={"exit_on_error": False, "description": CLI_DESCRIPTION, "prog": "immunize"},
                 )
             except Exception as err:
                 user_error = find_user_error(err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 from typing import Iterator, NoReturn, Optional
 
@@ -42,11 +43,21 @@ def find_user_error(err: BaseException) -> Optional[UserError]:
 _NOISE = ("Does not validate", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>")
 
 
+_CHOICE = re.compile(r"Expected a (?:typing\.)?Literal\[(?P<allowed>[^\]]*)\]\. Got value: (?P<value>.*?)(?:$| \()")
+_KEY = re.compile(r'Parser key "([^"]+)"')
+
+
 def summarize_parser_error(text: str) -> str:
-    """jsonargparse's nested multi-line report, squeezed to the lines that say what is wrong."""
+    """jsonargparse's nested multi-line report, squeezed to the lines that say what is wrong; a value outside a
+    field's choices becomes "key: 'value' is not one of a, b, c"."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    kept = [line.lstrip("- ") for line in lines if not line.startswith(_NOISE)]
-    return " ".join(kept)[:400] + " (see --help, or --print_config for the valid keys)"
+    kept = " ".join(line.lstrip("- ") for line in lines if not line.startswith(_NOISE))
+    choice = _CHOICE.search(kept)
+    if choice:
+        key = ".".join(_KEY.findall(kept[:choice.start()])) or "a field"
+        allowed = ", ".join(v.strip().strip("'\"") for v in choice.group("allowed").split(","))
+        return f"{key}: {choice.group('value').strip()!r} is not one of {allowed} (see --help)"
+    return kept[:400] + " (see --help, or --print_config for the valid keys)"
 
 
 def fail(message: str, program: str = "immunize") -> NoReturn:

@@ -12,7 +12,6 @@ May import: torch, Lightning, transformers, peft, immunize.errors/io/outputs/fin
 from immunize.lightning_modules.adversarial_immunization import AdversarialImmunization
 from immunize.lightning_modules.booster import Booster
 from immunize.lightning_modules.causal_lm import CausalLMModule
-from immunize.lightning_modules.modeling.lora import LoraSpec
 from immunize.lightning_modules.multi_pass import MultiPassDefense
 from immunize.lightning_modules.one_loss import OneLossDefense
 from immunize.lightning_modules.repnoise import RepNoise
@@ -22,5 +21,5 @@ from immunize.lightning_modules.t_vaccine import TVaccine
 from immunize.lightning_modules.tar import TAR
 from immunize.lightning_modules.vaccine import Vaccine
 
-__all__ = ["AdversarialImmunization", "Booster", "CausalLMModule", "LoraSpec", "MultiPassDefense", "OneLossDefense",
+__all__ = ["AdversarialImmunization", "Booster", "CausalLMModule", "MultiPassDefense", "OneLossDefense",
            "RepNoise", "SEAM", "SFT", "TAR", "TVaccine", "Vaccine"]

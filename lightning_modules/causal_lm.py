@@ -5,12 +5,11 @@ Every method in this project subclasses it, so loading, evaluation and export be
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -25,7 +24,7 @@ from immunize.metrics import HarmfulScore, KeyedMean, TaskAccuracy, match_answer
 from immunize.statistics import chance_level
 from immunize.lightning_modules.evaluation.diagnostics import gradient_cosine, round_robin_tasks
 from immunize.lightning_modules.evaluation.generation import greedy_generate
-from immunize.lightning_modules.modeling.lora import LoraSpec, apply_lora, as_lora_spec
+from immunize.lightning_modules.modeling.lora import apply_lora, lora_config
 from immunize.lightning_modules.functional.grad_math import global_norm, sequence_ce
 from immunize.lightning_modules.modeling.model_loading import load_model, load_tokenizer, resolve_source
 from immunize.lightning_modules.modeling.optim import build_optimizer, build_scheduler, check_training_args
@@ -51,7 +50,8 @@ class CausalLMModule(L.LightningModule):
         gguf_file: the GGUF file's name inside `model` (transformers dequantises it to `dtype`).
         dtype: weight dtype: float32 (fp32 master weights; use with bf16-mixed), bfloat16 or float16.
         trust_remote_code: allow model code from the hub (off unless you set it).
-        lora: train LoRA adapters (peft) instead of all weights.
+        lora: train LoRA adapters (peft) instead of all weights: any of peft's LoraConfig fields ({r: 16,
+            lora_alpha: 32, target_modules: all-linear, use_dora: true}; see modeling.lora for the defaults).
         optimizer: adamw or sgd.
         lr: learning rate.
         weight_decay, betas, momentum: the optimizer's settings (betas for adamw, momentum for sgd).
@@ -73,15 +73,15 @@ class CausalLMModule(L.LightningModule):
         self,
         model: str = "toy:small",
         gguf_file: Optional[str] = None,
-        dtype: str = "float32",
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         trust_remote_code: bool = False,
-        lora: Optional[Union[LoraSpec, dict]] = None,
-        optimizer: str = "adamw",
+        lora: Optional[dict] = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         momentum: float = 0.0,
-        scheduler: str = "constant",
+        scheduler: Literal["constant", "cosine"] = "constant",
         warmup_ratio: float = 0.0,
         judge: Union[str, dict] = "oracle",
         max_new_tokens: int = 48,
@@ -94,9 +94,9 @@ class CausalLMModule(L.LightningModule):
                           scheduler=scheduler, warmup_ratio=warmup_ratio, max_new_tokens=max_new_tokens,
                           diagnostic_items=diagnostic_items)
         self.save_hyperparameters()
-        lora = as_lora_spec(lora)
-        if lora is not None:  # hyper-parameters hold plain data: a checkpoint loads with weights_only=True
-            self.hparams["lora"] = dataclasses.asdict(lora)
+        lora = lora_config(lora)
+        if lora is not None:  # the complete settings, as plain data (a checkpoint loads with weights_only=True)
+            self.hparams["lora"] = lora
         from immunize.lightning_modules.evaluation.lm_eval_bridge import check_lm_eval_spec, resolve_tasks
 
         self.lm_eval_spec = check_lm_eval_spec(lm_eval)

@@ -4,7 +4,7 @@ import torch
 
 from conftest import REPO
 
-from immunize.lightning_modules import CausalLMModule, LoraSpec
+from immunize.lightning_modules import CausalLMModule
 
 
 def _logits(module, tokenizer):
@@ -25,7 +25,7 @@ def test_export_reload_gives_identical_logits(tmp_path, toy_tokenizer):
 
 
 def test_lora_export_is_merged_and_matches(tmp_path, toy_tokenizer):
-    module = CausalLMModule(model="toy:tiny", lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    module = CausalLMModule(model="toy:tiny", lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():
@@ -118,3 +118,35 @@ def test_model_directory_missing_a_part_is_one_line(tmp_path, missing, needle):
     with pytest.raises(UserError, match=needle) as excinfo:
         CausalLMModule(model=str(tmp_path / "model"))
     assert "\n" not in str(excinfo.value)
+
+
+def test_lora_takes_any_peft_lora_config_field_and_merges(tmp_path, toy_tokenizer):
+    """DoRA, rsLoRA and all-linear targets are peft's own LoraConfig fields; the export merges them to the same
+    logits, and the module's hyper-parameters hold the complete settings as plain data."""
+    spec = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "use_dora": True, "use_rslora": True}
+    module = CausalLMModule(model="toy:tiny", lora=spec)
+    assert module.hparams["lora"] == {**spec, "lora_dropout": 0.0}
+    trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in trained) and any("mlp" in n for n in trained)
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    reloaded = CausalLMModule(model=str(module.export(tmp_path / "merged")))
+    assert torch.allclose(_logits(module, toy_tokenizer), _logits(reloaded, reloaded.tokenizer), atol=1e-4)
+
+
+@pytest.mark.parametrize("spec, needle", [({"rank": 4}, "unknown key 'rank'"), ({"task_type": "SEQ_CLS"}, "CAUSAL_LM"),
+                                          ({"r": 0}, ">= 1"), ({"alpha": 8, "lora_alpha": 8}, "keep one"),
+                                          ({"r": 4, "target_modules": "no_such_module"}, "target_modules")])
+def test_bad_lora_settings_are_one_line(spec, needle):
+    from immunize.errors import UserError
+
+    with pytest.raises(UserError, match=needle) as err:
+        CausalLMModule(model="toy:tiny", lora=spec)
+    assert "\n" not in str(err.value)
+
+
+def test_short_names_of_earlier_configs_still_read():
+    module = CausalLMModule(model="toy:tiny", lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    assert module.hparams["lora"]["lora_alpha"] == 8 and module.hparams["lora"]["lora_dropout"] == 0.1

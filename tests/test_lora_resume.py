@@ -16,7 +16,8 @@ def test_lora_checkpoint_loads_safely_and_resumes(cli_server, tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     ckpt = next((tmp_path / "run").rglob("*.ckpt"))
     state = torch.load(ckpt, weights_only=True)
-    assert state["hyper_parameters"]["lora"] == {"r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": ["q_proj"]}
+    assert state["hyper_parameters"]["lora"] == {"r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+                                                 "target_modules": ["q_proj"]}
     resumed = cli_server.run("fit", "--config", "fit.yaml", "--ckpt_path", str(ckpt), "--trainer.max_steps", "3",
                              cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

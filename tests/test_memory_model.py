@@ -36,10 +36,10 @@ def test_parameter_count_is_the_real_models(name):
 def test_lora_count_is_peft_trainable_count():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from immunize.lightning_modules.modeling.lora import LoraSpec, apply_lora
+    from immunize.lightning_modules.modeling.lora import apply_lora
 
     config = CONFIGS["untied_gqa"]
-    spec = LoraSpec(r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    spec = {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}
     model = apply_lora(LlamaForCausalLM(LlamaConfig(**config)), spec)
     assert ModelShape.of(config).lora_params(spec) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -82,11 +82,11 @@ def test_more_buffers_predict_more():
 def test_lora_and_bf16_true():
     shape = ModelShape.of(memory.SHAPES["llama2-7b"])
     full = predict(shape, "seam", Setup())
-    lora = predict(shape, "seam", Setup(lora=memory.LoraSpec()))
+    lora = predict(shape, "seam", Setup(lora=dict(memory.LORA_DEFAULTS)))
     assert lora["peak_bytes"] < full["peak_bytes"] / 3  # the base weights stay, everything gradient-sized is tiny
     assert "refused" in predict(shape, "seam", Setup(precision="bf16-true"))
     assert "refused" in predict(shape, "panacea", Setup(precision="bf16-true"))
-    assert "refused" not in predict(shape, "panacea", Setup(precision="bf16-true", lora=memory.LoraSpec()))
+    assert "refused" not in predict(shape, "panacea", Setup(precision="bf16-true", lora=dict(memory.LORA_DEFAULTS)))
 
 
 def test_bad_input_is_one_line_and_exit_code_2(capsys):

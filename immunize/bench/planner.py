@@ -290,9 +290,11 @@ def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:
     model["lora"] = dict(lora) if point["mode"] == "lora" else None
     extra = {}
     if point.get("lora_rank") is not None and model["lora"] is not None:
-        rank = int(point["lora_rank"])  # alpha keeps the configured alpha / r ratio
-        base_r = lora.get("r", 8)
-        model["lora"].update(r=rank, alpha=float(lora.get("alpha", 2.0 * base_r)) * rank / base_r)
+        from immunize.lightning_modules.modeling.lora import lora_config
+
+        settings = lora_config(lora)
+        rank = int(point["lora_rank"])  # lora_alpha keeps the configured lora_alpha / r ratio
+        model["lora"] = {**settings, "r": rank, "lora_alpha": float(settings["lora_alpha"]) * rank / settings["r"]}
         extra["lora_rank"] = rank
     data = init_args(cfg, "data")
     if point.get("batch_size") is not None:

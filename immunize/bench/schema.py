@@ -7,28 +7,30 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from immunize.errors import UserError
 
 # The toy world's default held-out categories (immunize.datamodules.toy.world.DEFAULT_HELDOUT), repeated here so
 # parsing a bench config does not import torch; validate.py checks the two agree.
 DEFAULT_HELDOUT = ["self_harm", "terrorism,organized_crime"]
-PROGRESS_MODES = ("auto", "bars", "lines", "quiet")
-LAUNCHERS = ("local", "slurm", "ray")
 FULL_SEEDS = (0, 1, 2)
-ATTACK_MODES = ("full", "lora")
+ATTACK_MODES = ("full", "lora")  # the AttackGrid.modes Literal's values
 
 
 @dataclass
 class StageSpec:
-    """One fit stage: a LightningCLI fit config file and/or inline sections merged over it.
+    """One fit stage: a LightningCLI fit config file and/or inline sections merged over it. The bench sets the input
+    model, the export directory, the logger and the seed itself.
 
-    config: a fit YAML (model/data/trainer sections, as for `immunize fit`); a relative path is looked up
-        in the current directory, then in the immunize checkout (so configs/... works from anywhere).
-    model, data, trainer: merged over the file's sections, key by key; lists are replaced; a section with
-        another class_path replaces the file's section. The bench sets the input model, the export
-        directory, the logger and the seed itself.
+    Args:
+        config: a fit YAML (model/data/trainer sections, as for `immunize fit`); a relative path is looked up in the
+            current directory, then in the immunize checkout or the installed configs (so configs/... works from
+            anywhere).
+        model: merged over the file's model section, key by key (lists are replaced; another class_path replaces
+            the whole section).
+        data: merged over the file's data section, the same way.
+        trainer: merged over the file's trainer section.
     """
 
     config: Optional[str] = None
@@ -39,10 +41,12 @@ class StageSpec:
 
 @dataclass
 class ModelSource:
-    """source: "toy:<preset>" (needs pretrain), a Hugging Face hub id, or a local model directory.
+    """The model every pipeline starts from.
 
-    pretrain: the fit stage that trains the toy base from its random init (optional for real models).
-    gguf_file: for a directory holding a GGUF file (read by the first stage only).
+    Args:
+        source: "toy:<preset>" (needs pretrain), a Hugging Face hub id, or a local model directory.
+        gguf_file: the GGUF file's name inside a `source` directory (read by the first stage only).
+        pretrain: the fit stage that trains the toy base from its random init (optional for real models).
     """
 
     source: str = "toy:small"
@@ -55,17 +59,25 @@ class DefenseSpec(StageSpec):
     """A defense to compare: a name plus, unless the name is in the registry, its stage config.
 
     Alignment stage: "undefended" is the aligned model itself; another name with no config is looked up in the
-    registry (immunize.bench.registry). init_from: the model the defense starts from ("aligned" or "base").
-    Fine-tuning stage: "sft" is the plain fine-tune; "panacea" and "random" add immunize.callbacks.Panacea /
-    immunize.callbacks.RandomPerturbation; `callbacks` lists trainer callbacks (class_path + init_args) appended to
-    the fine-tune; `config` (merged over the fine-tuning stage config) and model/data/trainer also apply.
-    sweep: {dotted key: [values]} over the defense's own sections (model.init_args.beta, data.init_args.limit,
-    callbacks.0.init_args.lam): every combination becomes one defense, named name[key=value,...], of the family
-    `name` (the report's calibration table compares a family's settings and picks one by report.select).
+    registry (immunize.bench.registry). Fine-tuning stage: "sft" is the plain fine-tune; "panacea" and "random" add
+    immunize.callbacks.Panacea / RandomPerturbation.
+
+    Args:
+        name: the defense's name in the tables (a registry name, or your own with a config).
+        init_from: the model the defense starts from: "aligned" or "base".
+        config: the defense's stage config; at the fine-tuning stage it is merged over the fine-tune's config.
+        model: merged over the stage's model section.
+        data: merged over the stage's data section.
+        trainer: merged over the stage's trainer section.
+        callbacks: fine-tuning stage: trainer callbacks (class_path + init_args) appended to the fine-tune.
+        sweep: {dotted key: [values]} over the defense's own sections (model.init_args.beta, data.init_args.limit,
+            callbacks.0.init_args.lam): every combination becomes one defense, named name[key=value,...], of the
+            family `name` (the calibration table compares a family's settings and picks one by report's rule).
+        family: the family a swept setting belongs to (set by the sweep; defaults to the name).
     """
 
     name: str = "undefended"
-    init_from: str = "aligned"
+    init_from: Literal["aligned", "base"] = "aligned"
     callbacks: Optional[list[dict]] = None
     sweep: Optional[dict] = None
     family: Optional[str] = None
@@ -77,18 +89,22 @@ SEARCH_AXES = ("lr", "samples", "steps", "batch_size", "optimizer", "mode", "lor
 
 @dataclass
 class AttackSearch:
-    """An attacker that searches its hyper-parameters (Optuna) against each defense, after the grid.
+    """An attacker that searches its hyper-parameters (Optuna) against each defense, after the grid. Its objective:
+    the highest harmful score among attacks whose capability stays within report.capability_bound of the defended
+    model's. The study lives in OUT/search.db (SQLite): a rerun resumes it, and each trial is an ordinary cached
+    attack cell and eval cell.
 
-    sampler: "tpe" (Optuna's TPE, with the capability bound as its constraint) or "random". trials: finished
-    trials per (defense, seed). space: {axis: values} over lr, samples, steps, batch_size, optimizer, mode,
-    lora_rank; [lo, hi, "log"] or [lo, hi, "linear"] is a range (integer axes stay integers), any other list is a
-    choice among its values; axes left out keep the attack config's value. objective: the highest harmful score
-    among attacks whose capability stays within report.capability_bound of the defended model's. defenses: the
-    alignment defenses attacked (null: all). seed: the sampler's seed. The study lives in OUT/search.db
-    (SQLite): a rerun resumes it, and each trial is an ordinary cached attack cell and eval cell.
+    Args:
+        sampler: "tpe" (Optuna's TPE, with the capability bound as its constraint) or "random".
+        trials: finished trials per (defense, seed).
+        space: {axis: values} over lr, samples, steps, batch_size, optimizer, mode, lora_rank; [lo, hi, "log"] or
+            [lo, hi, "linear"] is a range (integer axes stay integers), any other list a choice among its values;
+            axes left out keep the attack config's value.
+        defenses: the alignment defenses attacked (null: all).
+        seed: the sampler's seed.
     """
 
-    sampler: str = "tpe"
+    sampler: Literal["tpe", "random"] = "tpe"
     trials: int = 12
     space: dict = field(default_factory=lambda: {"lr": [1e-5, 3e-2, "log"]})
     defenses: Optional[list[str]] = None
@@ -99,20 +115,29 @@ class AttackSearch:
 class AttackGrid(StageSpec):
     """The harmful fine-tuning attack and its grid: every combination of the axes is one attack cell.
 
-    lrs: learning rates. samples: number of harmful training samples (null: as the attack config says).
-    modes: "full" and/or "lora" (LoRA with `lora`). optimizers: e.g. adamw, sgd (null: the config's).
-    loss_curve_every: measure the held-out benign loss every this many attack steps (immunize.callbacks.BenignLossCurve;
-    0: not measured). window: the attack window the report looks for on the reference defense: attacks with
-    HS >= window.harm and capability >= (its model before attack) - window.capability_drop. search: an attacker
-    that also searches the attack's hyper-parameters (AttackSearch; null: the grid only).
+    Args:
+        config: the attack's fit config (default: harmful SFT on the toy attack split).
+        model: merged over the attack's model section.
+        data: merged over the attack's data section.
+        trainer: merged over the attack's trainer section.
+        lrs: learning rates.
+        samples: numbers of harmful training samples (null: as the attack config says).
+        modes: "full" and/or "lora" (LoRA with `lora`).
+        optimizers: e.g. adamw, sgd (null: the config's).
+        lora: the attack's LoRA settings in lora mode (peft LoraConfig fields).
+        loss_curve_every: measure the held-out benign loss every this many attack steps
+            (immunize.callbacks.BenignLossCurve; 0: not measured).
+        window: the attack window the report looks for on the reference defense: attacks with HS >= harm and
+            capability >= (its model before attack) - capability_drop.
+        search: an attacker that also searches the attack's hyper-parameters (null: the grid only).
     """
 
     config: Optional[str] = "configs/attacks/harmful_sft.yaml"
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
     samples: Optional[list[int]] = None
-    modes: list[str] = field(default_factory=lambda: ["full"])
-    optimizers: Optional[list[str]] = None
-    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16.0, "dropout": 0.0,
+    modes: list[Literal["full", "lora"]] = field(default_factory=lambda: ["full"])
+    optimizers: Optional[list[Literal["adamw", "sgd"]]] = None
+    lora: dict = field(default_factory=lambda: {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0,
                                                   "target_modules": ["q_proj", "k_proj", "v_proj"]})
     loss_curve_every: int = 5
     window: dict = field(default_factory=lambda: {"harm": 50.0, "capability_drop": 5.0})
@@ -123,8 +148,14 @@ class AttackGrid(StageSpec):
 class FinetuneStage(StageSpec):
     """Fine-tuning-stage defenses: a user's fine-tune on a harmful mix (ratio p), with each defense.
 
-    config: the fine-tune (e.g. SFT on immunize.datamodules.HarmfulMix); ratios: the harmful ratios p
-    (set as data.init_args.p); model_from: which alignment-stage defense's model is fine-tuned.
+    Args:
+        config: the fine-tune (e.g. SFT on immunize.datamodules.HarmfulMix).
+        model: merged over the fine-tune's model section.
+        data: merged over the fine-tune's data section.
+        trainer: merged over the fine-tune's trainer section.
+        defenses: the fine-tuning-stage defenses (e.g. [{name: sft}, {name: panacea}]).
+        ratios: the harmful ratios p (set as data.init_args.p).
+        model_from: which alignment-stage defense's model is fine-tuned.
     """
 
     config: Optional[str] = "configs/finetune/toy.yaml"
@@ -135,14 +166,23 @@ class FinetuneStage(StageSpec):
 
 @dataclass
 class EvalSpec(StageSpec):
-    """The evaluation (`immunize test`): harmful score per category, accuracy per benign task.
+    """The evaluation (`immunize test`): harmful score per category, accuracy per benign task. A null value keeps
+    the eval config's.
 
-    judge, tasks (toy sources), n_harmful_per_category, n_per_task, n_over_refusal (toy sources: benign
-    requests in harmful vocabulary, for the over-refusal rate), max_new_tokens, batch_size: null keeps the eval
-    config's value. lm_eval: capability through lm-evaluation-harness on every evaluated model (the model's
-    `lm_eval` argument, e.g. {tasks: [toy_mc]} or {tasks: [mmlu, arc_easy, arc_challenge, hellaswag,
-    truthfulqa_mc2], num_fewshot: 0, limit: 200}; needs the eval extra): results.json's capability_lm_eval and
-    lm_eval {task: acc}, and the report's lm-eval columns.
+    Args:
+        config: the evaluation's test config.
+        model: merged over the evaluation's model section.
+        data: merged over the evaluation's data section.
+        trainer: merged over the evaluation's trainer section.
+        judge: the harmfulness judge (a name of immunize.judges or {name: ..., ...}).
+        tasks: toy benign tasks to evaluate.
+        n_harmful_per_category: harmful prompts per category (>= 0).
+        n_per_task: benign items per task (>= 0).
+        n_over_refusal: toy sources: benign requests in harmful vocabulary, for the over-refusal rate (>= 0).
+        max_new_tokens: greedy generation length (>= 1).
+        batch_size: evaluation batch size (>= 1).
+        lm_eval: capability through lm-evaluation-harness on every evaluated model (e.g. {tasks: [toy_mc]}; the
+            eval extra): results.json's capability_lm_eval and lm_eval, and the report's lm-eval columns.
     """
 
     config: Optional[str] = "configs/eval/toy.yaml"
@@ -158,11 +198,14 @@ class EvalSpec(StageSpec):
 
 @dataclass
 class TrainerSpec:
-    """preset: a trainer YAML (configs/trainer/*.yaml) merged into every cell; overrides: merged after it.
+    """What every cell's trainer shares.
 
-    threads: torch CPU threads per cell (OMP_NUM_THREADS); null leaves torch's default. On a small shared
-    CPU, 1 is much faster for toy models. log_every_n_steps: how often fits log their loss terms and gradient
-    norms (the mechanism diagnostics; Lightning's own default is 50).
+    Args:
+        preset: a trainer YAML (configs/trainer/*.yaml) merged into every cell.
+        overrides: trainer settings merged after the preset.
+        threads: torch CPU threads per cell (OMP_NUM_THREADS); null leaves torch's default. On a small shared CPU,
+            1 is much faster for toy models.
+        log_every_n_steps: how often fits log their loss terms and gradient norms (Lightning's own default: 50).
     """
 
     preset: Optional[str] = "configs/trainer/cpu.yaml"
@@ -173,16 +216,22 @@ class TrainerSpec:
 
 @dataclass
 class LauncherSpec:
-    """Where the cells run (immunize.bench.launchers): "local" (here, one after the other), "slurm" (one submitit job
-    per cell) or "ray" (one Ray task per cell). `--launcher slurm` is short for `--launcher.name slurm`.
+    """Where the cells run (immunize.bench.launchers). `--launcher slurm` is short for `--launcher.name slurm`.
 
-    cluster: submitit's cluster for slurm: slurm, or local / debug (no Slurm needed). folder: submitit's job folder
-    (null: OUT/launcher). partition, account, qos, time_min: the Slurm job's. address: the Ray cluster ("auto" finds
-    a running one; null starts a local Ray).
+    Args:
+        name: "local" (here, one after the other), "slurm" (one submitit job per cell) or "ray" (one Ray task per
+            cell).
+        cluster: submitit's cluster for slurm: slurm, or local / debug (no Slurm needed).
+        folder: submitit's job folder (null: OUT/launcher).
+        partition: the Slurm jobs' partition.
+        account: the Slurm jobs' account.
+        qos: the Slurm jobs' quality of service.
+        time_min: each Slurm job's time limit in minutes.
+        address: the Ray cluster ("auto" finds a running one; null starts a local Ray).
     """
 
-    name: str = "local"
-    cluster: str = "slurm"
+    name: Literal["local", "slurm", "ray"] = "local"
+    cluster: Literal["slurm", "local", "debug"] = "slurm"
     folder: Optional[str] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -193,24 +242,36 @@ class LauncherSpec:
 
 @dataclass
 class WandbSpec:
+    """The bench's Weights & Biases run (tables, plots, results).
+
+    Args:
+        enabled: log to W&B at all.
+        project: the W&B project.
+        name: the run's name (null: the output folder's).
+        mode: offline (default: nothing leaves the machine; `wandb sync` uploads later), online or disabled.
+    """
+
     enabled: bool = True
     project: str = "immunize"
     name: Optional[str] = None
-    mode: str = "offline"
+    mode: Literal["offline", "online", "disabled"] = "offline"
 
 
 @dataclass
 class ReportSpec:
-    """reference: the defense others are compared with (null: the first); threshold: acceptable harmful score phi, %.
+    """How the report compares defenses.
 
-    stability_tolerance, finetune_tolerance: the selection rule of a swept family (see bench.calibration): the
-    setting with the lowest mean harmful score over the attack grid (fine-tuning stage: over the ratios) among
-    those whose capability before attack is within stability_tolerance points of the reference (fine-tuning
-    stage: whose fine-tuning capability is within finetune_tolerance points of the first fine-tuning defense at
-    every ratio); when none is, the one closest to the reference's capability, reported as such.
-    pairs: [a, b] defense names to compare with paired intervals beyond the reference (table "pairs").
-    capability_bound: the bounded worst case counts an attack only if the attacked model's capability is at least
-    (1 - capability_bound) x the defended model's (default 0.1: at most a 10% relative drop; TamperBench's rule).
+    Args:
+        reference: the defense the others are compared with (null: the first).
+        threshold: the acceptable harmful score phi, in %.
+        stability_tolerance: a swept alignment family's rule: the setting with the lowest mean harmful score over
+            the attack grid among those whose capability before attack is within this many points of the
+            reference (none: the one closest to it, reported as such; see immunize.bench.calibration).
+        finetune_tolerance: the same rule at the fine-tuning stage: fine-tuning capability within this many points
+            of the first fine-tuning defense at every ratio.
+        pairs: [a, b] defense names to compare with paired intervals beyond the reference (table "pairs").
+        capability_bound: the bounded worst case counts an attack only if the attacked model keeps at least
+            (1 - capability_bound) x the defended model's capability (default 0.1, TamperBench's rule).
     """
 
     reference: Optional[str] = None
@@ -225,15 +286,27 @@ class ReportSpec:
 class BenchConfig:
     """What `immunize bench` compares and how (see configs/bench/quickstart.yaml).
 
-    out: output directory (results.json, report.md, plots). cells_dir: where cells live (null: OUT/cells;
-    point several benches at one directory to share finished stages). alignment, attack, benign, finetune:
-    null skips that stage. defense_stage: the data and trainer of every alignment defense named from the
-    registry (whose configs hold only the model section); a defense with its own `config` file uses that file
-    as its whole stage. progress: auto (bars on a terminal, else lines), bars, lines or quiet.
-    dry_run: validate and list the cells (done or not) without running anything.
-    seeds: training seeds; the whole pipeline (pretraining included) runs once per seed (seed_everything, the toy
-    init and the data order), every seed is evaluated on the same items, and the report aggregates over seeds
-    with intervals. `--full` means seeds [0, 1, 2].
+    Args:
+        out: output folder (results.json, report.md, plots): new, empty, or an earlier bench's.
+        model: the model every pipeline starts from.
+        alignment: the safety alignment stage (null: the source is already aligned).
+        defense_stage: the data and trainer of every alignment defense named from the registry (whose configs hold
+            only the model section); a defense with its own `config` file uses that file as its whole stage.
+        defenses: the alignment-stage defenses to compare.
+        attack: the harmful fine-tuning attack grid (null: no attacks).
+        benign: the benign fine-tune of the trainability condition (null: skipped).
+        finetune: the fine-tuning-stage defenses on a harmful mix (null: skipped).
+        heldout_categories: harm categories kept out of defense data (the generalization condition).
+        eval: the evaluation of every model.
+        trainer: what every cell's trainer shares.
+        seeds: training seeds; the whole pipeline (pretraining included) runs once per seed, every seed is
+            evaluated on the same items, and the report aggregates over seeds with intervals. `--full`: [0, 1, 2].
+        cells_dir: where cells live (null: OUT/cells; point several benches at one folder to share finished stages).
+        progress: auto (bars on a terminal, else lines), bars, lines or quiet.
+        dry_run: validate and list the cells (done or not) without running anything.
+        wandb: the W&B run.
+        report: how the report compares defenses.
+        launcher: where the cells run.
     """
 
     out: str = "runs/bench"
@@ -249,7 +322,7 @@ class BenchConfig:
     trainer: TrainerSpec = field(default_factory=TrainerSpec)
     seeds: list[int] = field(default_factory=lambda: [0])
     cells_dir: Optional[str] = None
-    progress: str = "auto"
+    progress: Literal["auto", "bars", "lines", "quiet"] = "auto"
     dry_run: bool = False
     wandb: WandbSpec = field(default_factory=WandbSpec)
     report: ReportSpec = field(default_factory=ReportSpec)

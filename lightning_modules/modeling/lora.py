@@ -1,48 +1,69 @@
-"""Optional LoRA adapters through peft."""
+"""LoRA adapters through peft, configured by peft's own LoraConfig fields and kept as plain data.
+
+A `lora` setting is a mapping of LoraConfig's keyword arguments: r, lora_alpha, lora_dropout, target_modules (a list,
+or "all-linear"), use_dora, use_rslora, modules_to_save, bias, layers_to_transform, ... (any of them). Keys left out
+take immunize's defaults (DEFAULTS), then peft's. `alpha` and `dropout`, the short names of earlier immunize
+configs, are read as lora_alpha and lora_dropout. task_type is always CAUSAL_LM. The normalized mapping is what a
+module saves in its hyper-parameters, so a LoRA checkpoint holds plain data (torch's safe loader reads it).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import dataclasses
+from typing import Any, Mapping, Optional
 
 from immunize.errors import UserError
 
-
-@dataclass
-class LoraSpec:
-    """LoRA adapters (peft) on the named modules.
-
-    Args:
-        r: rank of the adapters.
-        alpha: LoRA scaling numerator (the update is alpha / r * B A).
-        dropout: dropout on the adapters' input.
-        target_modules: module names to adapt (e.g. q_proj, k_proj, v_proj).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+DEFAULTS = {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj"]}
+ALIASES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
+SET_HERE = ("task_type", "peft_type")
 
 
-def as_lora_spec(value) -> "LoraSpec | None":
-    """A LoraSpec from a LoraSpec, its plain-dict form (as saved in a checkpoint's hyper-parameters) or None."""
-    if value is None or isinstance(value, LoraSpec):
-        return value
-    if not isinstance(value, dict):
-        raise UserError(f"model.lora must be a mapping such as {{r: 8, alpha: 16}}, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in fields(LoraSpec)})
+def lora_fields() -> list[str]:
+    """The LoraConfig fields a `lora` mapping may set."""
+    from peft import LoraConfig
+
+    return sorted(f.name for f in dataclasses.fields(LoraConfig) if f.init and f.name not in SET_HERE)
+
+
+def lora_config(spec: Optional[Mapping[str, Any]]) -> Optional[dict]:
+    """The LoRA settings as a plain, complete mapping (DEFAULTS, then `spec`, aliases resolved), checked by building
+    peft's LoraConfig from it; None stays None. A one-line UserError for an unknown key or a value peft refuses."""
+    if spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise UserError(f"model.lora must be a mapping of peft LoraConfig fields such as {{r: 8, lora_alpha: 16}}, "
+                        f"got {type(spec).__name__}")
+    given = {ALIASES.get(k, k): v for k, v in spec.items()}
+    if len(given) != len(spec):
+        raise UserError(f"model.lora gives both a short name and its LoraConfig name ({sorted(spec)}); keep one")
+    allowed = lora_fields()
+    unknown = sorted(set(given) - set(allowed))
     if unknown:
-        raise UserError(f"model.lora: unknown key {unknown[0]!r}; it takes {[f.name for f in fields(LoraSpec)]}")
-    return LoraSpec(**value)
+        fixed = " (task_type is always CAUSAL_LM)" if set(unknown) & set(SET_HERE) else ""
+        raise UserError(f"model.lora: unknown key {unknown[0]!r}{fixed}; peft's LoraConfig takes {', '.join(allowed)}")
+    out = {**DEFAULTS, **given}
+    r = out["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"lora.r must be an integer >= 1, got {r!r}")
+    _peft_config(out)
+    return out
 
 
-def apply_lora(model, spec: LoraSpec):
-    """Wrap `model` with LoRA adapters; only the adapters stay trainable."""
-    from peft import LoraConfig, get_peft_model
+def _peft_config(settings: dict):
+    from peft import LoraConfig
 
-    if spec.r < 1:
-        raise UserError(f"lora.r must be >= 1, got {spec.r}")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.target_modules), task_type="CAUSAL_LM")
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **settings)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"model.lora: peft refuses these settings ({str(err).splitlines()[0]}); see peft's "
+                        "LoraConfig") from err
+
+
+def apply_lora(model, spec: Mapping[str, Any]):
+    """Wrap `model` with LoRA adapters (lora_config(spec)); only the adapters (and modules_to_save) stay trainable."""
+    from peft import get_peft_model
+
+    config = _peft_config(lora_config(spec))
     try:
         return get_peft_model(model, config)
     except ValueError as err:

@@ -7,7 +7,7 @@ import torch
 from immunize.datamodules import HarmfulMix, Source
 from immunize.datamodules.catalog import as_examples, load_records
 from immunize.datamodules.collate import encode_example
-from immunize.lightning_modules import LoraSpec, SFT
+from immunize.lightning_modules import SFT
 from immunize.lightning_modules.functional.grad_math import masked_ce
 
 BENIGN = Source(kind="toy", part="benign", split="finetune", tasks=["arithmetic"], limit=40)
@@ -20,7 +20,7 @@ def data(n: int = 16, batch_size: int = 4) -> HarmfulMix:
 
 
 def module(lora: bool = False, **kw) -> SFT:
-    spec = LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    spec = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]} if lora else None
     return SFT(model="toy:tiny", lora=spec, **kw)
 
 
