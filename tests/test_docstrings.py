@@ -41,3 +41,32 @@ def test_cli_help_shows_the_args(cli):
     result = cli("fit", "--model.help", "immunize.lightning_modules.TAR")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "SGD steps of the simulated attack" in result.stdout
+
+
+def test_every_bench_field_is_described():
+    """`immunize bench --help` shows each field's description from the schema's Args: blocks."""
+    import dataclasses
+
+    from immunize.bench import schema
+
+    for cls in (schema.StageSpec, schema.ModelSource, schema.DefenseSpec, schema.AttackSearch, schema.AttackGrid,
+                schema.FinetuneStage, schema.EvalSpec, schema.TrainerSpec, schema.LauncherSpec, schema.WandbSpec,
+                schema.ReportSpec, schema.BenchConfig):
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in documented(cls)]
+        assert not missing, f"{cls.__name__}: no Args entry for {missing}"
+
+
+def test_immunize_help_names_every_command_and_bench_help_describes_fields(cli_server, tmp_path):
+    from immunize.main import COMMANDS
+
+    top = cli_server.run("--help", cwd=tmp_path)
+    assert top.returncode == 0 and not top.stderr.strip()
+    assert all(f"  {name} " in top.stdout for name in COMMANDS)
+    bench = cli_server.run("bench", "--help", cwd=tmp_path)
+    assert bench.returncode == 0 and not bench.stderr.strip()
+    text = " ".join(bench.stdout.split())
+    assert "--eval.n_per_task N_PER_TASK benign items per task (>= 0)." in text
+    assert "--progress {auto,bars,lines,quiet}" in text
+    bad = cli_server.run("bench", "--launcher.name", "kube", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == \
+        "immunize: error: launcher.name: 'kube' is not one of local, slurm, ray (see --help)"
