@@ -12,39 +12,39 @@ counted / floor shows any projection we do that the algorithm does not need.
 """
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.shapes import ModelShape  # noqa: E402
+
 
 @dataclass(frozen=True)
-class StepShape:
-    """The model's shapes and the batch part's tokens (every part of a step has the same shape here)."""
+class StepShape(ModelShape):
+    """The model's shapes (shapes.ModelShape) and the batch part's tokens (every part of a step has the same shape).
 
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    batch: int
-    length: int
-    supervised: int  # supervised positions in one batch part (the head's rows)
+    Args:
+        batch, length: the batch part's rows and tokens per row.
+        supervised: supervised positions in one batch part (the head's rows).
+    """
+
+    batch: int = 1
+    length: int = 1
+    supervised: int = 1
 
     @classmethod
-    def of(cls, config, batch: int, length: int, supervised: int) -> "StepShape":
-        """From a Hugging Face Llama-style config."""
-        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers,
-                   config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                   config.vocab_size, batch, length, supervised)
+    def of(cls, config, batch: int = 1, length: int = 1, supervised: int = 1) -> "StepShape":
+        """From a Hugging Face Llama-style config (a config object or a dict)."""
+        return cls(**ModelShape.sizes(config), batch=batch, length=length, supervised=supervised)
 
     def trunk_forward(self) -> float:
         """Linear layers (q, k, v, o, gate, up, down) on every token, and attention's two T x T products."""
-        head_dim = self.hidden // self.heads
-        kv = self.kv_heads * head_dim
-        linear = self.hidden * (2 * self.hidden + 2 * kv) + 3 * self.hidden * self.intermediate
         tokens = self.batch * self.length
-        attention = 4 * self.batch * self.length ** 2 * self.hidden
-        return self.layers * (2 * tokens * linear + attention)
+        attention = 4 * self.batch * self.length ** 2 * self.heads * self.head_dim
+        return self.layers * (2 * tokens * self.linear_params() + attention)
 
     def head_forward(self) -> float:
         return 2.0 * self.supervised * self.hidden * self.vocab

@@ -51,25 +51,12 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import step_cost  # noqa: E402
+from benchmarks import shapes, step_cost  # noqa: E402
+from benchmarks.shapes import SHAPES  # noqa: E402
 from immunize.errors import UserError, fail  # noqa: E402
 from immunize.lightning_modules.modeling.lora import DEFAULTS as LORA_DEFAULTS  # noqa: E402
 
 GIB = 1 << 30
-# Real models' shapes (published config.json) beside step_cost's; "llama-tiny" is the validation model: a random
-# Llama of 7.1M parameters whose vocabulary / width ratio (32) is Llama 3's, GQA, untied.
-SHAPES = {
-    **step_cost.SHAPES,
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0),
-    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192,
-                       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0),
-    "llama-tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       tie_word_embeddings=False),
-}
 STRATEGIES = ("single", "ddp", "fsdp")
 PRECISIONS = ("bf16-mixed", "32-true", "bf16-true")
 OPTIMIZERS = ("adamw", "sgd")
@@ -104,52 +91,8 @@ NEEDS_FP32_TRAINABLE = ("panacea",)
 
 
 @dataclass(frozen=True)
-class ModelShape:
-    """A Llama-style decoder's shapes (no biases: Llama, Mistral, Qwen-style configs without attention bias).
-
-    Args:
-        vocab, hidden, intermediate, layers, heads, kv_heads: the config's sizes.
-        head_dim: per-head width (the config's head_dim, else hidden // heads).
-        tied: the head shares the embedding matrix.
-    """
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool
-
-    @classmethod
-    def of(cls, config: dict) -> "ModelShape":
-        """From a Hugging Face config dict (vocab_size, hidden_size, ..., tie_word_embeddings)."""
-        heads = config["num_attention_heads"]
-        return cls(config["vocab_size"], config["hidden_size"], config["intermediate_size"],
-                   config["num_hidden_layers"], heads, config.get("num_key_value_heads") or heads,
-                   config.get("head_dim") or config["hidden_size"] // heads, bool(config.get("tie_word_embeddings", False)))
-
-    @property
-    def kv(self) -> int:
-        """Width of the key (and of the value) projection."""
-        return self.kv_heads * self.head_dim
-
-    def layer_params(self) -> int:
-        """One decoder layer: q, k, v, o, gate, up, down and the two RMSNorm weights."""
-        q = self.heads * self.head_dim
-        return self.hidden * (2 * q + 2 * self.kv) + 3 * self.hidden * self.intermediate + 2 * self.hidden
-
-    def root_params(self) -> int:
-        """Outside the decoder layers: embeddings, final norm and (untied) head: FSDP2's root unit."""
-        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
-
-    def params(self) -> int:
-        return self.layers * self.layer_params() + self.root_params()
-
-    def largest_tensor(self) -> int:
-        """Elements of the largest weight matrix (the embedding or an MLP projection)."""
-        return max(self.vocab * self.hidden, self.hidden * self.intermediate)
+class ModelShape(shapes.ModelShape):
+    """shapes.ModelShape with the LoRA adapters' size."""
 
     def lora_params(self, spec: dict) -> int:
         """Adapter parameters of LoRA rank spec["r"] on spec["target_modules"] of every layer: r * (in + out) each."""

@@ -31,27 +31,13 @@ from immunize.lightning_modules import SFT  # noqa: E402
 from immunize.callbacks import Lisa, Panacea  # noqa: E402
 from immunize.callbacks.antidote import antidote_prune  # noqa: E402
 from benchmarks.flop_floor import RECIPES, StepShape, floor_in_sft_steps  # noqa: E402
+from benchmarks.shapes import LLAMA_05B, SHAPES  # noqa: E402
 from immunize.datamodules import Source  # noqa: E402
 from immunize.bench import registry  # noqa: E402
 from immunize.bench.stages import read_yaml  # noqa: E402
 from immunize.bench.validate import import_class  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-# A ~0.5B-parameter Llama (random init, untied embeddings) for the GPU run.
-LLAMA_05B = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=20,
-                 num_attention_heads=20, num_key_value_heads=20, max_position_embeddings=512, tie_word_embeddings=False)
-# Real models' shapes (from their published config.json; random weights: step cost does not depend on them).
-SHAPES = {
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0),
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                      tie_word_embeddings=False, rms_norm_eps=1e-5),
-    "llama-0.5b": LLAMA_05B,
-}
-
 
 @dataclass
 class Method:

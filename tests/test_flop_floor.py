@@ -50,7 +50,8 @@ def test_multi_pass_steps_run_no_matmul_their_floor_does_not_count(method, count
 
 def test_seam_floor_grows_with_the_lens_share():
     """SEAM's floor is 17 forwards over SFT's 3 plus 3 head projections per layer: larger vocabularies cost more."""
-    small = StepShape(576, 1536, 30, 9, 3, 49152 // 16, 4, 128, 4 * 96)
-    real = StepShape(576, 1536, 30, 9, 3, 49152, 4, 128, 4 * 96)
+    sizes = dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, tied=True, batch=4,
+                 length=128, supervised=4 * 96)
+    small, real = StepShape(vocab=49152 // 16, **sizes), StepShape(vocab=49152, **sizes)
     assert 17 / 3 < floor_in_sft_steps("seam", small) < floor_in_sft_steps("seam", real)
     assert floor_in_sft_steps("seam", real, {"beta": 0.0, "use_unlearning": False}) == pytest.approx(1.0)
