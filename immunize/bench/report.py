@@ -110,16 +110,21 @@ def _seeds_note(results: dict) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
 
 
-def _per_attack(rows: list, defenses: list[str], cell) -> list[list]:
-    """One table row per (label, rows, attack point): cell(r, "harmful_score") and cell(r, "capability") per defense."""
-    out = []
-    for label, source, point in rows:
-        cells = []
-        for d in defenses:
-            r = _lookup(source, d, point)
-            cells += [cell(r, "harmful_score"), cell(r, "capability")]
-        out.append([label] + cells)
-    return out
+def _attack_rows(results: dict) -> list[tuple[str, list[dict], Optional[dict]]]:
+    """(label, the results to look in, attack point) per table row: no attack, then each point of the grid."""
+    points = attack_points(results)
+    return [("no attack", _by(results, "defended"), None)] + \
+        [(attack_label(p, points), _by(results, "attack"), p) for p in points]
+
+
+def _per_attack(rows: list, defenses: list[str], cells) -> list[list]:
+    """One table row per (label, rows, attack point): the label, then cells(r) for each defense's result r."""
+    return [[label] + [c for d in defenses for c in cells(_lookup(source, d, point))] for label, source, point in rows]
+
+
+def _hs_cap(cell):
+    """cells(r) of a defense: cell(r, "harmful_score") and cell(r, "capability")."""
+    return lambda r: [cell(r, "harmful_score"), cell(r, "capability")]
 
 
 def resistance(results: dict) -> list[Table]:
@@ -130,8 +135,8 @@ def resistance(results: dict) -> list[Table]:
                  "(cap, mean benign task accuracy %) after each attack of the grid; first row: no attack. "
                  f"Intervals: 95% bootstrap over items and {_seeds_note(results)}.",
                  ["attack"] + [f"{d} {m}" for d in defenses for m in ("HS", "cap")])
-    rows = [("no attack", before, None)] + [(attack_label(p, points), attacked, p) for p in points]
-    grid.rows = _per_attack(rows, defenses, _ci)
+    rows = _attack_rows(results)
+    grid.rows = _per_attack(rows, defenses, _hs_cap(_ci))
     unread = [e for e in results["results"] if e.get("judge_unparseable")]
     if unread:
         grid.note += (f" The judge could not read {sum(e['judge_unparseable'] for e in unread):g} answers of "
@@ -143,7 +148,7 @@ def resistance(results: dict) -> list[Table]:
                       f"Defense minus {ref} on the same items and seeds: ΔHS and Δcap with paired 95% intervals; an "
                       "interval that excludes 0 is a difference the instrument can see.",
                       ["attack"] + [f"{d} {m}" for d in others for m in ("ΔHS", "Δcap")])
-        delta.rows = _per_attack(rows, others, _delta)
+        delta.rows = _per_attack(rows, others, _hs_cap(_delta))
         tables.append(delta)
     bound = results.get("capability_bound", 0.1)
     summary = Table("resistance_summary", "Resistance summary",
@@ -169,7 +174,7 @@ def resistance(results: dict) -> list[Table]:
 def lm_eval_capability(results: dict) -> Optional[Table]:
     """Capability two ways under every attack: lm-evaluation-harness (eval.lm_eval, log-likelihood multiple choice)
     next to the generation-based task accuracy; None when lm-eval did not run."""
-    defenses, points = results["defenses"], attack_points(results)
+    defenses = results["defenses"]
     before, attacked = _by(results, "defended"), _by(results, "attack")
     if not any(r.get("capability_lm_eval") is not None for r in before + attacked):
         return None
@@ -181,12 +186,8 @@ def lm_eval_capability(results: dict) -> Optional[Table]:
                   f"task accuracy, before and after each attack. Intervals: 95% bootstrap over items and "
                   f"{_seeds_note(results)}.",
                   ["attack"] + [f"{d} {m}" for d in defenses for m in ("lm-eval cap", "cap")])
-    for label, source, point in [("no attack", before, None)] + [(attack_label(p, points), attacked, p) for p in points]:
-        row = [label]
-        for d in defenses:
-            r = _lookup(source, d, point)
-            row += [_ci(r, "capability_lm_eval"), _ci(r, "capability")]
-        table.rows.append(row)
+    table.rows = _per_attack(_attack_rows(results), defenses,
+                             lambda r: [_ci(r, "capability_lm_eval"), _ci(r, "capability")])
     return table
 
 
@@ -352,20 +353,12 @@ def mechanism(results: dict) -> Optional[Table]:
 
 def generalization(results: dict) -> Table:
     heldout, defenses = results["heldout_categories"], results["defenses"]
-    points = attack_points(results)
     table = Table("generalization", "Generalization: harm categories the defense did not train on",
                   f"Mean harmful score over the seen categories vs the held-out ones ({', '.join(heldout)}), "
                   "from the per-category scores; a defense generalizes when held-out HS stays as low as seen HS.",
                   ["attack"] + [f"{d} {m}" for d in defenses for m in ("seen", "held-out")])
-    rows = [("no attack", _by(results, "defended"), None)] + [(attack_label(p, points), _by(results, "attack"), p)
-                                                               for p in points]
-    for label, source, point in rows:
-        cells = []
-        for d in defenses:
-            r = _lookup(source, d, point)
-            seen, held = split_harm(r, heldout) if r else (None, None)
-            cells += [fmt(seen), fmt(held)]
-        table.rows.append([label] + cells)
+    table.rows = _per_attack(_attack_rows(results), defenses,
+                             lambda r: [fmt(v) for v in (split_harm(r, heldout) if r else (None, None))])
     return table
 
 
