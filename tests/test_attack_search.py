@@ -10,7 +10,7 @@ from immunize.bench.schema import AttackSearch
 from immunize.bench.search import Axis, check_search, open_study, parse_space, startup_trials, suggest, within_bound
 from immunize.errors import UserError
 
-from test_bench import TINY, _bench, _env, _write
+from helpers.bench import TINY, bench_env as _env, run_bench as _bench, write_config as _write
 
 optuna = pytest.importorskip("optuna")
 

@@ -10,40 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO
+from helpers.bench import TIMING, TINY, bench_env as _env, run_bench, write_config as _write
 
-# 4 cells: pretrain (2 steps) -> eval; attack (1 step) -> eval.
-TINY = {
-    "model": {"source": "toy:tiny", "pretrain": {
-        "config": "configs/toy/pretrain.yaml",
-        "data": {"init_args": {"batch_size": 8, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 16}]}},
-        "trainer": {"max_epochs": 1}}},
-    "defenses": [{"name": "undefended"}],
-    "attack": {"lrs": [1.0e-3], "samples": [8]},
-    "eval": {"n_harmful_per_category": 1, "n_per_task": 1, "max_new_tokens": 4},
-    "trainer": {"threads": 1},
-    "wandb": {"enabled": False},
-}
 ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "searched", "harmful_score",
               "harmful_scores", "capability", "over_refusal", "refusal", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
               "eval_wall_time_s", "judge_unparseable", "capability_lm_eval", "lm_eval", "intervals"}
-TIMING = ("wall_time_s", "eval_wall_time_s")
-
-
-def _write(path: Path, cfg: dict) -> str:
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
-
-
-def _env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
 
 
 def _bench(cwd: Path, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "immunize", "bench", *args], cwd=cwd, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return run_bench(cwd, *args, timeout=timeout)
 
 
 def _without_timing(results: dict) -> dict:
@@ -238,7 +214,7 @@ def _bench_in_process(capsys, tmp_path, *args):
     (["--model.source", "./no/such/model"], ["./no/such/model", "does not exist"]),
     (["--attack.lrz", "[1.0e-3]"], ["lrz"]),
     (["--defenses", "[{name: seam, model: {init_args: {learning_rate: 0.1}}}]"], ["learning_rate", "immunize.lightning_modules.SEAM"]),
-    (["--attack.modes", "[qlora]"], ["unknown mode 'qlora'"]),
+    (["--attack.modes", "[qlora]"], ["attack.modes: 'qlora' is not one of full, lora"]),
     (["--heldout_categories", "[no_such_category]"], ["no_such_category"]),
 ])
 def test_bad_config_in_process(capsys, tmp_path, args, needles):

@@ -9,13 +9,12 @@ import importlib
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from conftest import REPO
 from immunize.datamodules import Source
 from helpers.alignment import fit, params_of, write_ddp_config
-from helpers.finetune import Crash, data, module, trainer
+from helpers.finetune import crash_and_resume, module
 from immunize.bench import registry
 from immunize.bench.stages import read_yaml
 from immunize.errors import UserError
@@ -120,19 +119,7 @@ def test_callback_resume_equals_uninterrupted(defense, tmp_path):
     """One batch per epoch (the datamodule's shuffle is not checkpointed, so only whole epochs resume exactly) and a
     checkpoint every epoch: stopped by a crash after step 2's checkpoint, then resumed, the fit ends (fit-end action
     included) where the uninterrupted one ends."""
-    def run(root, extra=(), ckpt_path=None, **kw):
-        torch.manual_seed(0)
-        m = module(optimizer="sgd", lr=1e-2)
-        tr = trainer(root, toy_callbacks(defense) + list(extra), max_steps=4, max_epochs=-1, **kw)
-        try:
-            tr.fit(m, data(n=8, batch_size=8), ckpt_path=ckpt_path)
-        except RuntimeError as err:
-            assert "simulated crash" in str(err)
-        return m
-
-    whole = run(tmp_path / "whole")
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
-    run(tmp_path / "crash", extra=[ckpt, Crash(at_step=3)], enable_checkpointing=True)
-    resumed = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "ckpt" / "epoch=1-step=2.ckpt"))
+    (whole, *_), (resumed, *_) = crash_and_resume(tmp_path, lambda: (module(optimizer="sgd", lr=1e-2),
+                                                                      *toy_callbacks(defense)))
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), name

@@ -83,7 +83,7 @@ def test_booster_fsdp_equals_ddp_and_halves_gradient_buffers(tmp_path, cli):
 
 def _finetune(callback: dict):
     """An SFT fit on a 25%-harmful toy mix with a fine-tuning-stage defense callback."""
-    from test_panacea import ATTACK, BENIGN
+    from helpers.finetune import ATTACK, BENIGN
 
     def write(dump, strategy, callbacks):
         cfg = {
@@ -105,7 +105,7 @@ def _finetune(callback: dict):
 
 @pytest.mark.slow
 def test_panacea_fsdp_equals_ddp_with_identical_eps(tmp_path, cli):
-    from test_panacea import H_SET
+    from helpers.finetune import H_SET
 
     out = _fit_both(tmp_path, cli, _finetune({"class_path": "immunize.callbacks.Panacea",
                                               "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}}))

@@ -12,31 +12,14 @@ import pytest
 import yaml
 
 from conftest import REPO
+from helpers.bench import TIMING, TWO_CELLS, run_bench as _bench
 
-TWO_CELLS = {
-    "model": {"source": "toy:tiny", "pretrain": {
-        "config": "configs/toy/pretrain.yaml",
-        "data": {"init_args": {"batch_size": 8, "train": [{"kind": "toy", "part": "benign", "split": "pretrain", "limit": 16}]}},
-        "trainer": {"max_epochs": 1}}},
-    "defenses": [{"name": "undefended"}],
-    "attack": None,
-    "eval": {"n_harmful_per_category": 1, "n_per_task": 1, "max_new_tokens": 4},
-    "trainer": {"threads": 1},
-    "wandb": {"enabled": False},
-}
-TIMING = ("wall_time_s", "eval_wall_time_s")
 NAMES = ("cell", "cells", "model_cell")  # the failing run's eval config differs (it carries FailOnce): other digests
 
 
 def _numbers(results: dict) -> dict:
     return {**results, **{part: [{k: v for k, v in r.items() if k not in TIMING + NAMES} for r in results[part]]
                           for part in ("results", "rows")}}
-
-
-def _bench(cwd: Path, *args, env=None, python=sys.executable, timeout=600):
-    env = env or {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([python, "-m", "immunize", "bench", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _config(tmp_path: Path, fail_flag: Path = None) -> str:

@@ -1,14 +1,12 @@
 """Lisa: the phase schedule, gradients by hand, LoRA anchors and warmup, resume."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import lightning as L
 import torch
 
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
-from helpers.finetune import encoded, grads_at, Crash, Recorder, data, module, params_of, trainer
+from helpers.finetune import crash_and_resume, encoded, grads_at, Recorder, data, module, params_of, trainer
 
 from immunize.callbacks import Lisa
 from immunize.callbacks.lisa import ALIGNMENT, USER, lisa_phase
@@ -85,22 +83,8 @@ def test_lisa_lora_anchor_and_warmup(tmp_path):
 def test_lisa_resumed_fit_matches_uninterrupted(tmp_path):
     """Steps A U U A; checkpoint after step 1 (one batch per epoch), crash at step 3. The resumed step 2 must use the
     anchor taken at step 1 (restored from the checkpoint) and step 3 the next alignment draw."""
-    def run(root, extra=(), ckpt_path=None, **kw):
-        torch.manual_seed(0)
-        m, lisa = module(), Lisa(alignment=PAIRS, rho=1.0, alignment_steps=1, user_steps=2, batch_size=4)
-        tr = trainer(root, [lisa, *extra], max_steps=4, max_epochs=-1, **kw)
-        try:
-            tr.fit(m, data(n=8, batch_size=8), ckpt_path=ckpt_path)
-        except RuntimeError as err:
-            assert "simulated crash" in str(err)
-        return m, lisa
-
-    full, full_lisa = run(tmp_path / "full")
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
-    run(tmp_path / "crash", extra=[ckpt, Crash(at_step=3)], enable_checkpointing=True)
-    path = tmp_path / "ckpt" / "epoch=1-step=2.ckpt"
-    assert path.exists(), sorted(os.listdir(tmp_path / "ckpt"))
-    resumed, res_lisa = run(tmp_path / "resumed", ckpt_path=str(path))
+    (full, full_lisa), (resumed, res_lisa) = crash_and_resume(
+        tmp_path, lambda: (module(), Lisa(alignment=PAIRS, rho=1.0, alignment_steps=1, user_steps=2, batch_size=4)))
     assert res_lisa.draws == full_lisa.draws == 2 and res_lisa.anchor_phase == full_lisa.anchor_phase == ALIGNMENT
     for n, p in params_of(full).items():
         assert torch.allclose(params_of(resumed)[n], p, atol=1e-5, rtol=0), n

@@ -3,10 +3,8 @@ post-hoc mode, resume, DDP (2 CPU processes), and the safety-affinity report."""
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -14,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from immunize.callbacks import Panacea, RandomPerturbation
-from helpers.finetune import ATTACK, BENIGN, H_SET, Crash, Recorder, data, module, params_of, trainer
+from helpers.finetune import ATTACK, BENIGN, H_SET, Recorder, crash_and_resume, data, module, params_of, trainer
 from immunize.callbacks.panacea import draw_indices, panacea_step
 from immunize.datamodules.collate import pad_right
 from immunize.lightning_modules import CausalLMModule
@@ -180,22 +178,8 @@ def test_resumed_fit_matches_uninterrupted(tmp_path):
     """One batch per epoch (n = batch_size = 8) and a checkpoint at the end of epoch 2 (step 2). The datamodule's
     shuffle generator is not checkpointed (a resumed loader replays epoch 1's order), so only epochs of one full
     batch (order affects nothing but summation order) resume exactly; Panacea's own draws are checkpointed."""
-    def run(root, extra=(), ckpt_path=None, **kw):
-        torch.manual_seed(0)
-        m, pan = module(), Panacea(harmful=H_SET, harmful_batch_size=4, lam=0.1)
-        tr = trainer(root, [pan, *extra], max_steps=4, max_epochs=-1, **kw)
-        try:
-            tr.fit(m, data(n=8, batch_size=8), ckpt_path=ckpt_path)
-        except RuntimeError as err:
-            assert "simulated crash" in str(err)
-        return m, pan
-
-    full, full_pan = run(tmp_path / "full")
-    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
-    run(tmp_path / "crash", extra=[ckpt, Crash(at_step=3)], enable_checkpointing=True)
-    path = tmp_path / "ckpt" / "epoch=1-step=2.ckpt"
-    assert path.exists(), sorted(os.listdir(tmp_path / "ckpt"))
-    resumed, res_pan = run(tmp_path / "resumed", ckpt_path=str(path))
+    (full, full_pan), (resumed, res_pan) = crash_and_resume(
+        tmp_path, lambda: (module(), Panacea(harmful=H_SET, harmful_batch_size=4, lam=0.1)))
     assert res_pan.draws == full_pan.draws == 4
     for n, p in params_of(full).items():
         assert torch.allclose(params_of(resumed)[n], p, atol=1e-5, rtol=0), n

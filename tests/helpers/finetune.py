@@ -76,3 +76,26 @@ def grads_at(weights: dict, batch: dict) -> dict[str, torch.Tensor]:
 
 def encoded(source: Source, use: str, tokenizer) -> list[dict]:
     return [encode_example(tokenizer, "qa", e.prompt, e.response, 256) for e in as_examples(load_records(source), use)]
+
+
+def crash_and_resume(tmp_path, build, max_steps: int = 4, crash_at: int = 3):
+    """The same fit three times: uninterrupted; crashed at step `crash_at` after a checkpoint every epoch; resumed
+    from the checkpoint of step 2. One batch per epoch (data(n=8, batch_size=8)): the datamodule's shuffle is not
+    checkpointed, so only whole epochs resume exactly. `build()` returns (module, callback, ...) with torch seeded;
+    returns (uninterrupted, resumed), each what build returned."""
+    def run(root, extra=(), ckpt_path=None, **kw):
+        torch.manual_seed(0)
+        built = build()
+        tr = trainer(root, [*built[1:], *extra], max_steps=max_steps, max_epochs=-1, **kw)
+        try:
+            tr.fit(built[0], data(n=8, batch_size=8), ckpt_path=ckpt_path)
+        except RuntimeError as err:
+            assert "simulated crash" in str(err)
+        return built
+
+    full = run(tmp_path / "full")
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    run(tmp_path / "crash", extra=[ckpt, Crash(at_step=crash_at)], enable_checkpointing=True)
+    path = tmp_path / "ckpt" / "epoch=1-step=2.ckpt"
+    assert path.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    return full, run(tmp_path / "resumed", ckpt_path=str(path))
