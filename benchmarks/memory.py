@@ -587,11 +587,7 @@ class ShardedStepPeakMemory(step_cost.StepPeakMemory):
 
     def on_train_end(self, trainer, pl_module):
         self._prof.stop()
-        events = collective_allocation_events(self._prof)
-        for t0, t1 in self._windows:
-            before = [total for t, total in events if t < t0]
-            inside = [total for t, total in events if t0 <= t <= t1]
-            self.peaks.append(self._base + max(before[-1:] + inside, default=0))
+        self.peaks += step_cost.window_peaks(collective_allocation_events(self._prof), self._windows, self._base)
 
 
 def collective_allocation_events(prof) -> list[tuple[int, int]]:

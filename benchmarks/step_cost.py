@@ -211,11 +211,18 @@ class StepPeakMemory(L.Callback):
         if torch.cuda.is_available():
             return
         self._prof.stop()
-        events = _allocation_events(self._prof)
-        for t0, t1 in self._windows:
-            before = [total for t, total in events if t < t0]
-            inside = [total for t, total in events if t0 <= t <= t1]
-            self.peaks.append(self._base + max(before[-1:] + inside, default=0))
+        self.peaks += window_peaks(_allocation_events(self._prof), self._windows, self._base)
+
+
+def window_peaks(events: list[tuple[int, int]], windows: list[tuple[int, int]], base: int) -> list[int]:
+    """Per (start, end) window in ns: base plus the highest running allocation total seen in it (the total carried
+    in from before the window counts)."""
+    peaks = []
+    for t0, t1 in windows:
+        before = [total for t, total in events if t < t0]
+        inside = [total for t, total in events if t0 <= t <= t1]
+        peaks.append(base + max(before[-1:] + inside, default=0))
+    return peaks
 
 
 def _allocation_events(prof) -> list[tuple[int, int]]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
-from helpers.finetune import encoded, H_SET, Recorder, data, module, params_of, trainer
+from helpers.finetune import encoded, H_SET, Recorder, data, module, module_with, params_of, trainer
 
 from immunize.callbacks import Antidote
 from immunize.callbacks.antidote import decoder_linears, wanda_mask
@@ -37,10 +37,7 @@ def test_wanda_mask_matches_hand_computation():
 def hand_antidote(weights: dict, batches: list[dict], ratio: float, sequential: bool) -> dict[str, torch.Tensor]:
     """Expected pruned weights: a fresh toy:tiny with `weights`; capture every decoder linear's inputs with hooks,
     sqrt(sum over real tokens of x^2) per feature, wanda_mask, zero; layer by layer (earlier layers pruned) or at once."""
-    ref = module()
-    with torch.no_grad():
-        for n, p in ref.model.named_parameters():
-            p.copy_(weights[n])
+    ref = module_with(weights)
     layers = decoder_linears(ref.model)
     for stage in ([[i] for i in range(len(layers))] if sequential else [list(range(len(layers)))]):
         targets = [t for i in stage for t in layers[i]]

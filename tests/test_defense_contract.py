@@ -9,10 +9,10 @@ import importlib
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import REPO
 from immunize.datamodules import Source
+from helpers.ranks import assert_ranks_identical
 from helpers.alignment import fit, params_of, write_ddp_config
 from helpers.finetune import crash_and_resume, module
 from immunize.bench import registry
@@ -109,9 +109,7 @@ def test_alignment_defense_ddp_ranks_stay_identical(defense, tmp_path, cli):
     dump = tmp_path / "dump"
     result = cli("fit", "--config", write_ddp_config(tmp_path, defense.class_path, init, 3, dump), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    assert max(float((ranks[0][k] - ranks[1][k]).abs().max()) for k in ranks[0]) == 0.0
+    assert_ranks_identical(dump)
 
 
 @pytest.mark.parametrize("defense", FINETUNE, ids=lambda d: d.name)

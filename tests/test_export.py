@@ -14,6 +14,14 @@ def _logits(module, tokenizer):
         return module(ids).logits
 
 
+def _train_lora_b(module) -> None:
+    """Give the LoRA B matrices (zero at init) values, as training would, so a merge changes the weights."""
+    with torch.no_grad():
+        for n, p in module.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+
+
 def test_export_reload_gives_identical_logits(tmp_path, toy_tokenizer):
     module = CausalLMModule(model="toy:tiny", init_seed=1)
     out = module.export(tmp_path / "model")
@@ -28,10 +36,7 @@ def test_lora_export_is_merged_and_matches(tmp_path, toy_tokenizer):
     module = CausalLMModule(model="toy:tiny", lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
     trainable = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    with torch.no_grad():
-        for n, p in module.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    _train_lora_b(module)
     out = module.export(tmp_path / "merged")
     reloaded = CausalLMModule(model=str(out))
     assert not any("lora" in n for n, _ in reloaded.model.named_parameters())
@@ -128,10 +133,7 @@ def test_lora_takes_any_peft_lora_config_field_and_merges(tmp_path, toy_tokenize
     assert module.hparams["lora"] == {**spec, "lora_dropout": 0.0}
     trained = [n for n, p in module.model.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in trained) and any("mlp" in n for n in trained)
-    with torch.no_grad():
-        for n, p in module.model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
+    _train_lora_b(module)
     reloaded = CausalLMModule(model=str(module.export(tmp_path / "merged")))
     assert torch.allclose(_logits(module, toy_tokenizer), _logits(reloaded, reloaded.tokenizer), atol=1e-4)
 

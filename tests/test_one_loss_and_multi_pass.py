@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from immunize.errors import UserError
 from immunize.lightning_modules import AdversarialImmunization, Booster, RepNoise, Vaccine
+from helpers.ranks import assert_ranks_identical
 from helpers.alignment import fit, params_of, write_ddp_config
 
 
@@ -63,14 +63,12 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli, name):
     path = write_ddp_config(tmp_path, name, init, steps, dump)
     result = cli("fit", "--config", str(path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    assert max(float((ranks[0][k] - ranks[1][k]).abs().max()) for k in ranks[0]) == 0.0
+    rank0 = assert_ranks_identical(dump)
 
     single = {"Booster": Booster, "Vaccine": Vaccine}[name](**init)
     initial = {f"model.{n}": p.detach().clone() for n, p in single.model.named_parameters()}
     fit(single, steps=steps, batch_size=4, limit=4)
     names = {f"model.{n}": p.detach() for n, p in single.model.named_parameters()}
-    diff = max(float((ranks[0][k] - names[k]).abs().max()) for k in ranks[0])
+    diff = max(float((rank0[k] - names[k]).abs().max()) for k in rank0)
     moved = max(float((names[k] - initial[k]).abs().max()) for k in names)
     assert diff < 1e-5 and moved > 1e-2, (diff, moved)

@@ -5,8 +5,8 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from helpers.ranks import assert_ranks_identical
 from helpers.alignment import Capture, cosine, fit, params_of, rel_err, write_ddp_config
 from helpers.math import naive_logit_lens
 from immunize.errors import UserError
@@ -114,9 +114,7 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
     path = write_ddp_config(tmp_path, "SEAM", init, steps, dump)
     result = cli("fit", "--config", str(path), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [load_file(str(dump / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert ranks[0].keys() == ranks[1].keys()
-    assert max(float((ranks[0][k] - ranks[1][k]).abs().max()) for k in ranks[0]) == 0.0
+    rank0 = assert_ranks_identical(dump)
 
     single = SEAM(**init)
     initial = {f"model.{n}": p.detach().clone() for n, p in single.model.named_parameters()}
@@ -125,7 +123,7 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path, cli):
     tokens = [(capture.batches[0][part]["labels"] != -100).sum(1).tolist() for part in ("harmful", "refusal", "benign")]
     assert any(len(set(t)) > 1 for t in tokens), f"want unequal response lengths across examples: {tokens}"
     names = {f"model.{n}": p.detach() for n, p in single.model.named_parameters()}
-    diff = max(float((ranks[0][k] - names[k]).abs().max()) for k in ranks[0])
+    diff = max(float((rank0[k] - names[k]).abs().max()) for k in rank0)
     moved = max(float((names[k] - initial[k]).abs().max()) for k in names)
     assert diff < 1e-5 and moved > 1e-2, (diff, moved)
 

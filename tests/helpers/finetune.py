@@ -63,12 +63,18 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
-def grads_at(weights: dict, batch: dict) -> dict[str, torch.Tensor]:
-    """Response-only CE gradient of a fresh toy:tiny holding `weights`, on `batch`."""
+def module_with(weights: dict) -> SFT:
+    """A fresh toy:tiny SFT module holding `weights` (name -> tensor)."""
     ref = module()
     with torch.no_grad():
         for n, p in ref.model.named_parameters():
             p.copy_(weights[n])
+    return ref
+
+
+def grads_at(weights: dict, batch: dict) -> dict[str, torch.Tensor]:
+    """Response-only CE gradient of a fresh toy:tiny holding `weights`, on `batch`."""
+    ref = module_with(weights)
     loss = masked_ce(ref.model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
     names, params = zip(*ref.model.named_parameters())
     return dict(zip(names, torch.autograd.grad(loss, params)))

@@ -88,3 +88,16 @@ class FailOnce(L.Callback):
         if not Path(self.flag).exists():
             Path(self.flag).write_text("failed once")
             raise RuntimeError("simulated failure of this cell's first run")
+
+
+def assert_ranks_identical(dump) -> dict:
+    """The two ranks' dumped weights (DumpParameters' rank0/rank1.safetensors) are the same tensors, bit for bit;
+    returns rank 0's."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    ranks = [load_file(str(Path(dump) / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert max(float((ranks[0][k] - ranks[1][k]).abs().max()) for k in ranks[0]) == 0.0
+    return ranks[0]
