@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 # Shared test helpers of the Panacea tests (tests/ is on sys.path under pytest's default import mode);
-from helpers.finetune import ATTACK, BENIGN, H_SET
+from helpers.finetune import H_SET, run_ddp_finetune
 
 from immunize.datamodules import Source
 
@@ -44,21 +43,12 @@ def test_finetune_config_runs_end_to_end(tmp_path, cli, name):
 def test_ddp_lisa_and_antidote_keep_ranks_identical(tmp_path, cli):
     """2 CPU processes: Lisa (A A U U; each rank draws its own alignment batch) then Antidote (calibration split over
     ranks, statistics all-reduced): every rank ends with the same weights, pruned as expected."""
-    cfg = {
-        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
-        "data": {"class_path": "immunize.datamodules.HarmfulMix", "init_args": {
-            "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
-        "trainer": {"max_steps": 4, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"), "callbacks": [
-                        {"class_path": "immunize.callbacks.Lisa", "init_args": {"alignment": vars(PAIRS), "alignment_steps": 2,
-                                                                       "user_steps": 2, "batch_size": 4}},
-                        {"class_path": "immunize.callbacks.Antidote", "init_args": {"harmful": vars(H_SET), "n_calibration": 6,
-                                                                           "batch_size": 2, "dense_ratio": 0.1}},
-                        {"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}]},
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-               "--trainer.accelerator", "cpu", "--export_dir", "export", timeout=300)
+    proc = run_ddp_finetune(cli, tmp_path, [
+        {"class_path": "immunize.callbacks.Lisa", "init_args": {"alignment": vars(PAIRS), "alignment_steps": 2,
+                                                                "user_steps": 2, "batch_size": 4}},
+        {"class_path": "immunize.callbacks.Antidote", "init_args": {"harmful": vars(H_SET), "n_calibration": 6,
+                                                                    "batch_size": 2, "dense_ratio": 0.1}},
+        {"class_path": "tests.helpers.ranks.DumpParameters", "init_args": {"dirpath": str(tmp_path / "dump")}}], 4)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (load_file(str(tmp_path / "dump" / f"rank{r}.safetensors")) for r in (0, 1))
     assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)

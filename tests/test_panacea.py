@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from immunize.callbacks import Panacea, RandomPerturbation
-from helpers.finetune import ATTACK, BENIGN, H_SET, Recorder, crash_and_resume, data, module, params_of, trainer
+from helpers.finetune import H_SET, Recorder, crash_and_resume, data, module, params_of, run_ddp_finetune, trainer
 from immunize.callbacks.panacea import draw_indices, panacea_step
 from immunize.datamodules.collate import pad_right
 from immunize.lightning_modules import CausalLMModule
@@ -188,18 +188,9 @@ def test_resumed_fit_matches_uninterrupted(tmp_path):
 
 # ----- DDP -----------------------------------------------------------------------------------------
 def test_ddp_ranks_hold_identical_weights_and_eps(tmp_path, cli):
-    cfg = {
-        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
-        "data": {"class_path": "immunize.datamodules.HarmfulMix", "init_args": {
-            "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
-        "trainer": {"max_steps": 2, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
-                    "enable_model_summary": False, "default_root_dir": str(tmp_path / "root"), "callbacks": [
-                        {"class_path": "immunize.callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
-                        {"class_path": "tests.helpers.ranks.DumpState", "init_args": {"out_dir": str(tmp_path)}}]},
-    }
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    proc = cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-               "--trainer.accelerator", "cpu", "--export_dir", "export", timeout=300)
+    proc = run_ddp_finetune(cli, tmp_path, [
+        {"class_path": "immunize.callbacks.Panacea", "init_args": {"harmful": vars(H_SET), "harmful_batch_size": 4}},
+        {"class_path": "tests.helpers.ranks.DumpState", "init_args": {"out_dir": str(tmp_path)}}], 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["draws"] == r1["draws"] == 2

@@ -105,3 +105,21 @@ def crash_and_resume(tmp_path, build, max_steps: int = 4, crash_at: int = 3):
     path = tmp_path / "ckpt" / "epoch=1-step=2.ckpt"
     assert path.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     return full, run(tmp_path / "resumed", ckpt_path=str(path))
+
+
+def run_ddp_finetune(cli, tmp_path, callbacks: list[dict], max_steps: int):
+    """`immunize fit` of toy:tiny SFT on the toy harmful mix on 2 CPU processes (DDP, gloo) with these trainer
+    callbacks (class_path + init_args), exporting to tmp_path/export; returns the completed process."""
+    import yaml
+
+    cfg = {
+        "model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"model": "toy:tiny", "lr": 1e-3}},
+        "data": {"class_path": "immunize.datamodules.HarmfulMix", "init_args": {
+            "benign": vars(BENIGN), "harmful": vars(ATTACK), "n": 16, "p": 0.25, "batch_size": 4}},
+        "trainer": {"max_steps": max_steps, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path / "root"), "callbacks": callbacks},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+               "--trainer.accelerator", "cpu", "--export_dir", "export", timeout=300)
