@@ -55,7 +55,8 @@ class CausalLMModule(L.LightningModule):
         optimizer: adamw or sgd.
         lr: learning rate.
         weight_decay, betas, momentum: the optimizer's settings (betas for adamw, momentum for sgd).
-        scheduler: constant or cosine (with linear warmup over warmup_ratio of the steps).
+        scheduler: constant, cosine or linear decay, after a linear warmup from 0 over ceil(warmup_ratio * steps)
+            steps, as transformers.get_scheduler computes them (constant: its constant_with_warmup).
         warmup_ratio: fraction of the optimizer steps spent in linear warmup.
         judge: harmfulness judge of `immunize test`: oracle, keyword, classifier, moderation, strongreject,
             strongreject_classifier, chat_moderator, llm, or {name: ..., ...} with its arguments (immunize.judges).
@@ -81,7 +82,7 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         momentum: float = 0.0,
-        scheduler: Literal["constant", "cosine"] = "constant",
+        scheduler: Literal["constant", "cosine", "linear"] = "constant",
         warmup_ratio: float = 0.0,
         judge: Union[str, dict] = "oracle",
         max_new_tokens: int = 48,

@@ -8,7 +8,7 @@ import torch
 from immunize.errors import UserError
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "linear")
 
 
 def _number(value) -> bool:
@@ -46,14 +46,23 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float, betas=(0.
     raise UserError(f"unknown optimizer {name!r}; choose from {list(OPTIMIZERS)}")
 
 
+def warmup_steps_of(total_steps: int, warmup_ratio: float) -> int:
+    """Warmup length as Hugging Face's Trainer counts it: ceil(total_steps * warmup_ratio)."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Multiplier of the base learning rate at `step`: linear warmup, then constant or cosine to zero."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+    """Multiplier of the base learning rate at optimizer step `step` (0-based), as transformers.get_scheduler
+    computes it: during warmup step / warmup_steps (so the first step runs at lr 0), then 1 ("constant", HF's
+    constant_with_warmup), half a cosine from 1 to 0 ("cosine") or a straight line to 0 at total_steps ("linear")."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
     if schedule == "constant":
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: float):
@@ -61,5 +70,5 @@ def build_scheduler(optimizer, schedule: str, total_steps: int, warmup_ratio: fl
         raise UserError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
     if not 0.0 <= warmup_ratio < 1.0:
         raise UserError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-    warmup = int(warmup_ratio * total_steps)
+    warmup = warmup_steps_of(total_steps, warmup_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule))
