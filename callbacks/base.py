@@ -20,24 +20,12 @@ from typing import Optional
 import lightning as L
 import torch
 
-from immunize.datamodules.catalog import Source, as_examples, load_records
-from immunize.datamodules.collate import encode_example, pad_right
+from immunize.datamodules.catalog import Source
+from immunize.datamodules.collate import pad_right
+from immunize.datamodules.drawn import draw_indices, encode_source
 from immunize.errors import UserError
 
 USES = ("harmful", "refusal")
-
-
-def draw_indices(n: int, batch_size: int, draw: int, rank: int, world: int, seed: int) -> list[int]:
-    """Row indices of batch `draw` on `rank`: an endless stream of seeded permutations of range(n), cut into
-    consecutive batches, rank r taking the r-th batch of each group of `world`."""
-    start = (draw * world + rank) * batch_size
-    out, cache = [], {}
-    for pos in range(start, start + batch_size):
-        cycle = pos // n
-        if cycle not in cache:
-            cache[cycle] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + cycle)).tolist()
-        out.append(cache[cycle][pos % n])
-    return out
 
 
 def named_trainable(pl_module, who: str) -> tuple[list[str], list[torch.nn.Parameter]]:
@@ -94,8 +82,7 @@ class FinetuneDefense(L.Callback):
             raise UserError(f"{type(self).__name__}: set batch_size (the fit has no datamodule with a batch_size)")
         template = self.template or getattr(dm, "template", "qa")
         max_length = self.max_length or getattr(dm, "max_length", 256)
-        examples = as_examples(load_records(self.data), self.use)
-        self.rows = [encode_example(pl_module.tokenizer, template, e.prompt, e.response, max_length) for e in examples]
+        self.rows = encode_source(self.data, self.use, pl_module.tokenizer, template, max_length)
         self._pad_id = pl_module.tokenizer.pad_token_id
 
     def next_batch(self, trainer: L.Trainer, device) -> dict:

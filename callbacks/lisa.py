@@ -23,8 +23,8 @@ as in the reference):
   rho (w - w_anchor): the gradients of the two state objectives.
 - Anchor: at the first step of each phase (before that step's update) the current weights, which are the
   weights at the end of the other phase, are copied into w_anchor (one copy of the trainable tensors).
-- proximal_warmup (fraction of the fit's optimizer steps): no proximal term before step
-  ceil(proximal_warmup * total). The reference code waits 10% of the steps ("the proximal term hurts
+- proximal_warmup (fraction of the fit's optimizer steps): the proximal term from the first step whose index is
+  > proximal_warmup * total (0-based). The reference code waits 10% of the steps ("the proximal term hurts
   convergence on GSM8K early on"); the method as written has none (0, the default here).
 Phases count optimizer steps (not micro-batches): with gradient accumulation every micro-batch of an
 alignment step is an alignment batch. The optimizer, its state and the schedule are shared by both states.
@@ -153,7 +153,7 @@ class Lisa(FinetuneDefense):
             total = trainer.estimated_stepping_batches
             if not math.isfinite(total):
                 raise UserError("Lisa: proximal_warmup needs a known number of steps; set trainer.max_steps")
-            self._prox_from = math.ceil(self.proximal_warmup * total)
+            self._prox_from = math.floor(self.proximal_warmup * total) + 1  # the reference: step > warmup * total
 
     # ----- alignment steps: the step's batch becomes an alignment batch ------------------------------
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -11,6 +11,7 @@ One harmful forward (hidden states + MLP-output hooks) serves H and L_noise; one
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -18,7 +19,7 @@ from immunize.errors import UserError
 from immunize.lightning_modules.functional.batch_parts import require_parts
 from immunize.lightning_modules.functional.grad_math import IGNORE
 from immunize.lightning_modules.modeling.hidden_hooks import capture_outputs, layer_submodules, lens_modules
-from immunize.lightning_modules.functional.logit_lens import bounded_ascent, logit_lens_ce
+from immunize.lightning_modules.functional.logit_lens import LENS_MEANS, bounded_ascent, logit_lens_ce
 from immunize.lightning_modules.functional.mmd import noise_mmd
 from immunize.lightning_modules.one_loss import OneLossDefense
 from immunize.lightning_modules.functional.global_batch import global_value
@@ -38,12 +39,17 @@ class RepNoise(OneLossDefense):
         alpha: weight of the bounded ascent -log(1 + H) (the paper's 1).
         beta: weight of L_noise (the paper's 1e-3).
         kernel_mul, kernel_num: the MMD's Gaussian kernel bandwidths (kernel_num of them, a factor kernel_mul apart).
+        lens_mean: "honest" (the mean of the L + 1 logit-lens terms of H) or "reference" (the authors' code: L + 2
+            terms, the last hidden state normalised twice, divided by L + 1; functional.logit_lens).
         **kwargs: CausalLMModule's arguments.
     """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1e-3, kernel_mul: float = 2.0, kernel_num: int = 5,
-                 **kwargs):
+                 lens_mean: Literal["honest", "reference"] = "honest", **kwargs):
         super().__init__(**kwargs)
+        if lens_mean not in LENS_MEANS:
+            raise UserError(f"RepNoise lens_mean must be one of {', '.join(LENS_MEANS)}, got {lens_mean!r}")
+        self.lens_mean = lens_mean
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not (value >= 0 and math.isfinite(value)):
                 raise UserError(f"RepNoise {name} must be a finite number >= 0, got {value}")
@@ -69,7 +75,8 @@ class RepNoise(OneLossDefense):
             l_noise = zero
         if self.alpha > 0:
             lm_head, norm = lens_modules(self.model)
-            h = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce) * w_harmful
+            h = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce,
+                                 mean=self.lens_mean) * w_harmful
         else:
             h = zero
         return ce_refusal, l_noise, h

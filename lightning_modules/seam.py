@@ -8,6 +8,7 @@ hessian_free, seam_math); this module is the multi-pass step on the MultiPassDef
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
@@ -17,7 +18,7 @@ from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, do
 from immunize.lightning_modules.modeling.sharding import any_sharded
 from immunize.lightning_modules.functional.hessian_free import exact_sd_grad, finite_difference_sd_grad
 from immunize.lightning_modules.modeling.hidden_hooks import lens_modules
-from immunize.lightning_modules.functional.logit_lens import bounded_ascent, logit_lens_ce
+from immunize.lightning_modules.functional.logit_lens import LENS_MEANS, bounded_ascent, logit_lens_ce
 from immunize.lightning_modules.multi_pass import MultiPassDefense
 from immunize.lightning_modules.functional.global_batch import global_value
 from immunize.lightning_modules.functional.supervised_ce import response_forward
@@ -43,6 +44,8 @@ class SEAM(MultiPassDefense):
         eps: finite-difference step of the Hessian-free estimate; the paper's 1e-3.
         estimator: "finite_difference" (Eq. 6) or "exact" (double backward; single process, for checking).
         use_unlearning: include L_ul = -log(1 + logit-lens harmful CE); false is the "no L_ul" ablation.
+        lens_mean: "honest" (the mean of the L + 1 logit-lens terms) or "reference" (the authors' code: the last
+            hidden state normalised twice, L + 2 terms divided by L + 1; functional.logit_lens).
         grad_clip, accumulate, **kwargs: MultiPassDefense and CausalLMModule.
     """
 
@@ -50,8 +53,12 @@ class SEAM(MultiPassDefense):
                         "without a loss scaler (so no fp16 '16-mixed')")
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.01, eps: float = 1e-3,
-                 estimator: str = "finite_difference", use_unlearning: bool = True, **kwargs):
+                 estimator: str = "finite_difference", use_unlearning: bool = True,
+                 lens_mean: Literal["honest", "reference"] = "honest", **kwargs):
         super().__init__(**kwargs)
+        if lens_mean not in LENS_MEANS:
+            raise UserError(f"SEAM lens_mean must be one of {', '.join(LENS_MEANS)}, got {lens_mean!r}")
+        self.lens_mean = lens_mean
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not (value >= 0 and math.isfinite(value)):
                 raise UserError(f"SEAM {name} must be a finite number >= 0, got {value}")
@@ -106,7 +113,8 @@ class SEAM(MultiPassDefense):
                 g_a = grads_of(final_ce * w_h, params, retain_graph=self.use_unlearning)
         if self.use_unlearning:
             lm_head, norm = lens_modules(self.model)
-            lens = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce)
+            lens = logit_lens_ce(hidden_states, harmful["labels"], lm_head, norm, final_ce=final_ce,
+                                 mean=self.lens_mean)
             l_ul = self.check_finite(bounded_ascent(global_value(lens * w_h)), "SEAM L_ul")
             grad = grads_of(l_ul, params)
             logs["grad_norm/L_ul"] = global_norm(grad)

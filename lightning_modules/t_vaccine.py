@@ -1,30 +1,37 @@
 """T-Vaccine (targeted Vaccine): Vaccine's hidden-state perturbation on safety-critical layers only.
 
 Liu et al., "Targeted Vaccine: Safety Alignment for Large Language Models against Harmful Fine-Tuning via
-Layer-wise Perturbation" (arXiv 2410.09760), Section 4 (layer-wise importance from harmful gradients, and the
-sampling of perturbed layers; the released trainer, turn 2 of our notes):
+Layer-wise Perturbation" (arXiv 2410.09760), Section 4, as its reference code computes it (Lslland/T-Vaccine,
+trainer.py BaseTrainer):
 - every `probability_every` optimizer steps, the harmful batch's CE is back-propagated to the output of every
-  decoder layer; layer l's sampling probability is |g_l| / sum_j |g_j| (norms over all ranks' samples);
+  layer's self-attention module; layer l's sampling probability is |g_l| / sum_j |g_j| (norms over all ranks'
+  samples);
 - every `resample_every` steps, `active_layers` layers are drawn without replacement with those probabilities
   (one seeded generator, so every rank draws the same layers);
-- the step is Vaccine's (pass 1: eps = rho * g / |g| on the refusals' hidden-state gradients, pass 2: the loss
-  with eps added) with eps only at the active layers, and only the active layers' weights are updated: the
-  others (and the embeddings, final norm and head) are frozen for that step (their gradients are dropped
-  before the optimizer step, so neither they nor their optimizer state change).
-Deviation: the reference saves memory by not forming the frozen layers' gradients at all; here they are formed
+- the step is Vaccine's (pass 1: eps = rho * g / |g| on the refusals' gradients at the self-attention outputs of
+  the active layers, one norm over them; pass 2: the loss with eps added to those outputs), and the self-attention
+  weights of the inactive layers are frozen for that step; the MLPs (and, in full fine-tuning, embeddings, norms
+  and head) train in every layer. Their gradients are dropped before the optimizer step, so neither they nor their
+  optimizer state change.
+site "layer" perturbs whole decoder-layer outputs and freeze "layer" freezes everything outside the active layers:
+immunize's earlier variant, kept as options (docs/fidelity.md).
+Deviation: the reference saves memory by not forming the frozen weights' gradients at all; here they are formed
 and dropped, which keeps Lightning's DDP reducer (all parameters always trainable) and costs Vaccine's memory.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from immunize.errors import UserError
 from immunize.lightning_modules.functional.batch_parts import require_parts
-from immunize.lightning_modules.modeling.hidden_hooks import decoder_layers
+from immunize.lightning_modules.modeling.hidden_hooks import decoder_layers, layer_submodules
 from immunize.lightning_modules.vaccine import Vaccine, global_sq_norm
+
+
+FREEZE = ("attention", "layer")
 
 
 def layer_probabilities(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -49,16 +56,23 @@ class TVaccine(Vaccine):
 
     Args:
         rho: perturbation radius (the authors' scripts use 3).
+        freeze: what is frozen outside the active layers: "attention" (the reference: their self-attention weights)
+            or "layer" (every weight outside the active decoder layers, embeddings and head included).
         active_layers: layers perturbed and trained per step (the authors' 8 of 32 on Llama-2-7B).
         resample_every: steps between two draws of the active layers (the authors' 20).
         probability_every: steps between two measurements of the layer probabilities (the authors' 200).
         seed: the draws' seed.
-        site, **kwargs: Vaccine's and CausalLMModule's arguments.
+        site: "attention" (the reference: self-attention outputs) or "layer" (decoder-layer outputs).
+        **kwargs: CausalLMModule's arguments.
     """
 
     def __init__(self, rho: float = 3.0, active_layers: int = 8, resample_every: int = 20,
-                 probability_every: int = 200, seed: int = 0, **kwargs):
-        super().__init__(rho=rho, **kwargs)
+                 probability_every: int = 200, seed: int = 0, site: Literal["attention", "layer"] = "attention",
+                 freeze: Literal["attention", "layer"] = "attention", **kwargs):
+        super().__init__(rho=rho, site=site, **kwargs)
+        if freeze not in FREEZE:
+            raise UserError(f"TVaccine freeze must be one of {', '.join(FREEZE)}, got {freeze!r}")
+        self.freeze = freeze
         for name, value in (("active_layers", active_layers), ("resample_every", resample_every),
                             ("probability_every", probability_every)):
             if int(value) != value or value < 1:
@@ -92,7 +106,12 @@ class TVaccine(Vaccine):
         return loss, logs
 
     def frozen_parameters(self) -> list[torch.nn.Parameter]:
-        """Every trainable tensor outside the active decoder layers (frozen for this step)."""
+        """The trainable tensors frozen for this step: the inactive layers' self-attention weights (freeze
+        "attention"), or every tensor outside the active decoder layers (freeze "layer")."""
+        if self.freeze == "attention":
+            inactive = {id(p) for i, attention in enumerate(layer_submodules(self.model, "self_attn"))
+                        if i not in self.active for p in attention.parameters()}
+            return [p for p in self.trainable_parameters() if id(p) in inactive]
         active = {id(p) for i, layer in enumerate(decoder_layers(self.model)) if i in self.active
                   for p in layer.parameters()}
         return [p for p in self.trainable_parameters() if id(p) not in active]

@@ -13,8 +13,8 @@ from immunize.lightning_modules.t_vaccine import layer_probabilities, sample_lay
 def test_layer_probabilities_are_the_normalised_harmful_gradient_norms():
     module = TVaccine(model="toy:tiny", active_layers=1)
     batch = first_batch(module)
-    layers = decoder_layers(module.model)
-    with capture_outputs(layers) as hidden:
+    attention = [layer.self_attn for layer in decoder_layers(module.model)]  # the reference's sites
+    with capture_outputs(attention) as hidden:
         loss = ce(module.model, batch["harmful"])
     norms = torch.stack([g.norm() for g in torch.autograd.grad(loss, hidden)])
     grads, _ = module.hidden_gradients(batch["harmful"], module.all_sites())
@@ -31,18 +31,31 @@ def test_layer_draws_follow_the_probabilities_and_the_seed():
     assert sorted(sample_layers(p, 4, 1)) == [0, 1, 2, 3]  # a zero-probability layer is still drawn to fill
 
 
-def test_only_the_active_layers_are_perturbed_and_trained():
-    module = TVaccine(model="toy:tiny", active_layers=1, resample_every=100, probability_every=100, lr=1e-2)
+@pytest.mark.parametrize("freeze", ["attention", "layer"])
+def test_only_the_active_layers_are_perturbed_and_the_frozen_set_does_not_move(freeze):
+    """freeze "attention" (the reference): the inactive layers' self-attention weights stay, everything else trains;
+    freeze "layer": only the active decoder layers train."""
+    module = TVaccine(model="toy:tiny", active_layers=1, resample_every=100, probability_every=100, lr=1e-2,
+                      freeze=freeze)
     names = {id(p): n for n, p in module.model.named_parameters()}
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     trainer = fit(module, steps=1)
     (active,) = module.active
     assert len(module.sites()) == 1 and module.sites()[0] is module.all_sites()[active]
+    assert module.sites()[0] is decoder_layers(module.model)[active].self_attn  # the reference's site
     moved = {n for n, p in module.model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    frozen = {names[id(p)] for p in module.frozen_parameters()}
+    inactive_attention = {names[id(p)] for i, layer in enumerate(decoder_layers(module.model)) if i != active
+                          for p in layer.self_attn.parameters()}
     in_active = {names[id(p)] for p in decoder_layers(module.model)[active].parameters()}
-    assert moved and moved <= in_active  # frozen layers, embeddings and head are untouched
+    assert moved and not moved & frozen
+    if freeze == "attention":
+        assert frozen == inactive_attention
+        assert moved == set(names.values()) - frozen  # MLPs of every layer, embeddings and head train
+    else:
+        assert moved <= in_active and frozen == set(names.values()) - in_active
     state = trainer.optimizers[0].state  # AdamW kept no state for the frozen tensors: they had no gradient
-    assert module.frozen_parameters() and not any(p in state for p in module.frozen_parameters())
+    assert not any(p in state for p in module.frozen_parameters())
 
 
 def test_two_steps_finite_and_bad_arguments():

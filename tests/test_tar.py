@@ -1,38 +1,60 @@
-"""TAR: the first-order tamper-resistance gradient by hand on a quadratic, the entropy loss, and the module step."""
+"""TAR: the first-order tamper-resistance gradient by hand on quadratics (weights, fresh attacker), the entropy loss,
+the simulated attack on the toy model, arguments. The step against the reference: test_conformance_tar.py."""
 import math
 
 import pytest
 import torch
 
-from helpers.alignment import Capture, first_batch, fit, params_of
+from helpers.alignment import fit, params_of
 from immunize.errors import UserError
 from immunize.lightning_modules import TAR
-from immunize.lightning_modules.tar import negative_entropy, tar_gradient
+from immunize.lightning_modules.tar import negative_entropy, tar_gradient, tr_weights
+
+
+def sgd(lr):
+    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 def test_tar_gradient_is_retain_plus_tamper_gradient_at_the_attacked_weights():
     """h = |w - a|^2 / 2, retain = |w - b|^2 / 2, L_TR = |w - d|^2 / 2: K SGD steps of size lr on h give
-    w_K = a + (1 - lr)^K (w - a), so the gradient is (w - b) + lam (w_K - d)."""
+    w_K = a + (1 - lr)^K (w - a); L_TR taken once, after the last step (weight exp(0) = 1)."""
     w = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64, requires_grad=True)
     a, b, d = (torch.tensor(v, dtype=torch.float64) for v in ([1.0, 0.0, -1.0], [0.5, 0.5, 0.5], [2.0, -2.0, 0.0]))
     start = w.detach().clone()
     lr, lam, steps = 0.1, 2.5, 3
-    grads, stats = tar_gradient([w], lambda: 0.5 * ((w - a) ** 2).sum(), lambda: 0.5 * ((w - b) ** 2).sum(),
-                                lambda: 0.5 * ((w - d) ** 2).sum(), steps, lr, lam, tr_every=steps)
+    grads, stats = tar_gradient([w], lambda i: 0.5 * ((w - a) ** 2).sum(), lambda: 0.5 * ((w - b) ** 2).sum(),
+                                lambda i: 0.5 * ((w - d) ** 2).sum(), steps, sgd(lr), lam, tr_every=steps)
     attacked = a + (1 - lr) ** steps * (start - a)
     assert torch.allclose(grads[0], (start - b) + lam * (attacked - d), atol=1e-12)
-    assert torch.equal(w.detach(), start)  # the inner attack is undone bit-exactly
+    assert torch.equal(w.detach(), start) and w.grad is None  # the inner attack is undone bit-exactly
     assert stats["harmful_last"] < stats["harmful_first"]
 
 
-def test_tr_every_averages_the_tamper_gradient_along_the_attack():
+def test_tamper_gradients_are_summed_with_the_exponential_weights_along_the_attack():
     w = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     a, d = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
-    start, lr = w.detach().clone(), 0.5
-    grads, _ = tar_gradient([w], lambda: 0.5 * ((w - a) ** 2).sum(), lambda: (w * 0).sum(),
-                            lambda: 0.5 * ((w - d) ** 2).sum(), 4, lr, 1.0, tr_every=2)
-    at = [a + (1 - lr) ** k * (start - a) for k in (2, 4)]
-    assert torch.allclose(grads[0], sum(x - d for x in at) / 2, atol=1e-12)
+    start, lr, decay = w.detach().clone(), 0.5, 0.3
+    seen = []
+    grads, _ = tar_gradient([w], lambda i: 0.5 * ((w - a) ** 2).sum(), lambda: (w * 0).sum(),
+                            lambda i: seen.append(i) or 0.5 * ((w - d) ** 2).sum(), 4, sgd(lr), 2.0, tr_every=2,
+                            tr_decay=decay)
+    assert seen == [1, 3]  # after inner steps 2 and 4
+    at = {i: a + (1 - lr) ** (i + 1) * (start - a) for i in (1, 3)}
+    expected = sum(2.0 * math.exp(decay * (i - 3)) * (at[i] - d) for i in (1, 3))
+    assert torch.allclose(grads[0], expected, atol=1e-12)
+    assert tr_weights(4, 2, None) == {1: 0.25, 3: 0.25} and tr_weights(3, 5, 0.1) == {2: 1.0}
+
+
+def test_the_adamw_attacker_is_fresh_and_accumulated_gradients_survive():
+    """A fresh AdamW per call: two calls from the same weights give the same gradient; p.grad is put back."""
+    w = torch.tensor([0.5, -0.5], requires_grad=True)
+    w.grad = torch.tensor([7.0, 7.0])
+    make = lambda params: torch.optim.AdamW(params, lr=0.1, weight_decay=0.01)  # noqa: E731
+    run = lambda: tar_gradient([w], lambda i: (w ** 2).sum(), lambda: w.sum(), lambda i: (w ** 3).sum(), 3, make,
+                               1.0, tr_every=1)[0][0]  # noqa: E731
+    first, second = run(), run()
+    assert torch.equal(first, second) and torch.equal(w.grad, torch.tensor([7.0, 7.0]))
+    assert torch.equal(w.detach(), torch.tensor([0.5, -0.5]))
 
 
 def test_negative_entropy_matches_the_definition_on_supervised_positions():
@@ -47,26 +69,30 @@ def test_negative_entropy_matches_the_definition_on_supervised_positions():
     assert float(negative_entropy(flat, torch.tensor([[0, 1, 2]]))) == pytest.approx(-math.log(5), abs=1e-6)
 
 
-def test_module_step_is_the_tar_gradient_of_its_batch():
-    module = TAR(model="toy:tiny", inner_steps=2, inner_lr=1e-2, lam_tr=3.0, optimizer="sgd", lr=1e-3)
-    batch = first_batch(module)
-    params = module.trainable_parameters()
-    expected, _ = module.step_gradient(batch)
-    capture = Capture()
-    fit(module, steps=1, callbacks=[capture])
-    assert all(torch.allclose(g, e, atol=1e-6, rtol=1e-5) for g, e in zip(capture.grads[0], expected))
-    assert len(params) == len(expected)
+def test_the_simulated_attack_lowers_the_harmful_loss_and_draws_fresh_batches():
+    module = TAR(model="toy:tiny", inner_steps=4, inner_lrs=[1e-3], tr_every=2, optimizer="sgd", lr=1e-3)
+    trainer = fit(module, steps=1)
+    metrics = trainer.callback_metrics
+    assert float(metrics["train/inner_harmful_last"]) < float(metrics["train/inner_harmful_first"])
+    assert module.meta_rows and module.attack_rows
+    assert not {id(r) for r in module.meta_rows} & {id(r) for r in module.attack_rows}  # held out
+    fresh = [module.draw(module.attack_rows, k)["input_ids"] for k in range(2)]
+    assert not torch.equal(fresh[0], fresh[1]) or fresh[0].shape != fresh[1].shape
 
 
 def test_two_steps_change_the_weights_and_bad_arguments_are_user_errors():
-    module = TAR(model="toy:tiny", inner_steps=2)
+    module = TAR(model="toy:tiny", inner_steps=2, inner_lrs=[1e-3, 3e-3], tr_every=1)
     before = params_of(module)
     trainer = fit(module, steps=2)
     assert any(not torch.equal(a, b) for a, b in zip(params_of(module), before))
-    assert {"train/L_TR", "train/L_retain", "train/loss"} <= set(trainer.callback_metrics)
+    assert {"train/L_TR", "train/L_retain", "train/loss", "train/inner_lr"} <= set(trainer.callback_metrics)
     with pytest.raises(UserError, match="inner_steps"):
         TAR(model="toy:tiny", inner_steps=0)
     with pytest.raises(UserError, match="lam_tr"):
         TAR(model="toy:tiny", lam_tr=-1.0)
+    with pytest.raises(UserError, match="inner_lrs"):
+        TAR(model="toy:tiny", inner_lrs=[])
+    with pytest.raises(UserError, match="heldout_fraction"):
+        TAR(model="toy:tiny", heldout_fraction=1.0)
     with pytest.raises(UserError, match="bf16-mixed"):
-        fit(TAR(model="toy:tiny"), precision="bf16-true")
+        fit(TAR(model="toy:tiny", inner_steps=1), precision="bf16-true")
