@@ -155,3 +155,22 @@ def test_eval_lm_eval_reaches_every_eval_cell_and_is_checked_first():
     bench, _ = parse(["--config", str(QUICKSTART), "--eval.lm_eval", "{tasks: [no_such_task_xyz]}"])
     with pytest.raises(UserError, match="no_such_task_xyz"):
         validate(bench)
+
+
+def test_a_changed_computation_renames_only_the_cells_that_use_it(monkeypatch):
+    """A cell whose config uses a computation listed in COMPUTATION_VERSIONS (a method class, warmup) changes its
+    name when that computation's version is bumped; cells that do not use it keep theirs."""
+    from immunize.bench import cells
+
+    tar = {"model": {"class_path": "immunize.lightning_modules.TAR", "init_args": {"lr": 1e-4}}}
+    warm = {"model": {"class_path": "immunize.lightning_modules.SEAM", "init_args": {"warmup_ratio": 0.1}}}
+    plain = {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"warmup_ratio": 0.0}}}
+    before = {name: cell_digest("fit", "defense", cfg, "toy:tiny") for name, cfg in
+              (("tar", tar), ("warm", warm), ("plain", plain))}
+    assert cells.computation_versions(tar) == {"TAR": cells.COMPUTATION_VERSIONS["TAR"]}
+    assert cells.computation_versions(plain) == {}
+    monkeypatch.setitem(cells.COMPUTATION_VERSIONS, "TAR", 99)
+    monkeypatch.setitem(cells.COMPUTATION_VERSIONS, "warmup", 99)
+    assert cell_digest("fit", "defense", tar, "toy:tiny") != before["tar"]
+    assert cell_digest("fit", "defense", warm, "toy:tiny") != before["warm"]
+    assert cell_digest("fit", "defense", plain, "toy:tiny") == before["plain"]

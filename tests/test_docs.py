@@ -33,3 +33,16 @@ def test_every_pasted_block_is_closed_filled_and_unique():
             body = text.split(f"<!-- BEGIN {name} -->", 1)[1]
             assert f"<!-- END {name} -->" in body, f"{path.name}: block {name} is not closed"
             assert body.split(f"<!-- END {name} -->", 1)[0].strip(), f"{path.name}: block {name} is empty"
+
+
+def test_every_registered_method_has_a_conformance_test_and_a_fidelity_section():
+    from immunize.bench.registry import DEFENSES
+
+    fidelity = (REPO / "docs" / "fidelity.md").read_text()
+    stems = {"random": "random_perturbation"}
+    for defense in DEFENSES:
+        if defense.class_path is None:
+            continue  # the references without a defense
+        test_file = f"test_conformance_{stems.get(defense.name, defense.name)}.py"
+        assert (REPO / "tests" / test_file).is_file(), f"{defense.name}: no tests/{test_file}"
+        assert test_file in fidelity, f"{defense.name}: docs/fidelity.md has no section naming {test_file}"

@@ -28,6 +28,12 @@ import immunize.datamodules.toy
 from immunize.fingerprint import input_digests, path_digest
 
 FORMAT = 2  # bump when what a cell computes from the same config changes
+
+# Versions of computations a config does not spell out, bumped when one changes (docs/fidelity.md): a cell whose
+# config uses one of them carries its version in its digest, so a cell made by the earlier computation is never
+# reused for the new one, and every other cell keeps its name. Classes by the last part of their class_path;
+# "warmup" covers every config with warmup_ratio > 0 (the schedules became transformers.get_scheduler's).
+COMPUTATION_VERSIONS = {"TAR": 2, "TVaccine": 2, "Antidote": 2, "Lisa": 2, "warmup": 2}
 MODEL_KEY = "model.init_args.model"
 MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
 
@@ -123,6 +129,28 @@ def canonical_class_paths(config: Any) -> Any:
     return config
 
 
+def computation_versions(config: Any) -> dict[str, int]:
+    """{computation: version} of the COMPUTATION_VERSIONS entries the config uses (empty for most configs)."""
+    found: dict[str, int] = {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "class_path" and isinstance(item, str):
+                    name = item.rsplit(".", 1)[-1]
+                    if name in COMPUTATION_VERSIONS:
+                        found[name] = COMPUTATION_VERSIONS[name]
+                elif key == "warmup_ratio" and isinstance(item, (int, float)) and item > 0:
+                    found["warmup"] = COMPUTATION_VERSIONS["warmup"]
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    return found
+
+
 def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) -> str:
     """The cell's name: a hash of its config, its input model (upstream cell or source), the toy world's code and
     the content of the files its config names (data files, include paths; immunize.fingerprint), so a changed data
@@ -133,6 +161,9 @@ def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) ->
     inputs = input_digests(config)
     if inputs:  # only when the config names files, so the toy world's cells keep their names
         payload["inputs"] = inputs
+    versions = computation_versions(config)
+    if versions:  # only for cells whose computation changed since their name was first computed
+        payload["computations"] = versions
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
