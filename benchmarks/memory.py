@@ -74,8 +74,9 @@ METHOD_BUFFERS: dict[str, tuple[int, str]] = {
                    "gradient"),
     "t_vaccine": (0, "Vaccine's; the frozen layers' gradients are formed and dropped (same p.grad)"),
     "booster": (2, "pass 2 (g_h' at w'): g_h and the fp32 weight backup held while g_h' is formed"),
-    "tar": (3, "L_TR pass at w_k: the retain gradient (the update), the weight backup and the L_TR accumulator "
-               "held while the next L_TR gradient is formed (2 when L_TR is taken once: tr_every = inner_steps)"),
+    "tar": (4, "inner steps and L_TR passes at w_k: the retain gradient (the update, into which the weighted L_TR "
+               "gradients are summed), the weight backup and the attacker's AdamW moments (2) held while the next "
+               "gradient is formed"),
     "seam": (4, "estimate pass at theta + eps v_a: the update, g_a, g_b and the fp32 weight backup held while the "
                 "estimate is formed (the pass at theta + eps v_b frees g_b and adds into the estimate in place)"),
     "panacea": (5, "its h(w + eps) pass: p.grad, the previous step's eps (self.eps, replaced only after the step), "
@@ -83,7 +84,7 @@ METHOD_BUFFERS: dict[str, tuple[int, str]] = {
     "lisa": (2, "at a phase switch: the new anchor is cloned while the old one is still held (1 otherwise)"),
 }
 # Gradient-sized tensors that outlive the step (present at the optimizer step): Panacea's eps, Lisa's anchor.
-PERSISTENT = {"panacea": 1, "lisa": 1}
+PERSISTENT = {"panacea": 1, "lisa": 1, "tar": 1}  # TAR: the frozen original model of its retain term (full weights)
 # Methods whose trainer precision check refuses bf16-true (MultiPassDefense: fp32 master weights), and those that
 # need fp32 trainable weights (Panacea's setup; LoRA adapters are fp32, so LoRA over a bf16 base is allowed).
 NEEDS_FP32_MASTER = ("seam", "booster", "tar")
@@ -207,12 +208,9 @@ def method_passes(method: str, hparams: Optional[dict] = None, shape: Optional[M
         return [Pass("g_h at w", 0, 1, FORMING), Pass("g_h' at w' (g_h, backup)", 2, 1, FORMING),
                 Pass("L_align (g_h - g_h')", 1, 1, FORMING)]
     if method == "tar":
-        steps = int(hp.get("inner_steps", 64))
-        every = int(hp.get("tr_every", 8)) or steps
         return [Pass("retain: benign and refusal", 0, 2, FORMING),
-                Pass("inner step (retain grad, backup)", 2, 1, FORMING),
-                Pass("L_TR at w_k (retain grad, backup, accumulator)" if steps // every > 1 else
-                     "L_TR at w_K (retain grad, backup)", 3 if steps // every > 1 else 2, 1, FORMING, head="entropy")]
+                Pass("inner step (retain grad, backup, attacker's AdamW moments)", 4, 1, FORMING),
+                Pass("L_TR at w_k (retain grad, backup, attacker's AdamW moments)", 4, 1, FORMING, head="entropy")]
     if method == "seam":
         return [Pass("harmful: g_a", 0, 1, FORMING),
                 Pass("harmful: L_ul through the lens (g_a)", 1, 1, FORMING, extras=("lens",)),

@@ -8,7 +8,7 @@ fine-tuning attacks"), read from its public copy github.com/boyiwei/RepNoise-Rep
 - immunization_llms/arguments.py: --adversarial-alpha 0.1 (immunize's default).
 
 The reference loss, recomputed below in plain tensor code (the model's forward and a token-mean next-token
-cross-entropy over the response positions written here; no immunize loss helper):
+cross-entropy over the response positions, from helpers.reference; no immunize loss helper):
     L = CE_m(refusal) - alpha * CE_m(harmful)
 With SGD (momentum 0, no weight decay, constant lr, no warmup) the update of a one-step fit is -lr * grad L; it is
 compared to 1e-5 global relative norm, in float64 ("64-true"). The batch is the project's triplet batch (paired
@@ -19,32 +19,15 @@ immunize's response CE does neither (see the fidelity note), and this test uses 
 """
 from __future__ import annotations
 
-import copy
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 
-from helpers.alignment import first_batch
+from helpers.alignment import first_batch, float64_step
+from helpers.reference import assert_update_is_sgd_step, ce, gnorm
 from immunize.lightning_modules import AdversarialImmunization
 
 TOL = 1e-5
 LR = 1e-2
-
-
-def ce(model, part) -> torch.Tensor:
-    """Mean next-token CE over positions whose next label is not -100."""
-    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), part["labels"][:, 1:].flatten(), ignore_index=-100)
-
-
-def gnorm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t ** 2).sum() for t in ts))
-
-
-def rel(a, b) -> float:
-    """|a - b| / |b|, one L2 norm over all tensors."""
-    return float(gnorm([x - y for x, y in zip(a, b)]) / gnorm(b))
 
 
 def test_update_matches_reference():
@@ -53,21 +36,12 @@ def test_update_matches_reference():
                                      scheduler="constant", warmup_ratio=0.0)
     assert module.alpha == 0.1
     batch = first_batch(module)
-    start = copy.deepcopy(module.model).double()
-    before = [p.detach().clone() for p in start.parameters()]
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
-    assert trainer.global_step == 1
-    update = [a.detach() - b for a, b in zip(module.trainable_parameters(), before)]
+    start, update = float64_step(module, batch)
 
     params = list(start.parameters())
     g_refusal = torch.autograd.grad(ce(start, batch["refusal"]), params)
     g_harmful = torch.autograd.grad(ce(start, batch["harmful"]), params)
     grad = [r - module.alpha * h for r, h in zip(g_refusal, g_harmful)]
-    expected = [-LR * g for g in grad]
-    assert len(update) == len(expected) and all(u.shape == e.shape for u, e in zip(update, expected))
-    assert rel(update, expected) <= TOL, rel(update, expected)
-    assert all(torch.allclose(u, e, rtol=1e-4, atol=1e-10) for u, e in zip(update, expected))
+    assert_update_is_sgd_step(update, grad, LR, TOL)
     # the ascent term is far above the tolerance, so dropping it or flipping its sign could not pass
     assert float(module.alpha * gnorm(g_harmful) / gnorm(grad)) > 100 * TOL

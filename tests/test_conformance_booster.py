@@ -7,7 +7,7 @@ Reference: github.com/git-disl/Booster (snapshot at commit 6421918), files read:
 - script/alignment/smooth_align.sh: lamb 5, alpha 0.1 (immunize's defaults).
 
 The reference step, recomputed below in plain tensor code (the model's forward and a token-mean next-token
-cross-entropy written here; no immunize gradient or perturbation helper):
+cross-entropy from helpers.reference; no immunize gradient or perturbation helper):
     g_h  = grad h(w)                                  h: CE on the harmful batch
     w'   = w - alpha * g_h / (|g_h| + 1e-7)
     g_h' = grad h(w');  back to w
@@ -19,32 +19,15 @@ reference draws its harmful batch from a separate BeaverTails loader; which rows
 """
 from __future__ import annotations
 
-import copy
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 
-from helpers.alignment import first_batch
+from helpers.alignment import first_batch, float64_step
+from helpers.reference import assert_update_is_sgd_step, ce, gnorm
 from immunize.lightning_modules import Booster
 
 TOL = 1e-5
 LR = 1e-2
-
-
-def ce(model, part) -> torch.Tensor:
-    """Mean next-token CE over positions whose next label is not -100."""
-    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), part["labels"][:, 1:].flatten(), ignore_index=-100)
-
-
-def gnorm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t ** 2).sum() for t in ts))
-
-
-def rel(a, b) -> float:
-    """|a - b| / |b|, one L2 norm over all tensors."""
-    return float(gnorm([x - y for x, y in zip(a, b)]) / gnorm(b))
 
 
 def reference_gradient(model, batch, lamb, alpha):
@@ -71,18 +54,9 @@ def test_update_matches_reference():
                      warmup_ratio=0.0)
     assert (module.lam, module.alpha, module.grad_clip) == (5.0, 0.1, None)
     batch = first_batch(module)
-    start = copy.deepcopy(module.model).double()
-    before = [p.detach().clone() for p in start.parameters()]
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
-    assert trainer.global_step == 1
-    update = [a.detach() - b for a, b in zip(module.trainable_parameters(), before)]
+    start, update = float64_step(module, batch)
 
     grad, term = reference_gradient(start, batch, module.lam, module.alpha)
-    expected = [-LR * g for g in grad]
-    assert len(update) == len(expected) and all(u.shape == e.shape for u, e in zip(update, expected))
-    assert rel(update, expected) <= TOL, rel(update, expected)
-    assert all(torch.allclose(u, e, rtol=1e-4, atol=1e-10) for u, e in zip(update, expected))
+    assert_update_is_sgd_step(update, grad, LR, TOL)
     # the harmful-perturbation term is far above the tolerance, so getting it wrong could not pass
     assert float(gnorm(term) / gnorm(grad)) > 100 * TOL

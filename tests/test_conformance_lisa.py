@@ -11,10 +11,11 @@ Reference: github.com/git-disl/Lisa (snapshot at commit 68e3659), files read:
 The reference's state machine (status, clock, steps, alignment_weights, finetune_weights) is re-run here in plain
 tensor code from the fit's initial weights, with SGD (momentum 0, no weight decay, constant lr, no warmup), so the
 update is -lr * gradient. At every step the gradient the optimizer applies in the fit (after Lisa's hook) is compared
-with the gradient of the reference's loss (the model forward, a masked token-mean cross-entropy written below and
-the proximal term, through torch.autograd.grad; no immunize helper for the phase, anchor or proximal term), and the
-weights at train end with the replayed ones, each to 1e-5 global relative norm. The batches trained on at alignment
-steps must be the alignment draws (immunize's documented seeded draw; the reference's own loader is shuffled).
+with the gradient of the reference's loss (the model forward, a masked token-mean cross-entropy from
+helpers.reference and the proximal term, through torch.autograd.grad; no immunize helper for the phase, anchor or
+proximal term), and the weights at train end with the replayed ones, each to 1e-5 global relative norm. The batches
+trained on at alignment steps must be the alignment draws (immunize's documented seeded draw; the reference's own
+loader is shuffled).
 
 Deliberate deviation: the reference hard-codes the 10% proximal warm-up; immunize's default is none (the method as
 written), proximal_warmup=0.1 restores it and is used here. Both start the
@@ -27,6 +28,7 @@ import lightning as L
 import pytest
 import torch
 from helpers.finetune import data, encoded, module, params_of, trainer
+from helpers.reference import causal_lm_ce, gnorm64, rel64
 from immunize.callbacks import Lisa
 from immunize.callbacks.base import draw_indices
 from immunize.datamodules import Source
@@ -38,23 +40,6 @@ LR = 0.05
 RHO = 1.0  # the reference scripts' RHO
 A, F = 2, 3  # alignment_step, finetune_step
 WARMUP = 0.1  # the reference's hard-coded fraction
-
-
-def ce(model, batch) -> torch.Tensor:
-    """Token-mean next-token cross-entropy over labels != -100 (Hugging Face's causal-LM loss)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    mask = labels != -100
-    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (nll * mask).sum() / mask.sum()
-
-
-def rel(a, b) -> float:
-    """|a - b| / |b| with one L2 norm over all tensors."""
-    num = torch.sqrt(sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)))
-    den = torch.sqrt(sum((y.double() ** 2).sum() for y in b))
-    return float(num / den)
 
 
 class LoaderTap(L.Callback):
@@ -108,7 +93,7 @@ def reference_replay(w0: dict, user_batches: list, alignment_batch, total: int):
             draws += 1
         else:
             batch = user_batches[k]
-        loss = ce(ref.model, batch)
+        loss = causal_lm_ce(ref.model, batch)
         prox_on = steps > WARMUP * total
         if prox_on:
             anchor = ft_w if status == "alignment" else align_w
@@ -151,10 +136,9 @@ def test_lisa_steps_match_reference(tmp_path, toy_tokenizer, total):
     for k, r in enumerate(ref):
         assert all(torch.equal(step.batches[k][key], r["batch"][key]) for key in r["batch"]), (k, r["status"])
         applied = [step.grads[k][n] for n in names]
-        assert rel(applied, r["grad"]) <= TOL, (k, r["status"], rel(applied, r["grad"]))
-        prox_share = float(torch.sqrt(sum((p.double() ** 2).sum() for p in r["prox"]))
-                           / torch.sqrt(sum((g.double() ** 2).sum() for g in r["grad"])))
+        assert rel64(applied, r["grad"]) <= TOL, (k, r["status"], rel64(applied, r["grad"]))
+        prox_share = float(gnorm64(r["prox"]) / gnorm64(r["grad"]))
         visible += prox_share > 100 * TOL
     assert visible >= 3  # the proximal term is far above the tolerance at several steps of both phases
     end = params_of(m)
-    assert rel([end[n] - w0[n] for n in names], [w_end[n] - w0[n] for n in names]) <= TOL
+    assert rel64([end[n] - w0[n] for n in names], [w_end[n] - w0[n] for n in names]) <= TOL

@@ -34,6 +34,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.finetune import H_SET, Recorder, data, encoded, module, params_of, trainer
+from helpers.reference import causal_lm_ce, gnorm64, rel64
 from immunize.callbacks import Panacea
 from immunize.callbacks.base import draw_indices
 from immunize.datamodules.collate import pad_right
@@ -44,37 +45,16 @@ HBS = 4  # harmful rows per step (the reference's 10, smaller for speed)
 STEPS = 2
 
 
-def ce(model, batch) -> torch.Tensor:
-    """Token-mean next-token cross-entropy over labels != -100 (Hugging Face's causal-LM loss)."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    labels = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    mask = labels != -100
-    nll = -logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (nll * mask).sum() / mask.sum()
-
-
-def rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    """|a - b| / |b| with one L2 norm over all tensors."""
-    num = torch.sqrt(sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)))
-    den = torch.sqrt(sum((y.double() ** 2).sum() for y in b))
-    return float(num / den)
-
-
-def gnorm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t.double() ** 2).sum() for t in ts))
-
-
 def reference_step(model, params, task_batch, harmful_batch, rho, lam):
     """One step of the reference's step_eps: (gradient for the optimizer, eps, h(w + eps), correction)."""
-    g_task = torch.autograd.grad(ce(model, task_batch), params)
-    g0 = torch.autograd.grad(ce(model, harmful_batch), params)
+    g_task = torch.autograd.grad(causal_lm_ce(model, task_batch), params)
+    g0 = torch.autograd.grad(causal_lm_ce(model, harmful_batch), params)
     norm = torch.norm(torch.stack([g.norm(p=2) for g in g0]), p=2)  # norm of the per-tensor norms
     eps = [g * (rho / (norm + 1e-7)) for g in g0]
     with torch.no_grad():
         for p, e in zip(params, eps):
             p.add_(e)
-    h1 = ce(model, harmful_batch)
+    h1 = causal_lm_ce(model, harmful_batch)
     g1 = torch.autograd.grad(torch.clamp(h1, max=5), params, allow_unused=True)
     g1 = [torch.zeros_like(p) if g is None else g for g, p in zip(g1, params)]
     with torch.no_grad():
@@ -98,7 +78,7 @@ def fit_on_h(m) -> None:
     opt = torch.optim.Adam(m.model.parameters(), lr=3e-3)
     for _ in range(15):
         opt.zero_grad()
-        ce(m.model, b).backward()
+        causal_lm_ce(m.model, b).backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -138,9 +118,9 @@ def test_panacea_step_and_fit_end_match_reference(tmp_path, case):
         hb = pad_right([rows[i] for i in draw_indices(len(rows), HBS, k, 0, 1, 0)], pad)
         grad, eps, h1, corr = reference_step(ref.model, params, rec.steps[k]["batch"], hb, rho, lam)
         applied = [rec.steps[k]["grad"][n] for n in names]
-        assert rel(applied, grad) <= TOL, (case, k, rel(applied, grad), h1)
+        assert rel64(applied, grad) <= TOL, (case, k, rel64(applied, grad), h1)
         # the correction must be far above the tolerance, or the check above could not see it
-        assert float(gnorm(corr) / gnorm(grad)) > 10 * TOL, (case, k)
+        assert float(gnorm64(corr) / gnorm64(grad)) > 10 * TOL, (case, k)
         with torch.no_grad():
             for p, g in zip(params, grad):
                 p.sub_(LR * g)
@@ -151,11 +131,11 @@ def test_panacea_step_and_fit_end_match_reference(tmp_path, case):
 
     trained_ref = [p.detach() for p in params]
     trained = [rec.at_train_end[n] for n in names]
-    assert rel([a - w0[n] for a, n in zip(trained, names)], [b - w0[n] for b, n in zip(trained_ref, names)]) <= TOL
-    assert rel([pan.eps[n] for n in names], eps) <= TOL
-    assert float(gnorm(eps)) == pytest.approx(rho, rel=1e-5)
+    assert rel64([a - w0[n] for a, n in zip(trained, names)], [b - w0[n] for b, n in zip(trained_ref, names)]) <= TOL
+    assert rel64([pan.eps[n] for n in names], eps) <= TOL
+    assert float(gnorm64(eps)) == pytest.approx(rho, rel=1e-5)
     # fit end: the last eps added once, to the trainable tensors only
     final = params_of(m)
     expected = [b + e for b, e in zip(trained_ref, eps)]
-    assert rel([final[n] - w0[n] for n in names], [x - w0[n] for x, n in zip(expected, names)]) <= TOL
+    assert rel64([final[n] - w0[n] for n in names], [x - w0[n] for x, n in zip(expected, names)]) <= TOL
     assert all(torch.equal(final[n], w0[n]) for n in w0 if n not in names)

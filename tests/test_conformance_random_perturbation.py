@@ -25,15 +25,10 @@ import math
 import pytest
 import torch
 from helpers.finetune import Recorder, data, module, params_of, trainer
+from helpers.reference import gnorm64, rel64
 from immunize.callbacks import RandomPerturbation
 
 TOL = 1e-5
-
-
-def rel(a, b) -> float:
-    num = torch.sqrt(sum(((x.double() - y.double()) ** 2).sum() for x, y in zip(a, b)))
-    den = torch.sqrt(sum((y.double() ** 2).sum() for y in b))
-    return float(num / den)
 
 
 def documented_noise(shapes, sigma: float, seed: int) -> list[torch.Tensor]:
@@ -59,7 +54,7 @@ def test_noise_follows_reference_rule(tmp_path, lora):
     final = params_of(m)
     change = [final[n] - trained[n] for n in names]
     expected = documented_noise([trained[n].shape for n in names], sigma, seed)
-    assert rel(change, expected) <= TOL
+    assert rel64(change, expected) <= TOL
     frozen = [n for n in final if n not in names]
     assert bool(frozen) == lora and all(torch.equal(final[n], trained[n]) for n in frozen)  # only trainable tensors
 
@@ -82,8 +77,8 @@ def test_norm_option_follows_documented_rule(tmp_path):
     m, cb, _, rec, names = perturbed_fit(tmp_path, False, sigma=sigma, seed=seed, norm=norm)
     change = [params_of(m)[n] - rec.at_train_end[n] for n in names]
     draw = documented_noise([rec.at_train_end[n].shape for n in names], sigma, seed)
-    total = torch.sqrt(sum((d.double() ** 2).sum() for d in draw))
+    total = gnorm64(draw)
     expected = [d * float(norm / total) for d in draw]
     assert abs(float(total) - norm) > 0.1  # the rescaling is not a no-op here
-    assert rel(change, expected) <= TOL
+    assert rel64(change, expected) <= TOL
     assert cb.noise_norm == pytest.approx(norm, rel=TOL)

@@ -7,7 +7,8 @@ Reference: github.com/domenicrosati/representation-noising (snapshot at commit 0
 Also compared: git-disl/Booster loss_func/repnoise_loss.py (the same loss, ported for LoRA and bf16).
 
 The reference loss, recomputed below in plain tensor code (the model's forward, forward hooks, a token-mean
-next-token cross-entropy, a logit lens and an MMD written here; no immunize loss, lens or MMD helper):
+next-token cross-entropy from helpers.reference, a logit lens and an MMD written here; no immunize loss, lens
+or MMD helper):
     L = CE_m(refusal) + beta * L_noise - alpha * log(1 + H)
     H = logit-lens mean of the harmful CE over the hidden states (as SEAM's L_ul)
     L_noise = mean over layers l of MMD^2(mask * mlp_out_l(harmful), mask * N(0, 1)), each sample's T x d values one
@@ -28,34 +29,19 @@ twice) by L + 1. test_update_matches_reference_literal_h checks that term under 
 """
 from __future__ import annotations
 
-import copy
 import functools
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
-from helpers.alignment import first_batch
+from helpers.alignment import first_batch, float64_step
+from helpers.reference import assert_update_is_sgd_step, gnorm, token_ce
 from immunize.lightning_modules import RepNoise
 
 TOL = 1e-5
 LR = 1e-2
 SEED = 1234
 BIG_BETA = 10.0
-
-
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over positions whose next label is not -100."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def gnorm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t ** 2).sum() for t in ts))
-
-
-def rel(a, b) -> float:
-    """|a - b| / |b|, one L2 norm over all tensors."""
-    return float(gnorm([x - y for x, y in zip(a, b)]) / gnorm(b))
 
 
 def mmd2(x: torch.Tensor, y: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5) -> torch.Tensor:
@@ -110,14 +96,7 @@ def repnoise_step(**kwargs):
     module = RepNoise(model="toy:tiny", optimizer="sgd", lr=LR, momentum=0.0, weight_decay=0.0, scheduler="constant",
                       warmup_ratio=0.0, **kwargs)
     batch = first_batch(module)
-    start = copy.deepcopy(module.model).double()
-    before = [p.detach().clone() for p in start.parameters()]
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[SeedAtStep()])
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
-    assert trainer.global_step == 1
-    update = [a.detach() - b for a, b in zip(module.trainable_parameters(), before)]
+    start, update = float64_step(module, batch, callbacks=[SeedAtStep()])
     return module, start, batch, update
 
 
@@ -128,10 +107,7 @@ def check_update(kwargs, literal=False) -> float:
     torch.manual_seed(SEED)
     loss, l_noise = reference_loss(start, batch, module.alpha, module.beta, literal)
     grad = torch.autograd.grad(loss, params, retain_graph=True)
-    expected = [-LR * g for g in grad]
-    assert len(update) == len(expected) and all(u.shape == e.shape for u, e in zip(update, expected))
-    assert rel(update, expected) <= TOL, rel(update, expected)
-    assert all(torch.allclose(u, e, rtol=1e-4, atol=1e-10) for u, e in zip(update, expected))
+    assert_update_is_sgd_step(update, grad, LR, TOL)
     noise_grad = torch.autograd.grad(module.beta * l_noise, params, allow_unused=True)
     noise_grad = [torch.zeros_like(p) if g is None else g for g, p in zip(noise_grad, params)]
     return float(gnorm(noise_grad) / gnorm(grad))

@@ -8,7 +8,7 @@ Reference: github.com/ZJUWYH/seam (snapshot at commit 65f3d5c), files read:
 - config/train.yaml: alpha 1, beta 0.01, epsilon 1e-3 (immunize's defaults).
 
 The reference step, recomputed below in plain tensor code (the model's forward, a token-mean next-token
-cross-entropy and a logit lens written here; no immunize estimator or loss helper):
+cross-entropy from helpers.reference and a logit lens written here; no immunize estimator or loss helper):
     L_ul = -log(1 + S),  S = logit-lens mean of the harmful CE over the hidden states
     g_ul = grad L_ul,  g_up = grad CE(refusal),  g_a = grad CE(harmful),  g_b = grad CE(benign)
     c = <g_a, g_b> / (|g_a| |g_b| + 1e-8)
@@ -31,40 +31,16 @@ divides these L + 2 terms by L + 1. test_update_matches_reference_literal_l_ul c
 """
 from __future__ import annotations
 
-import copy
 
-import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers.alignment import first_batch
+from helpers.alignment import first_batch, float64_step
+from helpers.reference import assert_update_is_sgd_step, ce, forward, gnorm, rel, token_ce
 from immunize.lightning_modules import SEAM
 
 TOL = 1e-5
 LR = 1e-2
-
-
-def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over positions whose next label is not -100."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-def forward(model, part, **kw):
-    return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False, **kw)
-
-
-def ce(model, part) -> torch.Tensor:
-    return token_ce(forward(model, part).logits, part["labels"])
-
-
-def gnorm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t ** 2).sum() for t in ts))
-
-
-def rel(a, b) -> float:
-    """|a - b| / |b|, one L2 norm over all tensors."""
-    return float(gnorm([x - y for x, y in zip(a, b)]) / gnorm(b))
 
 
 def unlearning_loss(model, harmful, literal: bool) -> torch.Tensor:
@@ -118,13 +94,7 @@ def one_step(**kwargs):
     batch = first_batch(module)
     benign = batch["benign"]
     benign["labels"] = benign["input_ids"].masked_fill(benign["attention_mask"] == 0, -100)  # the whole sequence
-    start = copy.deepcopy(module.model).double()
-    before = [p.detach().clone() for p in start.parameters()]
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
-    assert trainer.global_step == 1
-    update = [a.detach() - b for a, b in zip(module.trainable_parameters(), before)]
+    start, update = float64_step(module, batch)
     return module, start, batch, update
 
 
@@ -137,10 +107,7 @@ def test_update_matches_reference(seam_step):
     """Default settings, with immunize's honest logit-lens mean in L_ul."""
     module, start, batch, update = seam_step
     grad, sd = reference_gradient(start, batch, module.alpha, module.beta, module.eps)
-    expected = [-LR * g for g in grad]
-    assert len(update) == len(expected) and all(u.shape == e.shape for u, e in zip(update, expected))
-    assert rel(update, expected) <= TOL, rel(update, expected)
-    assert all(torch.allclose(u, e, rtol=1e-4, atol=1e-10) for u, e in zip(update, expected))
+    assert_update_is_sgd_step(update, grad, LR, TOL)
     # the L_sd estimate is far above the tolerance, so a wrong estimate could not pass
     assert float(gnorm(sd) / gnorm(grad)) > 100 * TOL
 

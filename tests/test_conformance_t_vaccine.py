@@ -5,8 +5,8 @@ layer probabilities `_grad_norm`-style norms of the attention-output gradients, 
 unfreeze_activate_layers, the two passes and their hooks), train.py (probability_steps 200, lisa_interval_steps 20,
 lisa_activated_layers), script/alignment/T-Vaccine.sh (rho 3, 8 layers), models/modeling_llama_my_new.py.
 
-Recomputed here the reference's way in plain tensor code (forward hooks and a CE written here, no immunize hook,
-perturbation or probability helper):
+Recomputed here the reference's way in plain tensor code (forward hooks written here, a CE from helpers.reference; no
+immunize hook, perturbation or probability helper):
     p_l = |d CE(harmful) / d attn_out_l| / sum_j |...|                  (one backward, every layer's self_attn output)
     pass 1 on the refusals: g_l = d CE / d attn_out_l for the active layers; eps_l = rho * g_l / (sqrt(sum |g_l|^2) + 1e-7)
     pass 2: the weight gradient with eps_l added to the active layers' attention outputs;
@@ -25,17 +25,12 @@ import copy
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from helpers.alignment import fit
+from helpers.reference import ce, first, gnorm, rel
 from immunize.lightning_modules import TVaccine
 
 LR, RHO, SEED = 1e-2, 3.0, 1
-
-
-def ce(model, part):
-    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), part["labels"][:, 1:].flatten(), ignore_index=-100)
 
 
 def attention_output_grads(model, part, layers):
@@ -44,8 +39,7 @@ def attention_output_grads(model, part, layers):
 
     def hook(l):
         def keep(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            out.register_hook(lambda g: kept.__setitem__(l, g.detach().clone()))
+            first(output).register_hook(lambda g: kept.__setitem__(l, g.detach().clone()))
         return keep
 
     handles = [model.model.layers[l].self_attn.register_forward_hook(hook(l)) for l in layers]
@@ -89,13 +83,12 @@ def test_one_step_equals_the_reference():
     assert torch.allclose(module.probabilities.double(), norms / norms.sum(), rtol=1e-5)
 
     g, _ = attention_output_grads(model, batch["refusal"], module.active)
-    total = torch.sqrt(sum((x ** 2).sum() for x in g))
+    total = gnorm(g)
     eps = {l: RHO * x / (total + 1e-7) for l, x in zip(module.active, g)}
     grads = perturbed_gradient(model, batch["refusal"], eps)
     frozen = {id(p) for l in range(n_layers) if l not in module.active for p in model.model.layers[l].self_attn.parameters()}
     expected = [torch.zeros_like(p) if id(p) in frozen else -LR * gr for p, gr in zip(model.parameters(), grads)]
     update = [a.detach() - b.detach() for a, b in zip(module.model.parameters(), model.parameters())]
-    diff = torch.sqrt(sum(((u - e) ** 2).sum() for u, e in zip(update, expected)))
-    assert float(diff / torch.sqrt(sum((e ** 2).sum() for e in expected))) <= 1e-5
+    assert rel(update, expected) <= 1e-5
     assert all(not u.any() for u, p in zip(update, model.parameters()) if id(p) in frozen)
     assert any(u.any() for u, p in zip(update, model.parameters()) if id(p) not in frozen)

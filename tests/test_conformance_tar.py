@@ -6,7 +6,8 @@ Reference: github.com/rishub-tamirisa/tamper-resistance (snapshot 19de233), file
 run_tar_bio.sh / run_tar_cyber.sh (K 64, every 4th step, lambda 0.0625, scale 4, AdamW attacker).
 
 One outer step recomputed here the reference's way, in plain tensor code (torch's AdamW as the attacker, hooks-free
-forwards, an entropy, a CE and the representation distance written here; no immunize TAR helper):
+forwards, an entropy and the representation distance written here, a CE from helpers.reference; no immunize TAR
+helper):
     theta = w; attacker = fresh AdamW(lr, betas 0.9/0.999, eps 1e-8, weight decay 0.01)
     for i in 0..K-1: attacker step on CE(adversary batch i); if (i + 1) % every == 0:
         G += lam * exp(decay * (i - (K - 1))) * d(-entropy on the meta batch) / d w_attacked
@@ -27,22 +28,13 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from helpers.alignment import fit
+from helpers.reference import forward, rel, token_ce
 from immunize.datamodules.drawn import drawn_batch
 from immunize.lightning_modules import TAR
 
 K, EVERY, DECAY, LAM, INNER_LR, LR = 4, 2, 0.0625, 4.0, 3e-3, 1e-2
-
-
-def forward(model, part, hidden=False):
-    return model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], output_hidden_states=hidden,
-                 use_cache=False)
-
-
-def ce(logits, labels):
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def minus_entropy(logits, labels):
@@ -60,7 +52,7 @@ def reference_gradient(model, original, benign, refusal, adversary, meta):
     first = last = None
     for i in range(K):
         model.zero_grad(set_to_none=True)
-        loss = ce(forward(model, adversary[i]).logits, adversary[i]["labels"])
+        loss = token_ce(forward(model, adversary[i]).logits, adversary[i]["labels"])
         first = float(loss.detach()) if first is None else first
         last = float(loss.detach())
         loss.backward()
@@ -73,12 +65,13 @@ def reference_gradient(model, original, benign, refusal, adversary, meta):
         for p, t in zip(params, theta):
             p.copy_(t)
     model.zero_grad(set_to_none=True)
-    out = forward(model, benign, hidden=True)
+    out = forward(model, benign, output_hidden_states=True)
     with torch.no_grad():
-        anchor = forward(original, benign, hidden=True).hidden_states
+        anchor = forward(original, benign, output_hidden_states=True).hidden_states
     real = benign["attention_mask"].bool()
     distance = torch.stack([(h - h0).norm(dim=-1)[real].mean() for h, h0 in zip(out.hidden_states, anchor)]).mean()
-    retain = ce(out.logits, benign["labels"]) + distance + ce(forward(model, refusal).logits, refusal["labels"])
+    retain = (token_ce(out.logits, benign["labels"]) + distance
+              + token_ce(forward(model, refusal).logits, refusal["labels"]))
     retain.backward()
     return [p.grad + t for p, t in zip(params, tamper)], distance, (first, last)
 
@@ -110,7 +103,6 @@ def test_one_outer_step_equals_the_reference():
     grad, distance, (first, last) = reference_gradient(record.model, record.original, record.batch["benign"],
                                                        record.batch["refusal"], adversary, meta)
     expected = [-LR * g for g in grad]
-    norm = torch.sqrt(sum(((u - e) ** 2).sum() for u, e in zip(update, expected)))
-    assert float(norm / torch.sqrt(sum((e ** 2).sum() for e in expected))) <= 1e-5
+    assert rel(update, expected) <= 1e-5
     assert float(distance) > 0  # the second step is away from the original model: the term is live
     assert last < first  # the simulated attack attacks

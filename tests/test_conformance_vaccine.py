@@ -9,7 +9,7 @@ Reference: github.com/git-disl/Vaccine (snapshot at commit 8937f68), files read:
   line; the paper's main setting is 2, immunize's default).
 
 The reference step, recomputed below in plain tensor code (the model's forward, tensor hooks and a token-mean
-next-token cross-entropy written here; no immunize hook or perturbation helper):
+next-token cross-entropy from helpers.reference; no immunize hook or perturbation helper):
     pass 1: g_l = d CE / d (output of attention module l), for every layer l
             eps_l = rho * g_l / (sqrt(sum_l |g_l|^2) + 1e-7)
     pass 2: gradient = d CE / d w with eps_l added to attention output l
@@ -23,37 +23,16 @@ reference code perturbs the self-attention outputs. The test sets site="attentio
 """
 from __future__ import annotations
 
-import copy
 
-import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
-from helpers.alignment import first_batch
+from helpers.alignment import first_batch, float64_step
+from helpers.reference import assert_update_is_sgd_step, ce, first, gnorm, rel
 from immunize.lightning_modules import Vaccine
 
 TOL = 1e-5
 LR = 1e-2
-
-
-def ce(model, part) -> torch.Tensor:
-    """Mean next-token CE over positions whose next label is not -100."""
-    logits = model(input_ids=part["input_ids"], attention_mask=part["attention_mask"], use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), part["labels"][:, 1:].flatten(), ignore_index=-100)
-
-
-def gnorm(ts) -> torch.Tensor:
-    return torch.sqrt(sum((t ** 2).sum() for t in ts))
-
-
-def rel(a, b) -> float:
-    """|a - b| / |b|, one L2 norm over all tensors."""
-    return float(gnorm([x - y for x, y in zip(a, b)]) / gnorm(b))
-
-
-def first(output):
-    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def reference_gradient(model, part, rho):
@@ -95,19 +74,10 @@ def test_update_matches_reference():
                      scheduler="constant", warmup_ratio=0.0)
     assert module.rho == 2.0
     batch = first_batch(module)
-    start = copy.deepcopy(module.model).double()
-    before = [p.detach().clone() for p in start.parameters()]
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
-    assert trainer.global_step == 1
-    update = [a.detach() - b for a, b in zip(module.trainable_parameters(), before)]
+    start, update = float64_step(module, batch)
 
     grad, eps, clean = reference_gradient(start, batch["refusal"], module.rho)
     assert len(eps) == len(start.model.layers) and float(gnorm(eps)) == pytest.approx(module.rho, rel=1e-6)
-    expected = [-LR * g for g in grad]
-    assert len(update) == len(expected) and all(u.shape == e.shape for u, e in zip(update, expected))
-    assert rel(update, expected) <= TOL, rel(update, expected)
-    assert all(torch.allclose(u, e, rtol=1e-4, atol=1e-10) for u, e in zip(update, expected))
+    assert_update_is_sgd_step(update, grad, LR, TOL)
     # the perturbation moves the gradient far beyond the tolerance, so an unperturbed update could not pass
     assert rel(clean, grad) > 100 * TOL

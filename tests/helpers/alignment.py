@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 import lightning as L
+import torch
 import yaml
 
 from immunize.datamodules import AlignmentData, Source
@@ -88,3 +89,16 @@ def write_ddp_config(tmp_path, class_path: str, init: dict, steps: int, dump, st
     path = tmp_path / f"{kind}_{class_path.rsplit('.', 1)[-1]}.yaml"
     path.write_text(yaml.safe_dump(config))
     return str(path)
+
+
+def float64_step(module, batch: dict, callbacks=()) -> tuple:
+    """One optimizer step of `module` on `batch` in float64 (a fit of one step on that batch alone): (a float64 copy
+    of the model before the step, the update of every trainable tensor). The conformance tests' fit."""
+    start = copy.deepcopy(module.model).double()
+    before = [p.detach().clone() for p in start.parameters()]
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    assert trainer.global_step == 1
+    return start, [a.detach() - b for a, b in zip(module.trainable_parameters(), before)]
