@@ -40,7 +40,7 @@ def test_constructor_arguments_are_documented(name, cls):
 def test_cli_help_shows_the_args(cli):
     result = cli("fit", "--model.help", "immunize.lightning_modules.TAR")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "SGD steps of the simulated attack" in result.stdout
+    assert "steps of the simulated attack per outer step" in result.stdout
 
 
 def test_every_bench_field_is_described():
