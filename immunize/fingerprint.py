@@ -113,3 +113,32 @@ def input_paths(config: Any) -> list[str]:
 def input_digests(config: Any) -> dict[str, str]:
     """{absolute path: content digest} of every input a config names."""
     return {str(Path(p).expanduser().resolve()): path_digest(p) for p in input_paths(config)}
+
+
+# Versions of computations a config does not spell out, bumped when one changes (docs/fidelity.md): a bench cell or a
+# cached stage whose config uses one of them carries its version in its key, so a result made by the earlier
+# computation is never reused for the new one, and every other key stays as it was. Classes by the last part of
+# their class_path; "warmup" covers every config with warmup_ratio > 0 (the schedules became get_scheduler's).
+COMPUTATION_VERSIONS = {"TAR": 2, "TVaccine": 2, "Antidote": 2, "Lisa": 2, "warmup": 2}
+
+
+def computation_versions(config: Any) -> dict[str, int]:
+    """{computation: version} of the COMPUTATION_VERSIONS entries the config uses (empty for most configs)."""
+    found: dict[str, int] = {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "class_path" and isinstance(item, str):
+                    name = item.rsplit(".", 1)[-1]
+                    if name in COMPUTATION_VERSIONS:
+                        found[name] = COMPUTATION_VERSIONS[name]
+                elif key == "warmup_ratio" and isinstance(item, (int, float)) and item > 0:
+                    found["warmup"] = COMPUTATION_VERSIONS["warmup"]
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    return found

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from immunize.fingerprint import input_digests
+from immunize.fingerprint import computation_versions, input_digests
 from immunize.io import atomic_write_json
 
 STAGE_FILE = "stage.json"
@@ -36,6 +36,9 @@ def config_hash(cfg: dict[str, Any]) -> str:
     for key in IGNORED_KEYS:
         _drop(cfg, key)
     payload = {"format": FORMAT, "config": cfg, "inputs": input_digests(cfg)}
+    versions = computation_versions(cfg)
+    if versions:  # only where a computation changed since (immunize.fingerprint.COMPUTATION_VERSIONS)
+        payload["computations"] = versions
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

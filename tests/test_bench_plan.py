@@ -160,7 +160,7 @@ def test_eval_lm_eval_reaches_every_eval_cell_and_is_checked_first():
 def test_a_changed_computation_renames_only_the_cells_that_use_it(monkeypatch):
     """A cell whose config uses a computation listed in COMPUTATION_VERSIONS (a method class, warmup) changes its
     name when that computation's version is bumped; cells that do not use it keep theirs."""
-    from immunize.bench import cells
+    from immunize import fingerprint as cells  # the versions live in the fingerprint; cell_digest reads them
 
     tar = {"model": {"class_path": "immunize.lightning_modules.TAR", "init_args": {"lr": 1e-4}}}
     warm = {"model": {"class_path": "immunize.lightning_modules.SEAM", "init_args": {"warmup_ratio": 0.1}}}

@@ -89,3 +89,16 @@ def test_a_bench_cell_is_renamed_when_its_data_file_changes(tmp_path, monkeypatc
     _alpaca(tmp_path / "data.jsonl", ["red", "sun"])
     assert cell_digest("fit", "benign", cfg, "toy:tiny") != first
     assert cell_digest("fit", "benign", toy, "toy:tiny") == cell_digest("fit", "benign", toy, "toy:tiny")
+
+
+def test_a_changed_computation_changes_the_stage_key(monkeypatch):
+    """A stage whose config uses a computation of fingerprint.COMPUTATION_VERSIONS is not skipped after that
+    computation changed (a model exported by the earlier code is not taken for the new one)."""
+    from immunize import fingerprint
+    from immunize.stage_cache import config_hash
+
+    cfg = {"model": {"class_path": "immunize.lightning_modules.TAR", "init_args": {"warmup_ratio": 0.1}}}
+    plain = {"model": {"class_path": "immunize.lightning_modules.SFT", "init_args": {"lr": 1e-3}}}
+    before, plain_before = config_hash(cfg), config_hash(plain)
+    monkeypatch.setitem(fingerprint.COMPUTATION_VERSIONS, "TAR", 99)
+    assert config_hash(cfg) != before and config_hash(plain) == plain_before

@@ -25,15 +25,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import immunize.datamodules.toy
-from immunize.fingerprint import input_digests, path_digest
+from immunize.fingerprint import COMPUTATION_VERSIONS, computation_versions, input_digests, path_digest  # noqa: F401
 
 FORMAT = 2  # bump when what a cell computes from the same config changes
-
-# Versions of computations a config does not spell out, bumped when one changes (docs/fidelity.md): a cell whose
-# config uses one of them carries its version in its digest, so a cell made by the earlier computation is never
-# reused for the new one, and every other cell keeps its name. Classes by the last part of their class_path;
-# "warmup" covers every config with warmup_ratio > 0 (the schedules became transformers.get_scheduler's).
-COMPUTATION_VERSIONS = {"TAR": 2, "TVaccine": 2, "Antidote": 2, "Lisa": 2, "warmup": 2}
 MODEL_KEY = "model.init_args.model"
 MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
 
@@ -127,28 +121,6 @@ def canonical_class_paths(config: Any) -> Any:
     if isinstance(config, list):
         return [canonical_class_paths(v) for v in config]
     return config
-
-
-def computation_versions(config: Any) -> dict[str, int]:
-    """{computation: version} of the COMPUTATION_VERSIONS entries the config uses (empty for most configs)."""
-    found: dict[str, int] = {}
-
-    def walk(value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key == "class_path" and isinstance(item, str):
-                    name = item.rsplit(".", 1)[-1]
-                    if name in COMPUTATION_VERSIONS:
-                        found[name] = COMPUTATION_VERSIONS[name]
-                elif key == "warmup_ratio" and isinstance(item, (int, float)) and item > 0:
-                    found["warmup"] = COMPUTATION_VERSIONS["warmup"]
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(config)
-    return found
 
 
 def cell_digest(kind: str, stage: str, config: dict, input: Union[Cell, str]) -> str:
