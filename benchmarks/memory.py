@@ -123,7 +123,7 @@ class Setup:
         strategy: single (one process), ddp or fsdp (FSDP2 as lightning_modules/modeling/sharding.py shards).
         gpus: data-parallel ranks N.
         device: cuda (foreach AdamW) or cpu (single-tensor AdamW), for the optimizer step's transient.
-        hparams: the method's settings that change a count (TAR's inner_steps and tr_every).
+        hparams: the method's settings that change a count (T-Vaccine's active_layers).
     """
 
     batch: int = 1

@@ -57,8 +57,8 @@ def test_buffer_table_matches_the_passes_and_the_registry():
     for method, (count, reason) in METHOD_BUFFERS.items():
         assert reason
         assert max(p.buffers for p in method_passes(method)) == count, method
-    toy_tar = method_passes("tar", {"inner_steps": 4, "tr_every": 0})  # L_TR once: no accumulator
-    assert max(p.buffers for p in toy_tar) == 2
+    toy_tar = method_passes("tar", {"inner_steps": 4, "tr_every": 2})  # the attacker's moments in every inner pass
+    assert max(p.buffers for p in toy_tar) == 4 and toy_tar[1].buffers == 4
 
 
 def test_fsdp_halves_the_sharded_components():
