@@ -16,7 +16,8 @@ L_TR is the knowledge-restriction loss: the negative entropy of the next-token d
 attacked model's predictions flat, so the attacker's CE cannot fall), here on the harmful answers' positions.
 L_retain = CE(benign) + refusal_weight * CE(refusal) + retain_representations * mean over the hidden states
 (embeddings, every layer, the final norm) of the mean over real tokens of ||h(w) - h(w_original)||_2 on the
-benign batch, w_original the weights at fit start (LoRA: the adapters switched off).
+benign batch, w_original the model loaded again from its source (LoRA: the adapters switched off), so a resumed
+fit anchors where an unbroken one does.
 Adversary and meta batches come from the method's own harmful rows (`harmful`, default the datamodule's pairs),
 split once into attack rows and `heldout_fraction` held-out rows; every draw is a pure function of (seed, micro-step,
 inner step, rank), so a resumed fit draws what an unbroken one would. docs/fidelity.md lists what differs from
@@ -24,7 +25,6 @@ the reference and the options that restore immunize's earlier variant (SGD on on
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Callable, Literal, Optional, Sequence
 
@@ -36,6 +36,7 @@ from immunize.datamodules.drawn import drawn_batch, encode_source, split_rows
 from immunize.errors import UserError
 from immunize.lightning_modules.functional.batch_parts import require_parts
 from immunize.lightning_modules.functional.grad_math import IGNORE, all_reduce_mean_, global_norm, grads_of, masked_ce
+from immunize.lightning_modules.modeling.model_loading import load_model, resolve_source
 from immunize.lightning_modules.modeling.sharding import any_sharded, is_fsdp_model, shard_model
 from immunize.lightning_modules.multi_pass import MultiPassDefense
 
@@ -237,11 +238,19 @@ class TAR(MultiPassDefense):
         # kept outside the module tree: not a submodule, so not in state_dict, checkpoints or the optimizer
         object.__setattr__(self, "_original", model)
 
+    def load_original(self) -> torch.nn.Module:
+        """The original model loaded again from the module's source, frozen, in the trainable weights' dtype (the
+        reference loads its retain model from disk too): a resumed fit anchors to the same weights as an unbroken one."""
+        hp = self.hparams
+        model = load_model(resolve_source(hp.model), self.tokenizer, hp.gguf_file, hp.dtype, hp.trust_remote_code,
+                           hp.init_seed)
+        dtype = next(p for p in self.model.parameters()).dtype
+        return model.to(device=next(self.model.parameters()).device, dtype=dtype).eval().requires_grad_(False)
+
     def configure_model(self) -> None:
-        """Under FSDP2 the original model's copy is taken before sharding and sharded like the model."""
+        """Under FSDP2 the original model is loaded before sharding and sharded like the model."""
         unsharded = not is_fsdp_model(self.model)
-        anchor = (copy.deepcopy(self.model).eval().requires_grad_(False)
-                  if self.device_mesh is not None and unsharded and self.needs_anchor() else None)
+        anchor = self.load_original() if self.device_mesh is not None and unsharded and self.needs_anchor() else None
         super().configure_model()
         if anchor is not None:
             names = self.device_mesh.mesh_dim_names or ()
@@ -252,9 +261,9 @@ class TAR(MultiPassDefense):
         super().on_fit_start()
         if self.needs_anchor():
             if any_sharded(self.trainable_parameters()):
-                raise UserError("TAR: the model was sharded before its original could be copied; set "
+                raise UserError("TAR: the model was sharded before its original could be loaded; set "
                                 "model.init_args.retain_representations 0")
-            self.keep_anchor(copy.deepcopy(self.model).eval().requires_grad_(False))
+            self.keep_anchor(self.load_original())
 
     def on_fit_end(self) -> None:
         self.keep_anchor(None)

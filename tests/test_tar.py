@@ -96,3 +96,15 @@ def test_two_steps_change_the_weights_and_bad_arguments_are_user_errors():
         TAR(model="toy:tiny", heldout_fraction=1.0)
     with pytest.raises(UserError, match="bf16-mixed"):
         fit(TAR(model="toy:tiny", inner_steps=1), precision="bf16-true")
+
+
+def test_the_anchor_is_the_source_model_so_a_resume_anchors_where_an_unbroken_fit_does():
+    """The representation term's original model is loaded again from the source, not copied from the weights at
+    fit start (which, on a resume, are the checkpoint's)."""
+    module = TAR(model="toy:tiny", inner_steps=1, tr_every=1, inner_lrs=[1e-3], lr=1e-2)
+    fresh = [p.detach().clone() for p in module.model.parameters()]
+    fit(module, steps=2)
+    anchor = module.load_original()
+    assert all(torch.equal(a, f) for a, f in zip(anchor.parameters(), fresh))
+    assert any(not torch.equal(p.detach(), f) for p, f in zip(module.model.parameters(), fresh))
+    assert not any(p.requires_grad for p in anchor.parameters())
