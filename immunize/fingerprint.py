@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from immunize.io import atomic_write_json
 
@@ -90,23 +90,22 @@ def path_digest(path: str | os.PathLike) -> str:
         _save_memo()
 
 
+def config_items(config: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) of every mapping in a nested config, depth first."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield key, value
+            yield from config_items(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from config_items(value)
+
+
 def input_paths(config: Any) -> list[str]:
     """The existing files and folders named under INPUT_KEYS anywhere in a config (as given, each once)."""
-    found: list[str] = []
-
-    def visit(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in INPUT_KEYS:
-                    for item in value if isinstance(value, list) else [value]:
-                        if isinstance(item, str) and item.strip() and os.path.exists(os.path.expanduser(item)):
-                            found.append(item)
-                visit(value)
-        elif isinstance(node, list):
-            for value in node:
-                visit(value)
-
-    visit(config)
+    found = [item for key, value in config_items(config) if key in INPUT_KEYS
+             for item in (value if isinstance(value, list) else [value])
+             if isinstance(item, str) and item.strip() and os.path.exists(os.path.expanduser(item))]
     return list(dict.fromkeys(found))
 
 
@@ -125,20 +124,10 @@ COMPUTATION_VERSIONS = {"TAR": 2, "TVaccine": 2, "Antidote": 2, "Lisa": 2, "warm
 def computation_versions(config: Any) -> dict[str, int]:
     """{computation: version} of the COMPUTATION_VERSIONS entries the config uses (empty for most configs)."""
     found: dict[str, int] = {}
-
-    def walk(value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key == "class_path" and isinstance(item, str):
-                    name = item.rsplit(".", 1)[-1]
-                    if name in COMPUTATION_VERSIONS:
-                        found[name] = COMPUTATION_VERSIONS[name]
-                elif key == "warmup_ratio" and isinstance(item, (int, float)) and item > 0:
-                    found["warmup"] = COMPUTATION_VERSIONS["warmup"]
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(config)
+    for key, value in config_items(config):
+        if key == "class_path" and isinstance(value, str) and value.rsplit(".", 1)[-1] in COMPUTATION_VERSIONS:
+            name = value.rsplit(".", 1)[-1]
+            found[name] = COMPUTATION_VERSIONS[name]
+        elif key == "warmup_ratio" and isinstance(value, (int, float)) and value > 0:
+            found["warmup"] = COMPUTATION_VERSIONS["warmup"]
     return found
