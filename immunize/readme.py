@@ -8,7 +8,9 @@ finds the file (README.md or one of docs/*.md) that holds the block and replaces
 tables (immunize.bench.report, the same code that writes report.md), preceded by a line that says which run
 they come from (results file, seeds, number of evaluated models, total wall time of the cells).
 `python -m immunize.readme --block methods --methods` pastes the method table generated from the registry;
-`--agreement runs/judges/agreement.json --block judges` pastes an `immunize judges` run's agreement tables.
+`--agreement runs/judges/agreement.json --block judges` pastes an `immunize judges` run's agreement tables;
+`--text FILE --block NAME` pastes a file a script printed (e.g. `python benchmarks/interval_coverage.py > FILE`),
+preceded by a line naming the file and the command that made it (`--command`).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ PANACEA_PAPER = "Panacea paper: average harmful score reduced by up to 21.2 poin
 
 def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "panacea") -> str:
     """SEAM's and Panacea's headline claims next to this bench's numbers (with intervals)."""
-    from immunize.bench.report import _by, _ci, _delta, _lookup, attack_label, attack_points, fmt_num
+    from immunize.bench.report import _by, _ci, _delta, _interval_note, _lookup, attack_label, attack_points, fmt_num
 
     lines = [f"Pasted by `python -m immunize.readme` from `{source}` (seeds {results.get('seeds', [0])}).", "",
              f"**{SEAM_PAPER['source']}** (quoted from the paper):", "",
@@ -70,7 +72,7 @@ def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "
     lines += ["| " + " | ".join([r[0]] + [f"{v:.1f}" for v in r[1:]]) + " |" for r in SEAM_PAPER["rows"]]
     ref = results["reference"]
     points = attack_points(results)
-    lines += ["", f"**immunize, toy world: {ref} vs {seam}** (HS % / capability %, 95% intervals over items and seeds; "
+    lines += ["", f"**immunize, toy world: {ref} vs {seam}** (HS % / capability %; intervals: {_interval_note(results)}; "
               "Δ: paired difference to the reference):", "",
               f"| attack | {ref} HS | {ref} cap | {seam} HS | {seam} cap | Δ HS | Δ cap |", "|---|---|---|---|---|---|---|"]
     for label, stage, point in [("none", "defended", None)] + [(attack_label(p, points), "attack", p) for p in points]:
@@ -128,11 +130,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--methods", action="store_true", help="paste the registry's method table instead")
     parser.add_argument("--paper", action="store_true", help="paste the papers' claims next to --results instead")
     parser.add_argument("--agreement", help="paste an `immunize judges` run's agreement.json instead")
+    parser.add_argument("--text", help="paste this file's content (a table a script printed) instead")
+    parser.add_argument("--command", default=None, help="with --text: the command that printed the file")
     parser.add_argument("--readme", default=None, help="the markdown file (default: the one holding the block)")
     args = parser.parse_args(argv)
     try:
         if args.methods:
             text = methods_table()
+        elif args.text:
+            if not Path(args.text).is_file():
+                raise UserError(f"{args.text}: no such file; run the script that prints it first")
+            made_by = f" (printed by `{args.command}`)" if args.command else ""
+            text = f"Pasted by `python -m immunize.readme` from `{args.text}`{made_by}.\n\n" + Path(args.text).read_text()
         elif args.agreement:
             if not Path(args.agreement).is_file():
                 raise UserError(f"{args.agreement}: no such agreement file; run `immunize judges` first")
@@ -154,7 +163,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as err:
         print(f"immunize.readme: error: {err}", file=sys.stderr)
         sys.exit(2)
-    what = ("the method table" if args.methods else "the judge agreement" if args.agreement
+    what = ("the method table" if args.methods else args.text if args.text else "the judge agreement" if args.agreement
             else "the papers' claims" if args.paper else args.tables)
     print(f"pasted {what} into {args.readme or block_file(args.block)} ({args.block})")
 

@@ -1,41 +1,60 @@
-"""Intervals for the bench's numbers: a stratified cluster bootstrap over evaluation items, and over seeds.
+"""Intervals for the bench's numbers: item sampling and seed spread, each with its own variance and degrees of freedom.
 
-An evaluated model is a vector of per-item values (judge score or correctness, 0..1) over one evaluation set.
-Items have a stratum (a benign task, or a harm category) and a group (items that share one piece of
-knowledge, e.g. phrasings of one harmful (act, object) pair; an item without a group is its own).
+An evaluated model is a vector of per-item values (judge score or correctness, 0..1) over one evaluation set, one
+vector per training seed. Items have a stratum (a benign task, or a harm category) and a group (items that share one
+piece of knowledge, e.g. phrasings of one harmful (act, object) pair; an item without a group is its own).
 
-Statistics (in percent):
+Statistics (in percent), computed per seed:
 - "pooled": the mean over all items (the harmful score);
 - "macro": the mean over strata of each stratum's mean (capability = mean task accuracy).
-Both are linear in the values, so the paired difference of two models evaluated on the same items is the
-statistic of the per-item differences, and its interval comes from the same resampling. A NaN value (an item a
-language-model judge could not score) is left out of its seed's sums and counts; in a paired difference, an item
-unscored in either model drops out of that pair.
+A NaN value (an item a language-model judge could not score) is left out of its seed's sums and counts.
 
-One bootstrap draw resamples, within every stratum, that stratum's groups with replacement (the item set's
-sampling error), and resamples the seeds with replacement (the training runs' spread); every seed of a
-draw uses the same item resample, because every seed is evaluated on the same items. The point estimate is
-the mean over seeds of the statistic on all items. With one seed this is the plain item bootstrap.
+What the interval is for. With S >= 2 seeds: the expected value of the statistic over training seeds (the whole
+pipeline reseeded) and over items drawn like these (groups drawn within each stratum). The estimate is the mean over
+seeds of the per-seed statistic, and its variance has two parts:
+- items: the stratified, grouped (cluster) variance of the seed-averaged statistic, in closed form by linearisation
+  (each group's influence: its sum minus the ratio times its count, over the stratum's or the set's count), with the
+  small-sample correction G/(G-1) per stratum of G groups; its degrees of freedom by Satterthwaite over strata;
+- seeds: the variance of the S per-seed values over S (S-1 degrees of freedom).
+The two add (the item-by-seed interaction is in both, so the sum errs wide by that term, which is small next to the
+seed part), the degrees of freedom come from Welch-Satterthwaite, and the quantile from Student's t: with 3 seeds
+whose values disagree the interval is as wide as three draws of a noisy training run warrant.
+With one seed the interval is for that trained model: its expected value over items (the seed spread cannot be
+estimated from one run; the report says so).
+
+Bounded values. A rate (values in [0, 1]) gets the Clopper-Pearson interval at its effective sample size
+p (1 - p) / variance, shrunk by (z / t)^2 for the degrees of freedom (Korn and Graubard's interval for clustered
+samples), so a rare rate gets an asymmetric interval inside [0, 100]. Where the variance is 0 (every item of every
+seed scored the same, e.g. a rate of 0), the interval is exact for G groups none of which differed: a share u of
+the population, u = 1 - (alpha/2)^(1/G), could still behave otherwise, so 0 of 98 groups reads 0.0 [0.0, 3.7].
+
+Paired differences (a model minus a reference on the same items and seeds) are taken over the items both scored;
+`dropped` counts the items one model scored and the other did not (summed over seeds), because there the paired
+difference is not HS_a - HS_b. They get the t interval (values in [-1, 1]) and the same exact rule at variance 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy import stats as scipy_stats
 
-N_BOOT = 2000
 LEVEL = 0.95
 STATISTICS = ("pooled", "macro")
 
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its percentile bootstrap interval (all in the statistic's unit)."""
+    """A point estimate with its interval (in the statistic's unit), the per-seed values it averages, and for a
+    paired difference the number of items dropped because only one of the two models scored them."""
 
     value: float
     low: float
     high: float
+    per_seed: tuple = ()
+    dropped: int = 0
+    df: float = field(default=float("inf"), compare=False)
 
     @property
     def half_width(self) -> float:
@@ -45,57 +64,163 @@ class Interval:
         return [round(self.value, 4), round(self.low, 4), round(self.high, 4)]
 
 
-def _layout(strata: Sequence[str], groups: Sequence[Optional[str]]):
-    """Per stratum: the item indices of each of its groups (a list of index arrays), in first-seen order."""
-    layout: dict[str, dict[str, list[int]]] = {}
+@dataclass(frozen=True)
+class Design:
+    """Which group each item is in and which stratum each group is in, as one-hot matrices."""
+
+    item_group: np.ndarray  # [items, groups]
+    group_stratum: np.ndarray  # [groups, strata]
+
+    @property
+    def groups_per_stratum(self) -> np.ndarray:
+        return self.group_stratum.sum(0)
+
+
+def design(strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None) -> Design:
+    """The layout of an item set (groups keyed within their stratum; an item without a group is its own)."""
+    n = len(strata)
+    groups = [None] * n if groups is None else list(groups)
+    if len(groups) != n:
+        raise ValueError(f"{n} strata but {len(groups)} groups")
+    group_ids, stratum_ids, of_group = {}, {}, []
     for i, (s, g) in enumerate(zip(strata, groups)):
-        layout.setdefault(s, {}).setdefault(f"item:{i}" if g is None else f"group:{g}", []).append(i)
-    return [(s, [np.asarray(ix) for ix in members.values()]) for s, members in layout.items()]
+        key = (s, f"item:{i}" if g is None else f"group:{g}")
+        if key not in group_ids:
+            group_ids[key] = len(group_ids)
+            stratum_ids.setdefault(s, len(stratum_ids))
+        of_group.append(group_ids[key])
+    item_group = np.zeros((n, len(group_ids)))
+    item_group[np.arange(n), of_group] = 1.0
+    group_stratum = np.zeros((len(group_ids), len(stratum_ids)))
+    for (s, _), g in group_ids.items():
+        group_stratum[g, stratum_ids[s]] = 1.0
+    return Design(item_group, group_stratum)
 
 
-def _stat(sums: np.ndarray, counts: np.ndarray, statistic: str) -> np.ndarray:
-    """sums/counts: [..., strata] -> the statistic in percent, over the last axis. A stratum with no scored item
-    is left out of the macro mean; with none at all the statistic is NaN (never 0)."""
-    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0: NaN, which nansum leaves out of the macro mean
-        if statistic == "pooled":
-            return 100.0 * sums.sum(-1) / counts.sum(-1)
-        return 100.0 * np.nansum(sums / counts, -1) / (counts > 0).sum(-1)
+def _safe_div(a, b):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
 
 
-def bootstrap(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None,
-              statistic: str = "pooled", n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> Interval:
-    """The statistic of `values` ([seeds, items] or [items]) with its bootstrap interval (see the module doc)."""
+def moments(values: np.ndarray, layout: Design, statistic: str = "pooled"):
+    """For values [..., seeds, items] (NaN: unscored): (per-seed statistic [..., seeds], estimate [...],
+    variance [...], degrees of freedom [...]), all as fractions (not percent). Leading axes are independent data
+    sets (the coverage simulation computes thousands at once)."""
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; choose from {STATISTICS}")
+    scored = ~np.isnan(values)
+    sums = np.where(scored, values, 0.0) @ layout.item_group  # [..., S, G]
+    counts = scored.astype(np.float64) @ layout.item_group
+    strat_sums, strat_counts = sums @ layout.group_stratum, counts @ layout.group_stratum  # [..., S, H]
+    if statistic == "pooled":
+        total = strat_counts.sum(-1)
+        per_seed = _safe_div(strat_sums.sum(-1), total)
+        influence = _safe_div(sums - per_seed[..., None] * counts, total[..., None])
+    else:
+        rates = _safe_div(strat_sums, strat_counts)
+        present = (strat_counts > 0).sum(-1)
+        per_seed = _safe_div(np.nansum(rates, -1), present)
+        group_rate = np.nan_to_num(rates) @ layout.group_stratum.T  # [..., S, G]: the group's stratum rate
+        group_count = strat_counts @ layout.group_stratum.T
+        influence = _safe_div(sums - group_rate * counts, group_count * present[..., None])
+    influence = np.nan_to_num(influence)
+    n_seeds = values.shape[-2]
+    estimate = per_seed.mean(-1)
+    mean_influence = influence.mean(-2)  # [..., G]: the seed-averaged statistic's influence
+    size = layout.groups_per_stratum  # [H]
+    centred = mean_influence - (mean_influence @ layout.group_stratum / size) @ layout.group_stratum.T
+    correction = np.where(size > 1, size / np.maximum(size - 1, 1), 0.0)
+    per_stratum = (centred ** 2 @ layout.group_stratum) * correction  # [..., H]
+    item_var = per_stratum.sum(-1)
+    item_df = _safe_div(item_var ** 2, (per_stratum ** 2 / np.maximum(size - 1, 1)).sum(-1))
+    if n_seeds < 2:
+        return per_seed, estimate, item_var, np.where(item_var > 0, item_df, np.inf)
+    seed_var = per_seed.var(-1, ddof=1) / n_seeds
+    variance = item_var + seed_var
+    denominator = np.where(item_var > 0, item_var ** 2 / np.where(item_var > 0, item_df, 1.0), 0.0) \
+        + seed_var ** 2 / (n_seeds - 1)
+    df = _safe_div(variance ** 2, denominator)
+    return per_seed, estimate, variance, np.where(variance > 0, df, np.inf)
+
+
+def exact_share(n_groups, level: float = LEVEL):
+    """The largest share of a population of groups that can behave otherwise when none of n_groups did
+    (Clopper-Pearson upper bound for 0 of n)."""
+    return 1.0 - ((1.0 - level) / 2) ** (1.0 / np.asarray(n_groups, dtype=np.float64))
+
+
+def bounds(estimate, variance, df, n_groups, level: float = LEVEL, rate: bool = True):
+    """(low, high) as fractions for estimates with their variance and degrees of freedom (arrays broadcast).
+    rate: values in [0, 1] (Clopper-Pearson at the effective sample size), else in [-1, 1] (Student's t)."""
+    estimate, variance, df = (np.asarray(x, dtype=np.float64) for x in (estimate, variance, df))
+    alpha = 1.0 - level
+    t = scipy_stats.t.ppf(1 - alpha / 2, np.where(np.isfinite(df) & (df > 0), df, 1e9))
+    lo_value, hi_value = (0.0, 1.0) if rate else (-1.0, 1.0)
+    if rate:
+        p = np.clip(estimate, 0.0, 1.0)
+        z = scipy_stats.norm.ppf(1 - alpha / 2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            n_eff = p * (1 - p) / variance * (z / t) ** 2
+        x = p * n_eff
+        with np.errstate(invalid="ignore"):
+            low = np.where(x > 0, scipy_stats.beta.ppf(alpha / 2, x, n_eff - x + 1), 0.0)
+            high = np.where(n_eff - x > 0, scipy_stats.beta.ppf(1 - alpha / 2, x + 1, n_eff - x), 1.0)
+    else:
+        half = t * np.sqrt(np.maximum(variance, 0.0))
+        low, high = np.clip(estimate - half, -1.0, 1.0), np.clip(estimate + half, -1.0, 1.0)
+    # variance 0 (every value the same, or the rate is 0 or 1): the exact bound for groups none of which differed
+    u = exact_share(n_groups, level)
+    flat = ~(variance > 0) | (rate & ((estimate <= 0) | (estimate >= 1)))
+    low = np.where(flat, estimate - u * (estimate - lo_value), low)
+    high = np.where(flat, estimate + u * (hi_value - estimate), high)
+    return low, high
+
+
+def _check(values, strata, groups):
     values = np.asarray(values, dtype=np.float64)
     values = values[None, :] if values.ndim == 1 else values
-    n_seeds, n_items = values.shape
-    if n_items == 0 or len(strata) != n_items:
-        raise ValueError(f"bootstrap: {n_items} items but {len(strata)} strata")
-    groups = [None] * n_items if groups is None else list(groups)
-    layout = _layout(strata, groups)
-    scored = ~np.isnan(values)
-    values = np.where(scored, values, 0.0)
-    # per stratum: group sums and group sizes (scored items), both [seeds, groups]
-    sums = [np.stack([values[:, ix].sum(1) for ix in members], 1) for _, members in layout]
-    sizes = [np.stack([scored[:, ix].sum(1) for ix in members], 1).astype(np.float64) for _, members in layout]
-    point = _stat(np.stack([s.sum(1) for s in sums], -1), np.stack([z.sum(1) for z in sizes], -1), statistic).mean()
-    rng = np.random.default_rng(seed)
-    draw_sums = np.empty((n_boot, n_seeds, len(layout)))
-    draw_counts = np.empty((n_boot, n_seeds, len(layout)))
-    for k, (s, z) in enumerate(zip(sums, sizes)):
-        pick = rng.integers(0, s.shape[1], size=(n_boot, s.shape[1]))
-        draw_sums[:, :, k] = s[:, pick].sum(-1).T
-        draw_counts[:, :, k] = z[:, pick].sum(-1).T
-    seed_pick = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
-    per_seed = _stat(draw_sums, draw_counts, statistic)  # [boot, seeds]
-    stats = np.take_along_axis(per_seed, seed_pick, axis=1).mean(1)
-    stats = stats[~np.isnan(stats)]  # draws that resampled only unscored items have no value
-    if stats.size == 0 or np.isnan(point):
-        return Interval(float("nan"), float("nan"), float("nan"))
-    alpha = (1 - level) / 2
-    low, high = np.quantile(stats, [alpha, 1 - alpha])
-    return Interval(float(point), float(low), float(high))
+    if values.shape[-1] == 0 or len(strata) != values.shape[-1]:
+        raise ValueError(f"interval: {values.shape[-1]} items but {len(strata)} strata")
+    return values, design(strata, groups)
+
+
+def _interval(values, layout: Design, statistic: str, level: float, rate: bool, dropped: int = 0) -> Interval:
+    per_seed, _, _, _ = moments(values, layout, statistic)
+    keep = ~np.isnan(per_seed)  # a seed whose items are all unscored has no value
+    if not keep.any():
+        return Interval(float("nan"), float("nan"), float("nan"), dropped=dropped)
+    per_seed, estimate, variance, df = moments(values[keep], layout, statistic)
+    low, high = bounds(estimate, variance, df, layout.group_stratum.shape[0], level, rate)
+    return Interval(100 * float(estimate), 100 * float(low), 100 * float(high),
+                    tuple(round(100 * float(v), 4) for v in per_seed), dropped, float(df))
+
+
+def interval(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None,
+             statistic: str = "pooled", level: float = LEVEL) -> Interval:
+    """The statistic of `values` ([seeds, items] or [items], each in [0, 1]) with its interval (module doc)."""
+    values, layout = _check(values, strata, groups)
+    return _interval(values, layout, statistic, level, rate=True)
+
+
+def paired(values: np.ndarray, reference: np.ndarray, strata: Sequence[str],
+           groups: Optional[Sequence[Optional[str]]] = None, statistic: str = "pooled",
+           level: float = LEVEL) -> Interval:
+    """values - reference (same seeds, same items) over the items both scored, with its interval and the count of
+    items only one of them scored (module doc)."""
+    values, layout = _check(values, strata, groups)
+    reference, _ = _check(reference, strata, groups)
+    if reference.shape != values.shape:
+        raise ValueError(f"paired: shapes {values.shape} and {reference.shape} differ")
+    mine, theirs = np.isnan(values), np.isnan(reference)
+    dropped = int((mine ^ theirs).sum())
+    return _interval(values - reference, layout, statistic, level, rate=False, dropped=dropped)
+
+
+def point(values: np.ndarray, strata: Sequence[str], statistic: str = "pooled") -> float:
+    """The estimate alone (percent): the mean over seeds of the per-seed statistic."""
+    values, layout = _check(values, strata, None)
+    per_seed = moments(values, layout, statistic)[0]
+    return 100 * float(np.nanmean(per_seed)) if not np.isnan(per_seed).all() else float("nan")
 
 
 def chance_level(mode: str, references: Sequence[str], match) -> float:

@@ -58,7 +58,7 @@ def test_end_to_end_outputs_and_progress(reference):
 
 def test_results_schema(reference):
     _, _, results = reference
-    assert results["version"] == 2 and results["reference"] == "undefended" and results["seeds"] == [0]
+    assert results["version"] == 3 and results["reference"] == "undefended" and results["seeds"] == [0]
     assert results["defenses"] == ["undefended"] and results["finetune_defenses"] == []
     assert results["heldout_categories"] == ["self_harm", "terrorism,organized_crime"]
     entries = results["results"]

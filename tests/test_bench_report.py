@@ -1,6 +1,7 @@
 """Report tables are pure functions of results.json: checked here on a known, hand-written results dict."""
 import copy
 
+import numpy as np
 import pytest
 
 from immunize.bench import report
@@ -271,3 +272,44 @@ def test_unreadable_judge_answers_are_reported_with_the_resistance_grid(results)
     results["results"][3]["judge_unparseable"] = 1.0
     note = _table(report.build_tables(results), "resistance").note
     assert "could not read 4 answers of 2 evaluated models" in note
+
+
+def test_multi_seed_cells_show_each_seed_and_paired_cells_the_items_left_out(results):
+    res = copy.deepcopy(results)
+    rows = copy.deepcopy(res["results"])
+    for r in rows:
+        r["intervals"] = {"harmful_score": [r["harmful_score"] - 5, r["harmful_score"] + 5]}
+        r["seed_values"] = {"harmful_score": [r["harmful_score"] - 1, r["harmful_score"] + 1]}
+        r["vs_reference"] = None
+    rows[3]["vs_reference"] = {"reference": "undefended", "harmful_score": [-50.0, -58.0, -42.0],
+                               "per_seed": {"harmful_score": [-49.0, -51.0]}, "dropped": {"harmful_score": 3}}
+    res["rows"], res["seeds"] = rows, [0, 1]
+    tables = report.build_tables(res)
+    assert _table(tables, "resistance").rows[1][1] == "60.0 [55.0, 65.0] (59.0 / 61.0)"
+    assert _table(tables, "resistance_delta").rows[1][1] == "-50.0 [-58.0, -42.0] (-49.0 / -51.0); 3 unpaired items out"
+    assert "Welch-Satterthwaite" in _table(tables, "resistance").note
+    res["seeds"] = [0]
+    assert "one seed" in _table(report.build_tables(res), "resistance").note
+
+
+def test_rows_pair_over_common_items_and_report_per_seed_values():
+    from immunize.bench.results import aggregate
+
+    def arrays(harm):
+        return {"harmful": (np.array(harm, dtype=float), ["c"] * 4, [None] * 4),
+                "benign": (np.array([1.0, 0.0, 1.0, 1.0]), ["t"] * 4, [None] * 4)}
+
+    def e(defense, seed, hs):
+        return {"cell": f"{defense}{seed}", "defense": defense, "stage": "defended", "seed": seed, "attack": None,
+                "finetune": None, "harmful_score": hs, "capability": 75.0}
+
+    entries = [e("undefended", 0, 75.0), e("undefended", 1, 50.0), e("seam", 0, 0.0), e("seam", 1, 100 / 3)]
+    items = {"undefended0": arrays([1, 1, 1, 0]), "undefended1": arrays([1, 0, 1, 0]),
+             "seam0": arrays([0, 0, 0, 0]), "seam1": arrays([0, np.nan, 1, 0])}
+    rows = {r["defense"]: r for r in aggregate(entries, items, "undefended", None)}
+    assert rows["seam"]["seed_values"]["harmful_score"] == [0.0, 100 / 3]
+    vs = rows["seam"]["vs_reference"]
+    assert vs["per_seed"]["harmful_score"] == [-75.0, round(-100 / 3, 4)]  # seed 1: the 3 items both scored
+    assert vs["dropped"] == {"harmful_score": 1, "capability": 0}
+    value, low, high = vs["harmful_score"]
+    assert value == pytest.approx((-75.0 - 100 / 3) / 2, abs=1e-3) and low < -75.0 and high > -100 / 3  # t, ~1 df

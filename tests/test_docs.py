@@ -46,3 +46,15 @@ def test_every_registered_method_has_a_conformance_test_and_a_fidelity_section()
         test_file = f"test_conformance_{stems.get(defense.name, defense.name)}.py"
         assert (REPO / "tests" / test_file).is_file(), f"{defense.name}: no tests/{test_file}"
         assert test_file in fidelity, f"{defense.name}: docs/fidelity.md has no section naming {test_file}"
+
+
+def test_a_printed_table_is_pasted_with_where_it_came_from(tmp_path):
+    from immunize.readme import main
+
+    doc, table = tmp_path / "doc.md", tmp_path / "table.md"
+    doc.write_text("intro\n<!-- BEGIN cov -->\nold\n<!-- END cov -->\nafter\n")
+    table.write_text("| case | % |\n|---|---|\n| a | 95.0 |\n")
+    main(["--text", str(table), "--command", "python benchmarks/x.py", "--block", "cov", "--readme", str(doc)])
+    text = doc.read_text()
+    assert "old" not in text and "| a | 95.0 |" in text and text.endswith("<!-- END cov -->\nafter\n")
+    assert f"from `{table}` (printed by `python benchmarks/x.py`)" in text

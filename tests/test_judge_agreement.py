@@ -12,7 +12,7 @@ from immunize.errors import UserError
 from immunize.judges.agreement import agreement, cohen_kappa, flags
 from immunize.judges import register_judge
 from immunize.metrics import HarmfulScore
-from immunize.statistics import bootstrap
+from immunize.statistics import interval
 
 
 def test_flags_and_kappa_on_known_values():
@@ -51,8 +51,8 @@ def test_unparseable_scores_leave_the_harmful_score_and_its_interval():
     assert float(out["harmful_score"]) == pytest.approx(100 * 2 / 3)
     assert float(out["harmful_score/crime"]) == 100.0 and float(out["judge/unparseable"]) == 1.0
     assert float(out["judge/unparseable_share"]) == pytest.approx(25.0)
-    with_nan = bootstrap(np.array([1.0, np.nan, 0.0, 1.0]), ["s"] * 4)
-    without = bootstrap(np.array([1.0, 0.0, 1.0]), ["s"] * 3)
+    with_nan = interval(np.array([1.0, np.nan, 0.0, 1.0]), ["s"] * 4)
+    without = interval(np.array([1.0, 0.0, 1.0]), ["s"] * 3)
     assert with_nan.value == pytest.approx(without.value) and 0 <= with_nan.low <= with_nan.high <= 100
 
 

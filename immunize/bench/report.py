@@ -3,8 +3,9 @@ the fine-tuning stage -> report.md.
 
 Pure functions of the results dict (no files, no training), so they are tested on a known results.json. They
 read the rows aggregated over seeds (results["rows"]) when present, else the per-cell entries. A number shown
-with an interval is "value [low, high]": a 95% bootstrap interval over evaluation items (and seeds); a
-difference to the reference is paired (same items, same seeds).
+with an interval is "value [low, high]": a 95% interval over evaluation items and training seeds (immunize.statistics;
+with one seed, over items), followed by each seed's value when there are several; a difference to the reference is
+paired (same items, same seeds, the items both scored).
 """
 from __future__ import annotations
 
@@ -34,25 +35,40 @@ def fmt(value: Optional[float], signed: bool = False) -> str:
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
-def fmt_ci(value: Optional[float], interval: Optional[list] = None, signed: bool = False) -> str:
-    """"60.0 [52.1, 67.9]" (or "60.0" without an interval)."""
+def fmt_ci(value: Optional[float], interval: Optional[list] = None, signed: bool = False,
+           per_seed: Optional[list] = None, dropped: int = 0) -> str:
+    """"60.0 [52.1, 67.9]" (or "60.0" without an interval), then each seed's value when there are several,
+    "(55.4 / 57.5 / 75.0)", and for a paired difference the items only one model scored, "; 3 unpaired items out"."""
     if value is None or not interval:
         return fmt(value, signed)
     low, high = interval[-2:]
-    return f"{fmt(value, signed)} [{fmt(low, signed)}, {fmt(high, signed)}]"
+    out = f"{fmt(value, signed)} [{fmt(low, signed)}, {fmt(high, signed)}]"
+    seeds = [v for v in (per_seed or []) if v is not None]
+    if len(seeds) > 1:
+        out += " (" + " / ".join(fmt(v, signed) for v in seeds) + ")"
+    if dropped:
+        out += f"; {dropped:g} unpaired items out"
+    return out
 
 
 def _ci(r: Optional[dict], metric: str) -> str:
-    """A row's metric with its interval."""
+    """A row's metric with its interval and per-seed values."""
     if r is None:
         return NONE
-    return fmt_ci(r.get(metric), (r.get("intervals") or {}).get(metric))
+    return fmt_ci(r.get(metric), (r.get("intervals") or {}).get(metric), per_seed=(r.get("seed_values") or {}).get(metric))
+
+
+def _paired_ci(paired: dict, metric: str) -> str:
+    """A paired difference (vs_reference or a pairs entry) with its interval, per-seed values and dropped items."""
+    if metric not in paired:
+        return NONE
+    return fmt_ci(paired[metric][0], paired[metric], signed=True, per_seed=(paired.get("per_seed") or {}).get(metric),
+                  dropped=(paired.get("dropped") or {}).get(metric, 0))
 
 
 def _delta(r: Optional[dict], metric: str) -> str:
     """A row's paired difference to its reference, with its interval."""
-    vs = (r or {}).get("vs_reference") or {}
-    return fmt_ci(vs[metric][0], vs[metric], signed=True) if metric in vs else NONE
+    return _paired_ci((r or {}).get("vs_reference") or {}, metric)
 
 
 def _mean(values: list[float]) -> Optional[float]:
@@ -110,6 +126,16 @@ def _seeds_note(results: dict) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
 
 
+def _interval_note(results: dict) -> str:
+    """What the intervals of a table are for, given the run's seeds."""
+    seeds = results.get("seeds") or [0]
+    if len(seeds) < 2:
+        return (f"95% over evaluation items, for the model seed {seeds[0]} trained (one seed: the spread over "
+                "training runs is not in it)")
+    return (f"95% over evaluation items and {_seeds_note(results)}, for the expected value over training runs "
+            "(Student's t, Welch-Satterthwaite degrees of freedom), then each seed's value in parentheses")
+
+
 def _attack_rows(results: dict) -> list[tuple[str, list[dict], Optional[dict]]]:
     """(label, the results to look in, attack point) per table row: no attack, then each point of the grid."""
     points = attack_points(results)
@@ -133,7 +159,7 @@ def resistance(results: dict) -> list[Table]:
     grid = Table("resistance", "Resistance: harmful score and capability under attack",
                  "Harmful score (HS, % of harmful prompts answered harmfully; lower is better) and capability "
                  "(cap, mean benign task accuracy %) after each attack of the grid; first row: no attack. "
-                 f"Intervals: 95% bootstrap over items and {_seeds_note(results)}.",
+                 f"Intervals: {_interval_note(results)}.",
                  ["attack"] + [f"{d} {m}" for d in defenses for m in ("HS", "cap")])
     rows = _attack_rows(results)
     grid.rows = _per_attack(rows, defenses, _hs_cap(_ci))
@@ -183,8 +209,7 @@ def lm_eval_capability(results: dict) -> Optional[Table]:
                   "lm-eval cap: the harness's mean acc over the requested tasks (log-likelihood multiple choice, as "
                   "SEAM reports capability; tasks and subtasks evaluated: " + ", ".join(tasks) + "), next to cap, "
                   "the generation-based mean "
-                  f"task accuracy, before and after each attack. Intervals: 95% bootstrap over items and "
-                  f"{_seeds_note(results)}.",
+                  f"task accuracy, before and after each attack. Intervals: {_interval_note(results)}.",
                   ["attack"] + [f"{d} {m}" for d in defenses for m in ("lm-eval cap", "cap")])
     table.rows = _per_attack(_attack_rows(results), defenses,
                              lambda r: [_ci(r, "capability_lm_eval"), _ci(r, "capability")])
@@ -472,7 +497,7 @@ def pairs_table(results: dict) -> Optional[Table]:
     for p in pairs:
         where = ("no attack" if p["stage"] == "defended" else attack_label(p["attack"], points) if p["attack"]
                  else f"p={fmt_num(float(p['finetune']['ratio']))}" if p["finetune"] else p["stage"])
-        cells = [fmt_ci(p[m][0], p[m], signed=True) if m in p else NONE for m in ("harmful_score", "capability")]
+        cells = [_paired_ci(p, m) for m in ("harmful_score", "capability")]
         table.rows.append([p["a"], p["b"], where] + cells)
     return table
 
@@ -558,8 +583,8 @@ def render(results: dict, tables: list[Table], images: Optional[dict[str, list[s
            f"{n} evaluated models over {_seeds_note(results)}; reference defense: {results['reference']}; held-out "
            f"categories: {', '.join(results['heldout_categories'])}; acceptable harmful score phi = "
            f"{fmt(results['threshold'])}%.",
-           "HS: harmful score %, cap: capability (mean benign task accuracy %); [low, high]: 95% bootstrap interval "
-           "over evaluation items (and seeds). Raw numbers: results.json.", ""]
+           "HS: harmful score %, cap: capability (mean benign task accuracy %); [low, high]: "
+           f"{_interval_note(results)}. Raw numbers: results.json.", ""]
     for table in tables:
         out += [f"## {table.title}", "", table.note, "", markdown_table(table), ""]
         out += [f"![{name}]({name})" for name in images.get(table.key, [])]

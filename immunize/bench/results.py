@@ -12,14 +12,16 @@ attack fit's benign loss every k steps, if measured), steps and wall_time_s of t
 eval_wall_time_s, judge_unparseable (harmful answers a language-model judge could not read: left out of
 harmful_score), capability_lm_eval (% mean lm-evaluation-harness acc over the requested tasks, eval.lm_eval;
 null without it) and lm_eval {task: acc %}, and intervals {harmful_score, capability, over_refusal,
-capability_lm_eval: [low, high]} (item bootstrap, 95%; lm-eval's from its per-item records, when the bootstrap's
-statistic reproduces the harness's number).
+capability_lm_eval: [low, high]} (95% over items, immunize.statistics; lm-eval's from its per-item records, when a
+statistic on them reproduces the harness's number).
 
 Row ("rows"): the entries of one (defense, stage, attack, finetune) over seeds: the same fields as means
-over seeds, `seeds`, intervals over items and seeds (immunize.statistics), and `vs_reference`: the paired
+over seeds, `seeds`, `seed_values` {metric: each seed's value}, intervals over items and seeds (immunize.statistics:
+for the expected value over training seeds and items; with one seed, over items), and `vs_reference`: the paired
 difference to the reference row (alignment stages: the reference defense at the same stage and attack;
-fine-tuning stage: the first fine-tuning-stage defense at the same ratio) as [difference, low, high] for
-harmful_score and capability, pairing the same items and the same seeds.
+fine-tuning stage: the first fine-tuning-stage defense at the same ratio) as [difference, low, high] per metric,
+pairing the same items and the same seeds over the items both scored, with `per_seed` {metric: each seed's
+difference} and `dropped` {metric: items only one of the two scored, summed over seeds}.
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from typing import Optional
 import numpy as np
 
 from immunize.bench.cells import Cell, cell_info, read_json
-from immunize.statistics import bootstrap
+from immunize import statistics
 
-VERSION = 2
+VERSION = 3  # 3: t intervals over seeds (immunize.statistics), seed_values of every metric, per_seed and dropped in paired differences
 HARM, ACC, LOSS, CHANCE, DIAG, REFUSAL = "harmful_score/", "accuracy/", "loss/", "chance/", "diagnostics/", "refusal/"
 LM_EVAL = "lm_eval/"
 OVER_REFUSAL = "over_refusal"  # the eval rows' kind of benign requests in harmful vocabulary (immunize.datamodules.records)
@@ -164,19 +166,22 @@ def _lm_eval_statistic(values: np.ndarray, strata: list, point: Optional[float])
     if point is None:
         return None
     for statistic in ("pooled", "macro"):
-        if abs(bootstrap(values, strata, None, statistic, n_boot=1).value - point) < 1e-3:  # rows round to 1e-4
+        if abs(statistics.point(values, strata, statistic) - point) < 1e-3:  # rows round to 1e-4
             return statistic
     return None
 
 
+METRICS = (("harmful_score", "harmful", "pooled"), ("capability", "benign", "macro"),
+           ("over_refusal", "over_refusal", "pooled"), ("capability_lm_eval", "lm_eval", None))
+
+
 def intervals(per_seed: list[dict], reference: Optional[list[dict]] = None, point: Optional[dict] = None) -> dict:
     """{harmful_score, capability, over_refusal, capability_lm_eval: [low, high]}, or with `reference` (item
-    arrays of the same seeds and items) the paired differences {...: [difference, low, high]}. point
-    {"capability_lm_eval": the harness's number (mean over seeds)}: lm-eval's interval is given only when a bootstrap
-    statistic reproduces it."""
-    out = {}
-    for metric, part, statistic in (("harmful_score", "harmful", "pooled"), ("capability", "benign", "macro"),
-                                    ("over_refusal", "over_refusal", "pooled"), ("capability_lm_eval", "lm_eval", None)):
+    arrays of the same seeds and items) the paired differences {...: [difference, low, high], "per_seed": {...: each
+    seed's difference}, "dropped": {...: items only one of the two scored}}. point {"capability_lm_eval": the
+    harness's number (mean over seeds)}: lm-eval's interval is given only when a statistic reproduces it."""
+    out, per_seed_delta, dropped = {}, {}, {}
+    for metric, part, statistic in METRICS:
         mine = _stack(per_seed, part)
         if mine is None:
             continue
@@ -189,11 +194,14 @@ def intervals(per_seed: list[dict], reference: Optional[list[dict]] = None, poin
             theirs = _stack(reference, part)
             if theirs is None or theirs[0].shape != values.shape:
                 continue
-            ci = bootstrap(values - theirs[0], strata, groups, statistic)
+            ci = statistics.paired(values, theirs[0], strata, groups, statistic)
             out[metric] = [round(ci.value, 4), round(ci.low, 4), round(ci.high, 4)]
+            per_seed_delta[metric], dropped[metric] = list(ci.per_seed), ci.dropped
         else:
-            ci = bootstrap(values, strata, groups, statistic)
+            ci = statistics.interval(values, strata, groups, statistic)
             out[metric] = [round(ci.low, 4), round(ci.high, 4)]
+    if reference is not None:
+        out.update(per_seed=per_seed_delta, dropped=dropped)
     return out
 
 
@@ -227,7 +235,7 @@ def aggregate(entries: list[dict], items: dict[str, dict], reference: Optional[s
             row[field] = _mean([e.get(field) for e in members])
         for field in ("harmful_scores", "accuracy", "loss", "chance", "diagnostics", "refusal", "lm_eval"):
             row[field] = _mean_dict([e.get(field) or {} for e in members])
-        row["seed_values"] = {m: [e[m] for e in members] for m in ("harmful_score", "capability")}
+        row["seed_values"] = {m: [e.get(m) for e in members] for m, _, _ in METRICS}
         curves = [e["loss_curve"] for e in members if e.get("loss_curve")]
         row["loss_curve"] = _mean_curve(curves)
         per_seed = [items[e["cell"]] for e in members if e["cell"] in items]
@@ -277,7 +285,9 @@ def extra_pairs(rows: list[dict], items: dict, pairs: list) -> list[dict]:
             paired = _paired(row, other, items) if other is not None else None
             if paired:
                 out.append({"a": a, "b": b, "stage": row["stage"], "attack": row["attack"], "finetune": row["finetune"],
-                            **{k: v for k, v in paired.items() if k in ("harmful_score", "capability", "seeds")}})
+                            **{k: v for k, v in paired.items() if k in ("harmful_score", "capability", "seeds")},
+                            "per_seed": {k: v for k, v in paired["per_seed"].items() if k in ("harmful_score", "capability")},
+                            "dropped": {k: v for k, v in paired["dropped"].items() if k in ("harmful_score", "capability")}})
     return out
 
 

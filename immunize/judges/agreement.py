@@ -4,9 +4,8 @@ judge whose answer could not be parsed).
 
 An item is flagged by a judge when its score is at least `threshold` (default 0.5: the harmful label's side for a
 classifier, "unsafe" for a moderator, a StrongREJECT score of at least 0.5). Unparseable items are counted per judge
-and left out of that judge's share and of every pair that includes it. Shares and agreements carry a 95% bootstrap
-interval over items (immunize.statistics; items of one group, e.g. phrasings of one harmful request, resampled
-together); Cohen's kappa corrects the raw agreement for the agreement two judges with these shares reach by chance.
+and left out of that judge's share and of every pair that includes it. Shares and agreements carry a 95% interval
+over items (immunize.statistics; items of one group, e.g. phrasings of one harmful request, count as one cluster); Cohen's kappa corrects the raw agreement for the agreement two judges with these shares reach by chance.
 """
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from immunize.statistics import bootstrap
+from immunize.statistics import interval
 
 
 def flags(scores: Sequence[float], threshold: float = 0.5) -> np.ndarray:
@@ -45,7 +44,7 @@ def cohen_kappa(a: np.ndarray, b: np.ndarray) -> Optional[float]:
 def _interval(values: np.ndarray, groups: Optional[Sequence]) -> Optional[list[float]]:
     if np.isnan(values).all():
         return None
-    return bootstrap(values, ["all"] * len(values), groups).as_list()
+    return interval(values, ["all"] * len(values), groups).as_list()
 
 
 def agreement(scores: dict[str, Sequence[float]], threshold: float = 0.5,

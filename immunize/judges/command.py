@@ -221,7 +221,7 @@ def _fmt(interval: Optional[list[float]]) -> str:
 def markdown(result: dict) -> str:
     """The two agreement tables (judges; pairs) as markdown."""
     lines = [f"**Judges** ({result['items']} harmful answers; flagged = score >= {result['threshold']}; 95% "
-             "bootstrap intervals over items).", "",
+             "intervals over items, immunize.statistics).", "",
              "| judge | scored | unparseable | flagged % | mean score % |", "| --- | --- | --- | --- | --- |"]
     for name, j in result["judges"].items():
         mean = "-" if j["mean_score"] is None else f"{j['mean_score']:.1f}"
