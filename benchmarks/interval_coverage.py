@@ -131,8 +131,7 @@ def covered_now(case: Case, values, reference, truth, strata, groups, level: flo
     """[reps] bool: does immunize.statistics' interval contain the truth (all repetitions at once)."""
     layout_ = statistics.design(strata, groups)
     data = values - reference if case.paired else values
-    _, estimate, variance, df = statistics.moments(data, layout_, case.statistic)
-    low, high = statistics.bounds(estimate, variance, df, layout_.group_stratum.shape[0], level, rate=not case.paired)
+    low, high = statistics.bounds(statistics.moments(data, layout_, case.statistic), level, rate=not case.paired)
     return (low <= truth) & (truth <= high)
 
 

@@ -14,7 +14,9 @@ pipeline reseeded) and over items drawn like these (groups drawn within each str
 seeds of the per-seed statistic, and its variance has two parts:
 - items: the stratified, grouped (cluster) variance of the seed-averaged statistic, in closed form by linearisation
   (each group's influence: its sum minus the ratio times its count, over the stratum's or the set's count), with the
-  small-sample correction G/(G-1) per stratum of G groups; its degrees of freedom by Satterthwaite over strata;
+  small-sample correction G/(G-1) per stratum of G groups; strata of a single group (whose spread cannot be
+  estimated) are pooled into one for the variance (collapsed strata); degrees of freedom by Satterthwaite over
+  strata;
 - seeds: the variance of the S per-seed values over S (S-1 degrees of freedom).
 The two add (the item-by-seed interaction is in both, so the sum errs wide by that term, which is small next to the
 seed part), the degrees of freedom come from Welch-Satterthwaite, and the quantile from Student's t: with 3 seeds
@@ -23,14 +25,16 @@ With one seed the interval is for that trained model: its expected value over it
 estimated from one run; the report says so).
 
 Bounded values. A rate (values in [0, 1]) gets the Clopper-Pearson interval at its effective sample size
-p (1 - p) / variance, shrunk by (z / t)^2 for the degrees of freedom (Korn and Graubard's interval for clustered
-samples), so a rare rate gets an asymmetric interval inside [0, 100]. Where the variance is 0 (every item of every
-seed scored the same, e.g. a rate of 0), the interval is exact for G groups none of which differed: a share u of
+p (1 - p) / variance, at most the number of items (a design effect below 1 is not trusted; the number of items
+where the variance estimate is 0), shrunk by (z / t)^2 for the degrees of freedom (Korn and Graubard's interval for
+clustered samples), so a rare rate gets an asymmetric interval inside [0, 100]. Where every scored item of every
+seed has the same value (e.g. a rate of 0), the interval is exact for G groups none of which differed: a share u of
 the population, u = 1 - (alpha/2)^(1/G), could still behave otherwise, so 0 of 98 groups reads 0.0 [0.0, 3.7].
 
 Paired differences (a model minus a reference on the same items and seeds) are taken over the items both scored;
 `dropped` counts the items one model scored and the other did not (summed over seeds), because there the paired
-difference is not HS_a - HS_b. They get the t interval (values in [-1, 1]) and the same exact rule at variance 0.
+difference is not HS_a - HS_b. They get the t interval (values in [-1, 1]) and the same exact rule where every
+difference is the same (two models that agree on every item: 0.0 [-3.7, +3.7] at 98 groups).
 """
 from __future__ import annotations
 
@@ -66,14 +70,16 @@ class Interval:
 
 @dataclass(frozen=True)
 class Design:
-    """Which group each item is in and which stratum each group is in, as one-hot matrices."""
+    """Which group each item is in, which stratum each group is in (for the statistic), and which variance stratum
+    (strata of one group pooled into one: a single group's spread cannot be estimated), as one-hot matrices."""
 
     item_group: np.ndarray  # [items, groups]
     group_stratum: np.ndarray  # [groups, strata]
+    group_variance_stratum: np.ndarray  # [groups, variance strata]
 
     @property
-    def groups_per_stratum(self) -> np.ndarray:
-        return self.group_stratum.sum(0)
+    def n_groups(self) -> int:
+        return self.group_stratum.shape[0]
 
 
 def design(strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None) -> Design:
@@ -94,7 +100,11 @@ def design(strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = No
     group_stratum = np.zeros((len(group_ids), len(stratum_ids)))
     for (s, _), g in group_ids.items():
         group_stratum[g, stratum_ids[s]] = 1.0
-    return Design(item_group, group_stratum)
+    single = group_stratum.sum(0) == 1
+    keep = group_stratum[:, ~single]
+    pooled = group_stratum[:, single].sum(1, keepdims=True)
+    group_variance_stratum = np.concatenate([keep, pooled], 1) if single.any() else keep
+    return Design(item_group, group_stratum, group_variance_stratum)
 
 
 def _safe_div(a, b):
@@ -102,14 +112,29 @@ def _safe_div(a, b):
         return np.where(b > 0, a / np.where(b > 0, b, 1.0), np.nan)
 
 
-def moments(values: np.ndarray, layout: Design, statistic: str = "pooled"):
-    """For values [..., seeds, items] (NaN: unscored): (per-seed statistic [..., seeds], estimate [...],
-    variance [...], degrees of freedom [...]), all as fractions (not percent). Leading axes are independent data
-    sets (the coverage simulation computes thousands at once)."""
+@dataclass
+class Moments:
+    """What an interval needs, for values [..., seeds, items]: each seed's statistic [..., seeds], the estimate,
+    its variance and degrees of freedom, whether every scored value was the same (all [...]), as fractions; and
+    the numbers of items and groups."""
+
+    per_seed: np.ndarray
+    estimate: np.ndarray
+    variance: np.ndarray
+    df: np.ndarray
+    constant: np.ndarray
+    items: int
+    groups: int
+
+
+def moments(values: np.ndarray, layout: Design, statistic: str = "pooled") -> Moments:
+    """The estimate and its variance parts (module doc) for values [..., seeds, items] (NaN: unscored). Leading axes
+    are independent data sets (the coverage simulation computes thousands at once)."""
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}; choose from {STATISTICS}")
     scored = ~np.isnan(values)
-    sums = np.where(scored, values, 0.0) @ layout.item_group  # [..., S, G]
+    filled = np.where(scored, values, 0.0)
+    sums = filled @ layout.item_group  # [..., S, G]
     counts = scored.astype(np.float64) @ layout.item_group
     strat_sums, strat_counts = sums @ layout.group_stratum, counts @ layout.group_stratum  # [..., S, H]
     if statistic == "pooled":
@@ -126,21 +151,26 @@ def moments(values: np.ndarray, layout: Design, statistic: str = "pooled"):
     influence = np.nan_to_num(influence)
     n_seeds = values.shape[-2]
     estimate = per_seed.mean(-1)
+    n_scored = scored.sum((-2, -1))
+    first = np.nanmax(np.where(scored, values, -np.inf), (-2, -1))
+    constant = (np.where(scored, values, first[..., None, None]) == first[..., None, None]).all((-2, -1)) & (n_scored > 0)
     mean_influence = influence.mean(-2)  # [..., G]: the seed-averaged statistic's influence
-    size = layout.groups_per_stratum  # [H]
-    centred = mean_influence - (mean_influence @ layout.group_stratum / size) @ layout.group_stratum.T
+    strata = layout.group_variance_stratum
+    size = strata.sum(0)  # [variance strata]
+    centred = mean_influence - (mean_influence @ strata / size) @ strata.T
     correction = np.where(size > 1, size / np.maximum(size - 1, 1), 0.0)
-    per_stratum = (centred ** 2 @ layout.group_stratum) * correction  # [..., H]
+    per_stratum = (centred ** 2 @ strata) * correction  # [..., variance strata]
     item_var = per_stratum.sum(-1)
     item_df = _safe_div(item_var ** 2, (per_stratum ** 2 / np.maximum(size - 1, 1)).sum(-1))
+    items, groups = values.shape[-1], layout.n_groups
     if n_seeds < 2:
-        return per_seed, estimate, item_var, np.where(item_var > 0, item_df, np.inf)
+        return Moments(per_seed, estimate, item_var, np.where(item_var > 0, item_df, np.inf), constant, items, groups)
     seed_var = per_seed.var(-1, ddof=1) / n_seeds
     variance = item_var + seed_var
     denominator = np.where(item_var > 0, item_var ** 2 / np.where(item_var > 0, item_df, 1.0), 0.0) \
         + seed_var ** 2 / (n_seeds - 1)
     df = _safe_div(variance ** 2, denominator)
-    return per_seed, estimate, variance, np.where(variance > 0, df, np.inf)
+    return Moments(per_seed, estimate, variance, np.where(variance > 0, df, np.inf), constant, items, groups)
 
 
 def exact_share(n_groups, level: float = LEVEL):
@@ -149,28 +179,30 @@ def exact_share(n_groups, level: float = LEVEL):
     return 1.0 - ((1.0 - level) / 2) ** (1.0 / np.asarray(n_groups, dtype=np.float64))
 
 
-def bounds(estimate, variance, df, n_groups, level: float = LEVEL, rate: bool = True):
-    """(low, high) as fractions for estimates with their variance and degrees of freedom (arrays broadcast).
-    rate: values in [0, 1] (Clopper-Pearson at the effective sample size), else in [-1, 1] (Student's t)."""
-    estimate, variance, df = (np.asarray(x, dtype=np.float64) for x in (estimate, variance, df))
+def bounds(m: Moments, level: float = LEVEL, rate: bool = True):
+    """(low, high) as fractions (arrays over the leading axes of the data). rate: values in [0, 1]: Clopper-Pearson
+    at the effective sample size p (1 - p) / variance (at most the number of items; the number of items where
+    the variance is 0), shrunk by (z / t)^2; else values in [-1, 1]: Student's t. Where every scored value is the
+    same, the exact bound for groups none of which differed (module doc)."""
+    estimate, variance, df = (np.asarray(x, dtype=np.float64) for x in (m.estimate, m.variance, m.df))
     alpha = 1.0 - level
     t = scipy_stats.t.ppf(1 - alpha / 2, np.where(np.isfinite(df) & (df > 0), df, 1e9))
-    lo_value, hi_value = (0.0, 1.0) if rate else (-1.0, 1.0)
     if rate:
         p = np.clip(estimate, 0.0, 1.0)
         z = scipy_stats.norm.ppf(1 - alpha / 2)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            n_eff = p * (1 - p) / variance * (z / t) ** 2
+        n_eff = np.minimum(_safe_div(p * (1 - p), variance), m.items)
+        n_eff = np.where(np.isnan(n_eff), m.items, n_eff) * (z / t) ** 2
         x = p * n_eff
         with np.errstate(invalid="ignore"):
             low = np.where(x > 0, scipy_stats.beta.ppf(alpha / 2, x, n_eff - x + 1), 0.0)
             high = np.where(n_eff - x > 0, scipy_stats.beta.ppf(1 - alpha / 2, x + 1, n_eff - x), 1.0)
+        lo_value, hi_value = 0.0, 1.0
     else:
         half = t * np.sqrt(np.maximum(variance, 0.0))
         low, high = np.clip(estimate - half, -1.0, 1.0), np.clip(estimate + half, -1.0, 1.0)
-    # variance 0 (every value the same, or the rate is 0 or 1): the exact bound for groups none of which differed
-    u = exact_share(n_groups, level)
-    flat = ~(variance > 0) | (rate & ((estimate <= 0) | (estimate >= 1)))
+        lo_value, hi_value = -1.0, 1.0
+    u = exact_share(m.groups, level)
+    flat = np.asarray(m.constant)
     low = np.where(flat, estimate - u * (estimate - lo_value), low)
     high = np.where(flat, estimate + u * (hi_value - estimate), high)
     return low, high
@@ -185,14 +217,14 @@ def _check(values, strata, groups):
 
 
 def _interval(values, layout: Design, statistic: str, level: float, rate: bool, dropped: int = 0) -> Interval:
-    per_seed, _, _, _ = moments(values, layout, statistic)
+    per_seed = moments(values, layout, statistic).per_seed
     keep = ~np.isnan(per_seed)  # a seed whose items are all unscored has no value
     if not keep.any():
         return Interval(float("nan"), float("nan"), float("nan"), dropped=dropped)
-    per_seed, estimate, variance, df = moments(values[keep], layout, statistic)
-    low, high = bounds(estimate, variance, df, layout.group_stratum.shape[0], level, rate)
-    return Interval(100 * float(estimate), 100 * float(low), 100 * float(high),
-                    tuple(round(100 * float(v), 4) for v in per_seed), dropped, float(df))
+    m = moments(values[keep], layout, statistic)
+    low, high = bounds(m, level, rate)
+    return Interval(100 * float(m.estimate), 100 * float(low), 100 * float(high),
+                    tuple(round(100 * float(v), 4) for v in m.per_seed), dropped, float(m.df))
 
 
 def interval(values: np.ndarray, strata: Sequence[str], groups: Optional[Sequence[Optional[str]]] = None,
@@ -219,7 +251,7 @@ def paired(values: np.ndarray, reference: np.ndarray, strata: Sequence[str],
 def point(values: np.ndarray, strata: Sequence[str], statistic: str = "pooled") -> float:
     """The estimate alone (percent): the mean over seeds of the per-seed statistic."""
     values, layout = _check(values, strata, None)
-    per_seed = moments(values, layout, statistic)[0]
+    per_seed = moments(values, layout, statistic).per_seed
     return 100 * float(np.nanmean(per_seed)) if not np.isnan(per_seed).all() else float("nan")
 
 

@@ -87,13 +87,13 @@ def test_closed_form_item_variance_is_the_grouped_bootstrap_variance_with_the_sm
     values[rng.choice(240, 10, replace=False)] = np.nan
     layout = design(strata, groups)
     for statistic in ("pooled", "macro"):
-        _, estimate, variance, _ = moments(values[None], layout, statistic)
+        variance = moments(values[None], layout, statistic).variance
         draws = []
         for _ in range(4000):
             picked = np.concatenate([rng.choice(np.flatnonzero(layout.group_stratum[:, h]), 10)
                                      for h in range(4)])
             rows = np.concatenate([np.flatnonzero(layout.item_group[:, g]) for g in picked])
-            draws.append(moments(values[None, rows], design([strata[i] for i in rows]), statistic)[1])
+            draws.append(moments(values[None, rows], design([strata[i] for i in rows]), statistic).estimate)
         assert variance == pytest.approx(np.var(draws) * 10 / 9, rel=0.08)
 
 
@@ -115,3 +115,14 @@ def test_a_single_seed_interval_is_for_that_model_and_several_seeds_add_their_sp
     assert one.df > 100 and one.per_seed == (round(one.value, 4),)
     assert three.df < 10 and len(three.per_seed) == 3
     assert three.half_width > 2 * one.half_width
+
+
+def test_strata_of_one_group_are_pooled_for_the_variance_and_a_mixed_rate_is_not_read_as_constant():
+    """14 over-refusal requests in 8 categories (three of them with one request): every category with several
+    requests is all-refused, so a per-stratum variance is 0; the single-request categories still disagree."""
+    strata = ["a"] * 3 + ["b"] * 2 + ["c"] * 2 + ["d"] * 2 + ["e"] * 2 + ["f", "g", "h"]
+    values = np.array([1.0] * 11 + [0.0, 1.0, 0.0])
+    ci = interval(values, strata)
+    assert ci.value == pytest.approx(100 * 12 / 14)
+    assert ci.low < 75 and ci.high > 95  # not the exact rule for a constant rate (that gives [65.9, 89.0])
+    assert design(strata).group_variance_stratum.shape[1] == 6  # five strata of several groups + the pooled three
