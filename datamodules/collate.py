@@ -1,4 +1,5 @@
-"""Tokenization with response-only labels, and padding: right for training, left for generation."""
+"""Tokenization with response-only labels, padding (right for training, left for generation), and which positions a
+batch's loss covers."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -8,6 +9,9 @@ import torch
 from immunize.datamodules.templates import format_prompt
 
 IGNORE = -100
+# Which positions a training loss covers: the response (ours), the whole sequence without padding (SEAM's reference
+# benign gradient), or every position, padding included (the reference attacks' Hugging Face collator).
+LOSS_ON = ("response", "sequence", "all")
 
 
 def encode_prompt(tokenizer, template: str, prompt: str) -> list[int]:
@@ -48,3 +52,15 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> dict:
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def supervise(batch: dict, loss_on: str) -> dict:
+    """The batch with its labels set for `loss_on` (LOSS_ON): "response" keeps them; "sequence" labels every
+    non-padding token (prompt included); "all" labels every position, padding included."""
+    if loss_on == "response":
+        return batch
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+    ids = batch["input_ids"]
+    labels = ids.clone() if loss_on == "all" else ids.masked_fill(batch["attention_mask"] == 0, IGNORE)
+    return {**batch, "labels": labels}

@@ -5,6 +5,7 @@ from typing import Optional
 
 from immunize.datamodules.base import ListDataset, TokenizedData
 from immunize.datamodules.catalog import Source, as_examples, load_records
+from immunize.datamodules.collate import LOSS_ON, supervise
 from immunize.errors import UserError
 
 
@@ -15,16 +16,22 @@ class SFTData(TokenizedData):
         train: the training sources (concatenated).
         val: validation sources (their loss is logged as val/loss).
         pairs_use: which side of paired records to train on: "harmful" or "refusal".
+        loss_on: the positions the training loss covers: "response" (ours), "sequence" (prompt and response), or
+            "all" (padding too: what the SEAM and Panacea reference attacks train on, through Hugging Face's
+            collator). Validation loss stays on the response, so val/loss compares across protocols.
         **kwargs: TokenizedData's arguments (template, max_length, batch_size, num_workers, seed).
     """
 
-    def __init__(self, train: list[Source], val: Optional[list[Source]] = None, pairs_use: str = "harmful", **kwargs):
+    def __init__(self, train: list[Source], val: Optional[list[Source]] = None, pairs_use: str = "harmful",
+                 loss_on: str = "response", **kwargs):
         super().__init__(**kwargs)
         if not train:
             raise UserError("data.train lists no sources, so there is nothing to train on; give at least one source")
         if pairs_use not in ("harmful", "refusal"):
             raise UserError(f"data.pairs_use must be 'harmful' or 'refusal', got {pairs_use!r}")
-        self.train_sources, self.val_sources, self.pairs_use = train, val or [], pairs_use
+        if loss_on not in LOSS_ON:
+            raise UserError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+        self.train_sources, self.val_sources, self.pairs_use, self.loss_on = train, val or [], pairs_use, loss_on
 
     def examples(self, sources: list[Source]) -> list:
         return [ex for src in sources for ex in as_examples(load_records(src), self.pairs_use)]
@@ -35,7 +42,10 @@ class SFTData(TokenizedData):
         self.val_set = ListDataset([self.encode(e.prompt, e.response) for e in self.examples(self.val_sources)]) if self.val_sources else None
 
     def train_dataloader(self):
-        return self.loader(self.train_set, self.collate_examples, shuffle=True)
+        return self.loader(self.train_set, self.collate_train, shuffle=True)
+
+    def collate_train(self, rows) -> dict:
+        return supervise(self.collate_examples(rows), self.loss_on)
 
     def val_dataloader(self):
         return self.loader(self.val_set, self.collate_examples, shuffle=False) if self.val_set is not None else []

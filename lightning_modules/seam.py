@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from immunize.datamodules.collate import supervise
 from immunize.errors import UserError
 from immunize.lightning_modules.functional.batch_parts import require_parts
 from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, dot, global_norm, grads_of
@@ -24,6 +25,7 @@ from immunize.lightning_modules.functional.global_batch import global_value
 from immunize.lightning_modules.functional.supervised_ce import response_forward
 
 ESTIMATORS = ("finite_difference", "exact")
+BENIGN_TOKENS = ("response", "sequence")
 PARTS = ("harmful", "refusal", "benign")
 
 
@@ -46,6 +48,10 @@ class SEAM(MultiPassDefense):
         use_unlearning: include L_ul = -log(1 + logit-lens harmful CE); false is the "no L_ul" ablation.
         lens_mean: "honest" (the mean of the L + 1 logit-lens terms) or "reference" (the authors' code: the last
             hidden state normalised twice, L + 2 terms divided by L + 1; functional.logit_lens).
+        benign_tokens: the tokens of the benign gradient g_b: "response" (ours: the benign answer, as the
+            attack and the evaluation read a model) or "sequence" (the reference code: the whole benign text,
+            prompt included, padding left out; on short-answer tasks the response is one or two tokens, so the
+            two g_b differ most there).
         grad_clip, accumulate, **kwargs: MultiPassDefense and CausalLMModule.
     """
 
@@ -54,8 +60,12 @@ class SEAM(MultiPassDefense):
 
     def __init__(self, alpha: float = 1.0, beta: float = 0.01, eps: float = 1e-3,
                  estimator: str = "finite_difference", use_unlearning: bool = True,
-                 lens_mean: Literal["honest", "reference"] = "honest", **kwargs):
+                 lens_mean: Literal["honest", "reference"] = "honest",
+                 benign_tokens: Literal["response", "sequence"] = "response", **kwargs):
         super().__init__(**kwargs)
+        if benign_tokens not in BENIGN_TOKENS:
+            raise UserError(f"SEAM benign_tokens must be one of {', '.join(BENIGN_TOKENS)}, got {benign_tokens!r}")
+        self.benign_tokens = benign_tokens
         if lens_mean not in LENS_MEANS:
             raise UserError(f"SEAM lens_mean must be one of {', '.join(LENS_MEANS)}, got {lens_mean!r}")
         self.lens_mean = lens_mean
@@ -85,6 +95,7 @@ class SEAM(MultiPassDefense):
     # ----- one step ------------------------------------------------------------------------------
     def step_gradient(self, batch):
         harmful, refusal, benign = require_parts(batch, PARTS, "SEAM")
+        benign = supervise(benign, self.benign_tokens)
         params = self.trainable_parameters()
         w_h, w_r, w_b = self.token_weights(harmful, refusal, benign)
         need_sd = self.beta > 0

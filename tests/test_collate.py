@@ -1,7 +1,9 @@
-"""Response-only masking, EOS appending, and padding direction."""
+"""Response-only masking, EOS appending, padding direction, and the positions a loss covers (loss_on)."""
 import torch
 
-from immunize.datamodules.collate import IGNORE, encode_example, encode_prompt, pad_left, pad_right
+import pytest
+
+from immunize.datamodules.collate import IGNORE, encode_example, encode_prompt, pad_left, pad_right, supervise
 from immunize.lightning_modules.functional.grad_math import masked_ce
 
 
@@ -35,3 +37,38 @@ def test_left_padding_aligns_prompt_ends(toy_tokenizer):
     batch = pad_left([[5, 6, 7], [8]], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_loss_on_picks_response_sequence_or_every_position(toy_tokenizer):
+    rows = [encode_example(toy_tokenizer, "qa", "what is the capital of brinou ?", "naxu", 64),
+            encode_example(toy_tokenizer, "qa", "how do i zaethu a kelae ?", "i am sorry .", 64)]
+    batch = pad_right(rows, toy_tokenizer.pad_token_id)
+    assert supervise(batch, "response") is batch
+    sequence, everything = supervise(batch, "sequence")["labels"], supervise(batch, "all")["labels"]
+    real = batch["attention_mask"] == 1
+    assert torch.equal(sequence[real], batch["input_ids"][real]) and (sequence[~real] == IGNORE).all()
+    assert (~real).any() and torch.equal(everything, batch["input_ids"])  # padding positions are labelled too
+    assert torch.equal(batch["labels"], pad_right(rows, toy_tokenizer.pad_token_id)["labels"])  # not modified
+    with pytest.raises(ValueError, match="loss_on"):
+        supervise(batch, "prompt")
+
+
+def test_sft_data_trains_on_the_chosen_positions(toy_tokenizer, tmp_path):
+    import json
+
+    from immunize.datamodules import SFTData, Source
+    from immunize.errors import UserError
+
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps({"instruction": f"say {w}", "input": "", "output": f"the {w}"})
+                              for w in ("naxu", "brinou", "kelae")))
+    batches = {}
+    for loss_on in ("response", "sequence"):
+        data = SFTData(train=[Source(kind="alpaca", path=str(path))], template="plain", batch_size=3, loss_on=loss_on)
+        data.connect(toy_tokenizer)
+        data.setup("fit")
+        batches[loss_on] = next(iter(data.train_dataloader()))
+    response, sequence = batches["response"]["labels"], batches["sequence"]["labels"]
+    assert ((response != IGNORE).sum(1) < (sequence != IGNORE).sum(1)).all()
+    with pytest.raises(UserError, match="data.loss_on"):
+        SFTData(train=[Source(kind="alpaca", path=str(path))], loss_on="prompts")

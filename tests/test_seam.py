@@ -45,6 +45,22 @@ def test_applied_gradient_is_ul_plus_alpha_up_plus_beta_estimate():
     assert rel_err(capture.grads[0], expected) < 1e-5
 
 
+def test_benign_tokens_sequence_takes_g_b_over_the_whole_benign_text():
+    """The reference's g_b: the CE of the benign prompt and answer (padding left out), recomputed by hand."""
+    module = SEAM(model="toy:tiny", alpha=0.7, beta=0.5, eps=1e-3, benign_tokens="sequence", optimizer="sgd", lr=1e-2)
+    reference = copy.deepcopy(module.model)
+    capture = Capture()
+    fit(module, callbacks=[capture])
+    batch = copy.deepcopy(capture.batches[0])
+    benign = batch["benign"]
+    answer_only = (benign["labels"] != -100).sum()
+    benign["labels"] = benign["input_ids"].masked_fill(benign["attention_mask"] == 0, -100)
+    assert (benign["labels"] != -100).sum() > answer_only
+    assert rel_err(capture.grads[0], by_hand(reference, batch, 0.7, 0.5, 1e-3)) < 1e-5
+    with pytest.raises(UserError, match="benign_tokens"):
+        SEAM(model="toy:tiny", benign_tokens="prompt")
+
+
 def test_exact_and_finite_difference_updates_agree():
     """Pure L_sd (no L_ul, alpha 0) so the update is the estimate alone; SGD keeps the delta linear in it."""
     deltas = {}
