@@ -174,3 +174,20 @@ def test_a_changed_computation_renames_only_the_cells_that_use_it(monkeypatch):
     assert cell_digest("fit", "defense", tar, "toy:tiny") != before["tar"]
     assert cell_digest("fit", "defense", warm, "toy:tiny") != before["warm"]
     assert cell_digest("fit", "defense", plain, "toy:tiny") == before["plain"]
+
+
+def test_reference_attack_protocol_axes_keep_our_cells_and_attack_with_the_defense_rows():
+    ours = _by_label(_plan())
+    both = _by_label(_plan("--attack.data_from", "[heldout, defense]", "--attack.loss_on", "[response, all]"))
+    label = "attack seam lr=1e-3 loss_on=response data_from=heldout"
+    assert both[label].digest == ours["attack seam lr=1e-3"].digest  # our protocol's cells keep their names
+    assert both[f"eval {label}"].meta["attack"] == ours["eval attack seam lr=1e-3"].meta["attack"]
+    reference = both["attack seam lr=1e-3 loss_on=all data_from=defense"]
+    data = reference.config["data"]["init_args"]
+    assert data["loss_on"] == "all" and data["pairs_use"] == "harmful"
+    defense_pairs = both["defense seam"].config["data"]["init_args"]["pairs"]
+    assert {k: v for k, v in data["train"][0].items() if k != "limit"} == \
+        {k: v for k, v in defense_pairs.items() if k != "limit"}  # the defense's own harmful rows (split align)
+    assert data["train"][0]["limit"] == 200  # the attack's sample count: the first 200 of them
+    assert both["eval attack seam lr=1e-3 loss_on=all data_from=defense"].meta["attack"] == \
+        {"lr": 1e-3, "samples": 200, "mode": "full", "optimizer": "adamw", "loss_on": "all", "data_from": "defense"}

@@ -313,3 +313,12 @@ def test_rows_pair_over_common_items_and_report_per_seed_values():
     assert vs["dropped"] == {"harmful_score": 1, "capability": 0}
     value, low, high = vs["harmful_score"]
     assert value == pytest.approx((-75.0 - 100 / 3) / 2, abs=1e-3) and low < -75.0 and high > -100 / 3  # t, ~1 df
+
+
+def test_reference_protocol_attacks_are_their_own_rows_and_labels():
+    ours = {"lr": 1e-3, "samples": 200, "mode": "full", "optimizer": "adamw"}
+    theirs = {**ours, "loss_on": "all", "data_from": "defense"}
+    points = [ours, theirs]
+    assert report.attack_label(ours, points) == "lr=1e-3 loss_on=response data_from=heldout"
+    assert report.attack_label(theirs, points) == "lr=1e-3 loss_on=all data_from=defense"
+    assert report.attack_label(ours, [ours]) == "lr=1e-3" and report._key(ours) != report._key(theirs)

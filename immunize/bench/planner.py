@@ -198,7 +198,8 @@ class Planner:
 
     def _attack_grid(self) -> list[dict]:
         a = self.bench.attack
-        axes = {"lr": a.lrs, "samples": a.samples or [None], "mode": a.modes, "optimizer": a.optimizers or [None]}
+        axes = {"lr": a.lrs, "samples": a.samples or [None], "mode": a.modes, "optimizer": a.optimizers or [None],
+                "loss_on": a.loss_on, "data_from": a.data_from}
         return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
     def _attack_label(self, defense: str, point: dict) -> str:
@@ -210,7 +211,19 @@ class Planner:
             parts.append(point["mode"])
         if a.optimizers and len(a.optimizers) > 1:
             parts.append(point["optimizer"])
+        for axis in ("loss_on", "data_from"):
+            if len(getattr(a, axis)) > 1:
+                parts.append(f"{axis}={point[axis]}")
         return " ".join(parts)
+
+    def _defense_pairs(self) -> Optional[dict]:
+        """The harmful pairs the alignment defenses train on (the defense stage's, else the alignment's), for
+        attack.data_from "defense"."""
+        for cfg in (self._defense_stage(), load_stage(self.bench.alignment, "alignment") if self.bench.alignment else None):
+            pairs = init_args(cfg or {}, "data").get("pairs")
+            if isinstance(pairs, dict):
+                return pairs
+        return None
 
     def _loss_curve_callback(self) -> list[dict]:
         """immunize.callbacks.BenignLossCurve on the evaluation's first source, when the attack asks for the curve."""
@@ -226,7 +239,7 @@ class Planner:
         add_callbacks(base, self._loss_curve_callback())
         for point in self._attack_grid():
             cfg = copy.deepcopy(base)
-            settings = attack_settings(cfg, point, self.bench.attack.lora)
+            settings = attack_settings(cfg, point, self.bench.attack.lora, self._defense_pairs())
             for name, model in models.items():
                 label = self._attack_label(name, point)
                 attacked = self._fit("attack", label, cfg, model, defense=name, attack=settings)
@@ -278,11 +291,13 @@ def add_callbacks(cfg: dict, callbacks: list[dict]) -> None:
         trainer["callbacks"] = (existing if isinstance(existing, list) else [existing]) + copy.deepcopy(callbacks)
 
 
-def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:
+def attack_settings(cfg: dict, point: dict, lora: dict, defense_pairs: Optional[dict] = None) -> dict:
     """Write one grid point into an attack config; returns the settings as run (axes left null resolved).
 
     Besides lr, samples, mode and optimizer, a search point may set lora_rank (LoRA mode only), batch_size and
-    steps (trainer.max_steps, epochs unbounded); those appear in the settings only when set."""
+    steps (trainer.max_steps, epochs unbounded); a grid point may set loss_on and data_from (the defense's own
+    harmful pairs, `defense_pairs`, in place of the attack's training source). Those appear in the settings only
+    when set to something other than ours (response, heldout), so our protocol's cells and rows keep their names."""
     model = init_args(cfg, "model")
     model["lr"] = point["lr"]
     if point["optimizer"] is not None:
@@ -303,6 +318,16 @@ def attack_settings(cfg: dict, point: dict, lora: dict) -> dict:
         trainer = cfg.setdefault("trainer", {})
         trainer["max_steps"], trainer["max_epochs"] = int(point["steps"]), -1
         extra["steps"] = int(point["steps"])
+    if point.get("loss_on", "response") != "response":
+        data["loss_on"] = extra["loss_on"] = point["loss_on"]
+    if point.get("data_from", "heldout") == "defense":
+        if defense_pairs is None:
+            raise UserError("attack.data_from 'defense' needs the defenses' training pairs: give defense_stage (or "
+                            "alignment) a data config with a `pairs` source")
+        limit = (data.get("train") or [{}])[0].get("limit") if isinstance(data.get("train"), list) else None
+        data["train"] = [{**copy.deepcopy(defense_pairs), **({"limit": limit} if limit is not None else {})}]
+        data["pairs_use"] = "harmful"
+        extra["data_from"] = "defense"
     samples = point["samples"]
     train = data.get("train")
     if samples is not None:

@@ -84,8 +84,15 @@ def _by(results: dict, stage: str) -> list[dict]:
     return [r for r in rows_of(results) if r["stage"] == stage]
 
 
+ATTACK_DEFAULTS = {"loss_on": "response", "data_from": "heldout"}  # attack settings left out of a row's attack
+
+
+def _axis(attack: dict, axis: str):
+    return attack.get(axis, ATTACK_DEFAULTS.get(axis))
+
+
 def _key(attack: dict) -> tuple:
-    return (attack["lr"], attack.get("samples"), attack.get("mode"), attack.get("optimizer"))
+    return tuple(_axis(attack, axis) for axis in ("lr", "samples", "mode", "optimizer", "loss_on", "data_from"))
 
 
 def attack_points(results: dict) -> list[dict]:
@@ -101,9 +108,10 @@ def attack_points(results: dict) -> list[dict]:
 def attack_label(attack: dict, points: list[dict]) -> str:
     """lr always; the other axes only when they vary across the grid."""
     parts = [f"lr={fmt_num(attack['lr'])}"]
-    for axis, prefix in (("samples", "n="), ("mode", ""), ("optimizer", "")):
-        if len({p.get(axis) for p in points}) > 1:
-            parts.append(f"{prefix}{attack.get(axis)}")
+    for axis, prefix in (("samples", "n="), ("mode", ""), ("optimizer", ""), ("loss_on", "loss_on="),
+                         ("data_from", "data_from=")):
+        if len({_axis(p, axis) for p in points}) > 1:
+            parts.append(f"{prefix}{_axis(attack, axis)}")
     return " ".join(parts)
 
 
