@@ -15,7 +15,10 @@ import torch
 from immunize.datamodules.collate import supervise
 from immunize.errors import UserError
 from immunize.lightning_modules.functional.batch_parts import require_parts
-from immunize.lightning_modules.functional.grad_math import all_reduce_mean_, dot, global_norm, grads_of
+from lightning.pytorch.utilities import rank_zero_warn
+
+from immunize.lightning_modules.functional.grad_math import (all_reduce_mean_, dot, global_norm, grads_of,
+                                                             inexact_weights_allowed)
 from immunize.lightning_modules.modeling.sharding import any_sharded
 from immunize.lightning_modules.functional.hessian_free import exact_sd_grad, finite_difference_sd_grad
 from immunize.lightning_modules.modeling.hidden_hooks import lens_modules
@@ -26,6 +29,11 @@ from immunize.lightning_modules.functional.supervised_ce import response_forward
 
 ESTIMATORS = ("finite_difference", "exact")
 BENIGN_TOKENS = ("response", "sequence")
+PRECISIONS = ("fp32_master", "reference_bf16")
+REFERENCE_BF16_WARNING = (
+    "SEAM precision 'reference_bf16': the finite-difference step eps * v is taken in bf16 weights, as the authors' "
+    "code does; at eps 1e-3 most of it rounds away (train/bf16_unmoved_share logs the share of weights the step "
+    "leaves unchanged), so L_sd's gradient is mostly rounding noise. For reproducing the reference only.")
 PARTS = ("harmful", "refusal", "benign")
 
 
@@ -52,6 +60,9 @@ class SEAM(MultiPassDefense):
             attack and the evaluation read a model) or "sequence" (the reference code: the whole benign text,
             prompt included, padding left out; on short-answer tasks the response is one or two tokens, so the
             two g_b differ most there).
+        precision: "fp32_master" (fp32 weights; the trainer's precision 32-true or bf16-mixed) or "reference_bf16"
+            (the authors' pure bf16: bf16 weights, trainer precision bf16-true, warned and logged as
+            train/bf16_unmoved_share every step; never a default).
         grad_clip, accumulate, **kwargs: MultiPassDefense and CausalLMModule.
     """
 
@@ -61,8 +72,12 @@ class SEAM(MultiPassDefense):
     def __init__(self, alpha: float = 1.0, beta: float = 0.01, eps: float = 1e-3,
                  estimator: str = "finite_difference", use_unlearning: bool = True,
                  lens_mean: Literal["honest", "reference"] = "honest",
-                 benign_tokens: Literal["response", "sequence"] = "response", **kwargs):
+                 benign_tokens: Literal["response", "sequence"] = "response",
+                 precision: Literal["fp32_master", "reference_bf16"] = "fp32_master", **kwargs):
         super().__init__(**kwargs)
+        if precision not in PRECISIONS:
+            raise UserError(f"SEAM precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision_mode = precision
         if benign_tokens not in BENIGN_TOKENS:
             raise UserError(f"SEAM benign_tokens must be one of {', '.join(BENIGN_TOKENS)}, got {benign_tokens!r}")
         self.benign_tokens = benign_tokens
@@ -84,10 +99,18 @@ class SEAM(MultiPassDefense):
             self.model.set_attn_implementation("eager")  # fused SDPA kernels have no double backward
 
     def needs_exact_params(self) -> bool:
-        return self.beta > 0
+        return self.beta > 0 and self.precision_mode == "fp32_master"
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
+        if self.precision_mode == "reference_bf16":
+            if str(self.trainer.precision) not in ("bf16-true", "32-true") or any(
+                    p.dtype != torch.bfloat16 for p in self.trainable_parameters()):
+                raise UserError("SEAM precision 'reference_bf16' trains bf16 weights (model.init_args.dtype bfloat16, "
+                                f"trainer.precision bf16-true); got trainer.precision {str(self.trainer.precision)!r} "
+                                f"and {self.trainable_parameters()[0].dtype} weights")
+            rank_zero_warn(REFERENCE_BF16_WARNING)
+        else:
+            super().on_fit_start()
         if self.estimator == "exact" and (self.trainer.world_size > 1 or any_sharded(self.trainable_parameters())):
             raise UserError("SEAM estimator 'exact' is a single-process check (double backward, no all-reduce); "
                             "use estimator finite_difference under DDP")
@@ -162,6 +185,12 @@ class SEAM(MultiPassDefense):
         """
         all_reduce_mean_(g_a)
         g_b = all_reduce_mean_(grads_of(self.ce(benign, w_b), params))
+        if self.precision_mode == "reference_bf16":
+            self.log("train/bf16_unmoved_share", unmoved_share(params, g_a, g_b, self.eps), on_step=True)
+            with inexact_weights_allowed():
+                est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params), None,
+                                                       g_a, g_b, self.eps, loss_b_fn=lambda: self.ce(benign, w_b))
+            return est, stats["cosine"], stats["est_norm"]
         if self.estimator == "exact":
             cosine = dot(g_a, g_b) / (global_norm(g_a) * global_norm(g_b))
             del g_a, g_b
@@ -171,3 +200,19 @@ class SEAM(MultiPassDefense):
                                                g_a, g_b, self.eps, loss_b_fn=lambda: self.ce(benign, w_b))
         del g_b  # emptied by the estimator after its last use
         return est, stats["cosine"], stats["est_norm"]
+
+
+@torch.no_grad()
+def unmoved_share(params, g_a, g_b, eps: float) -> float:
+    """The share of weight elements that the first finite-difference step, eps * (g_b/|g_b| - c g_a/|g_a|), leaves
+    unchanged when added in the weights' own dtype (0 in fp32 for a nonzero direction; most of them in bf16)."""
+    norm_a, norm_b = float(global_norm(g_a)), float(global_norm(g_b))
+    if not (norm_a > 0 and norm_b > 0):
+        return float("nan")
+    c = float(dot(g_a, g_b)) / (norm_a * norm_b)
+    same = total = 0
+    for p, a, b in zip(params, g_a, g_b):
+        step = (b.float() / norm_b - c * a.float() / norm_a) * eps
+        same += int(((p.float() + step).to(p.dtype) == p).sum())
+        total += p.numel()
+    return same / total

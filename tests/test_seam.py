@@ -109,6 +109,19 @@ def test_bf16_weights_are_refused_and_bf16_mixed_trains():
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
 
 
+def test_reference_bf16_is_an_opt_in_that_trains_and_logs_how_much_of_the_step_rounds_away():
+    with pytest.warns(UserWarning, match="reference_bf16"):
+        trainer = fit(SEAM(model="toy:tiny", dtype="bfloat16", beta=1.0, precision="reference_bf16"),
+                      precision="bf16-true")
+    unmoved = float(trainer.callback_metrics["train/bf16_unmoved_share"])
+    assert 0.5 < unmoved <= 1.0  # most of eps * v rounds away in bf16 weights (the point of the warning)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    with pytest.raises(UserError, match="reference_bf16"):
+        fit(SEAM(model="toy:tiny", precision="reference_bf16"))  # fp32 weights: not the reference's precision
+    with pytest.raises(UserError, match="precision"):
+        SEAM(model="toy:tiny", precision="fp16")
+
+
 def test_bad_arguments_are_user_errors():
     with pytest.raises(UserError, match="estimator"):
         SEAM(model="toy:tiny", estimator="central")

@@ -7,7 +7,9 @@ products and norms sum each rank's partial over the ranks (immunize.lightning_mo
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -131,8 +133,25 @@ def require_fp32_master_precision(precision, method: str, why: str) -> None:
                         f"{list(FP32_MASTER_PRECISIONS)}, e.g. bf16-mixed on GPUs")
 
 
+_INEXACT_ALLOWED: contextvars.ContextVar[bool] = contextvars.ContextVar("inexact_weights_allowed", default=False)
+
+
+@contextlib.contextmanager
+def inexact_weights_allowed() -> Iterator[None]:
+    """Inside the block, weight perturbations of bf16/fp16 parameters are allowed (require_exact_params passes):
+    for reproducing a reference that trains in pure bf16 (SEAM's precision "reference_bf16"), never a default."""
+    token = _INEXACT_ALLOWED.set(True)
+    try:
+        yield
+    finally:
+        _INEXACT_ALLOWED.reset(token)
+
+
 def require_exact_params(params: Sequence[torch.Tensor]) -> None:
-    """Raise UserError unless every parameter is fp32/fp64 (small weight perturbations need fine weights)."""
+    """Raise UserError unless every parameter is fp32/fp64 (small weight perturbations need fine weights), except
+    inside inexact_weights_allowed()."""
+    if _INEXACT_ALLOWED.get():
+        return
     for p in params:
         if p.dtype not in EXACT_DTYPES:
             raise UserError(
