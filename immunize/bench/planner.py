@@ -324,7 +324,8 @@ def attack_settings(cfg: dict, point: dict, lora: dict, defense_pairs: Optional[
         if defense_pairs is None:
             raise UserError("attack.data_from 'defense' needs the defenses' training pairs: give defense_stage (or "
                             "alignment) a data config with a `pairs` source")
-        limit = (data.get("train") or [{}])[0].get("limit") if isinstance(data.get("train"), list) else None
+        own = data.get("train")
+        limit = own[0].get("limit") if isinstance(own, list) and own and isinstance(own[0], dict) else None
         data["train"] = [{**copy.deepcopy(defense_pairs), **({"limit": limit} if limit is not None else {})}]
         data["pairs_use"] = "harmful"
         extra["data_from"] = "defense"
