@@ -142,8 +142,8 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
     last_partial = [-PARTIAL_RESULTS_EVERY_S]
 
     def on_done(cell, index):
-        # a partial results.json while cells finish, at most every PARTIAL_RESULTS_EVERY_S: rebuilding it bootstraps
-        # every evaluated model, so after each of N evals it would cost O(N^2) (minutes on a resumed 100-model run)
+        # a partial results.json while cells finish, at most every PARTIAL_RESULTS_EVERY_S: rebuilding it reads every
+        # evaluated model's items, so after each of N evals it would cost O(N^2) (minutes on a resumed 100-model run)
         if cell.kind == "test" and time.monotonic() - last_partial[0] >= PARTIAL_RESULTS_EVERY_S:
             write_outputs(plan, bench, out, cells_dir, final=False, config=config)
             last_partial[0] = time.monotonic()
