@@ -24,7 +24,7 @@ from immunize.metrics import HarmfulScore, KeyedMean, TaskAccuracy, match_answer
 from immunize.statistics import chance_level
 from immunize.lightning_modules.evaluation.diagnostics import gradient_cosine, round_robin_tasks
 from immunize.lightning_modules.evaluation.generation import greedy_generate
-from immunize.lightning_modules.modeling.lora import apply_lora, lora_config
+from immunize.lightning_modules.modeling.lora import ADAPTER_DIR, apply_lora, attach_saved_adapter, lora_config, saved_adapter
 from immunize.lightning_modules.functional.grad_math import global_norm, sequence_ce
 from immunize.lightning_modules.modeling.model_loading import load_model, load_tokenizer, resolve_source
 from immunize.lightning_modules.modeling.optim import build_optimizer, build_scheduler, check_training_args
@@ -68,6 +68,11 @@ class CausalLMModule(L.LightningModule):
             {tasks: [toy_mc], num_fewshot: 0, limit: null, include_path: null, batch_size: 16}; its metrics join
             metrics.json as lm_eval/<task>/<metric> (percent) and capability/lm_eval (their mean acc), its
             per-sample records go to lm_eval_samples.jsonl. Unknown keys or task names fail here, before any run.
+        export_lora: how a LoRA model is exported: "merged" (the adapter folded into the weights) or "adapter" (the
+            base weights unmerged, the adapter in the export's `adapter/` folder), so a later stage can continue it.
+        adapter: for a model directory exported with export_lora "adapter": "merge" (fold the adapter into the
+            weights at load: the model the exporting stage trained) or "continue" (train that adapter further, only
+            its weights, as Panacea's reference continues the alignment LoRA; `lora` must then be null).
     """
 
     def __init__(
@@ -89,6 +94,8 @@ class CausalLMModule(L.LightningModule):
         init_seed: int = 0,
         diagnostic_items: int = 64,
         lm_eval: Optional[dict] = None,
+        export_lora: Literal["merged", "adapter"] = "merged",
+        adapter: Literal["merge", "continue"] = "merge",
     ):
         super().__init__()
         check_module_args(optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum,
@@ -107,6 +114,17 @@ class CausalLMModule(L.LightningModule):
         self.tokenizer = load_tokenizer(source, gguf_file, trust_remote_code)
         self.model = load_model(source, self.tokenizer, gguf_file, dtype, trust_remote_code, init_seed)
         self.lora_spec = lora
+        self.export_lora = export_lora
+        adapter_dir = saved_adapter(source) if not source.startswith("toy:") else None
+        if adapter == "continue" and (adapter_dir is None or lora is not None):
+            raise UserError(f"model.adapter 'continue' trains the LoRA adapter saved in {source!r}/{ADAPTER_DIR} "
+                            "(an export with export_lora: adapter) and needs model.lora null; "
+                            + ("set lora to null" if adapter_dir is not None else "that model has no saved adapter"))
+        if adapter_dir is not None:
+            self.model, continued = attach_saved_adapter(self.model, adapter_dir, trainable=adapter == "continue")
+            if continued is not None:
+                self.lora_spec = continued
+                self.hparams["lora_continued"] = continued
         if lora is not None:
             self.model = apply_lora(self.model, lora)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps module modes as they are
@@ -341,18 +359,24 @@ class CausalLMModule(L.LightningModule):
         copy_.generation_config = base.generation_config
         self._export_copy = copy_
 
-    def export(self, dirpath: Union[str, os.PathLike], merge_lora: bool = True) -> Path:
-        """save_pretrained (safetensors) with the tokenizer; LoRA merged unless merge_lora=False. The model is
+    def export(self, dirpath: Union[str, os.PathLike], merge_lora: Optional[bool] = None) -> Path:
+        """save_pretrained (safetensors) with the tokenizer; a LoRA model merged, or (merge_lora False, default:
+        export_lora "adapter") its base weights unmerged with the adapter in `adapter/`. The model is
         written to a staging folder beside `dirpath` and swapped in whole (immunize.outputs.replace_dir): an
         earlier export there stays until the new one is complete, and a folder immunize did not write is never
         replaced. Under FSDP2, call prepare_export() on every rank first; rank 0 then writes the gathered weights."""
         if is_fsdp_model(self.model) and self._export_copy is None:
             raise RuntimeError("export of an FSDP-sharded model needs prepare_export() on every rank first")
         model = self._export_copy if self._export_copy is not None else self.model
-        if merge_lora and hasattr(model, "merge_and_unload"):
-            model = copy.deepcopy(model).merge_and_unload()
+        merge = self.export_lora == "merged" if merge_lora is None else merge_lora
+        adapter = None
+        if hasattr(model, "merge_and_unload"):
+            adapter = None if merge else model
+            model = copy.deepcopy(model).merge_and_unload() if merge else copy.deepcopy(model).unload()
         staging = prepare_staging(dirpath)
         try:
+            if adapter is not None:
+                adapter.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
             model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             return replace_dir(staging, dirpath)

@@ -60,6 +60,12 @@ def test_results_schema(reference):
     _, _, results = reference
     assert results["version"] == 3 and results["reference"] == "undefended" and results["seeds"] == [0]
     assert results["defenses"] == ["undefended"] and results["finetune_defenses"] == []
+    import torch
+
+    prov = results["provenance"]
+    assert prov["packages"]["torch"] == torch.__version__ and prov["packages"]["numpy"]
+    assert prov["trainer"]["precision"] == "32-true" and prov["world_size"] == 1 and prov["machine"]["cpus"] >= 1
+    assert prov["commit"] is None or len(prov["commit"]) == 40
     assert results["heldout_categories"] == ["self_harm", "terrorism,organized_crime"]
     entries = results["results"]
     assert [(e["stage"], e["defense"]) for e in entries] == [("defended", "undefended"), ("attack", "undefended")]

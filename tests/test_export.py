@@ -4,6 +4,7 @@ import torch
 
 from conftest import REPO
 
+from immunize.errors import UserError
 from immunize.lightning_modules import CausalLMModule
 
 
@@ -41,6 +42,33 @@ def test_lora_export_is_merged_and_matches(tmp_path, toy_tokenizer):
     reloaded = CausalLMModule(model=str(out))
     assert not any("lora" in n for n, _ in reloaded.model.named_parameters())
     assert torch.allclose(_logits(module, toy_tokenizer), _logits(reloaded, reloaded.tokenizer), atol=1e-5)
+
+
+def test_an_adapter_export_keeps_the_base_and_the_adapter_and_a_later_stage_merges_or_continues_it(tmp_path, toy_tokenizer):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    module = CausalLMModule(model="toy:tiny", lora=lora, export_lora="adapter")
+    _train_lora_b(module)
+    out = module.export(tmp_path / "aligned")
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "model.safetensors").is_file()
+    merged = CausalLMModule(model=str(out))  # default: the adapter folded in, the model the stage trained
+    assert not any("lora" in n for n, _ in merged.model.named_parameters())
+    assert torch.allclose(_logits(module, toy_tokenizer), _logits(merged, merged.tokenizer), atol=1e-5)
+    from safetensors.torch import load_file
+
+    base = CausalLMModule(model="toy:tiny").model.state_dict()  # the same seed's init: the adapter's base
+    top = load_file(str(out / "model.safetensors"))
+    assert top and all(torch.equal(t, base[k]) for k, t in top.items())  # the top-level weights: the base, unmerged
+    continued = CausalLMModule(model=str(out), adapter="continue")
+    trainable = {n: p for n, p in continued.model.named_parameters() if p.requires_grad}
+    saved = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable) and len(trainable) == len(saved)
+    assert all(torch.equal(a, b) for a, b in zip(trainable.values(), saved.values()))  # the same adapter, trainable
+    assert torch.allclose(_logits(module, toy_tokenizer), _logits(continued, toy_tokenizer), atol=1e-5)
+    assert continued.lora_spec["r"] == 4 and continued.lora_spec["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(UserError, match="lora null"):
+        CausalLMModule(model=str(out), adapter="continue", lora=lora)
+    with pytest.raises(UserError, match="no saved adapter"):
+        CausalLMModule(model=str(module.export(tmp_path / "merged", merge_lora=True)), adapter="continue")
 
 
 def test_gguf_fit_export_reload_round_trip(tmp_path):
@@ -152,3 +180,22 @@ def test_bad_lora_settings_are_one_line(spec, needle):
 def test_short_names_of_earlier_configs_still_read():
     module = CausalLMModule(model="toy:tiny", lora={"r": 4, "alpha": 8, "dropout": 0.1})
     assert module.hparams["lora"]["lora_alpha"] == 8 and module.hparams["lora"]["lora_dropout"] == 0.1
+
+
+def test_a_continued_adapter_trains_only_its_own_weights(tmp_path):
+    import lightning as L
+
+    from immunize.datamodules import SFTData, Source
+    from immunize.lightning_modules import SFT
+
+    module = CausalLMModule(model="toy:tiny", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                            export_lora="adapter")
+    _train_lora_b(module)
+    out = module.export(tmp_path / "aligned")
+    sft = SFT(model=str(out), adapter="continue", lr=1e-2)
+    before = {n: p.detach().clone() for n, p in sft.model.named_parameters()}
+    data = SFTData(train=[Source(kind="alpaca", path=str(_alpaca_file(tmp_path)))], template="plain", batch_size=2)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(sft, datamodule=data)
+    moved = {n for n, p in sft.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)

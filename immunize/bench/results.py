@@ -1,4 +1,6 @@
-"""Finished eval cells -> results.json: one entry per evaluated model and seed, and rows aggregated over seeds.
+"""Finished eval cells -> results.json: one entry per evaluated model and seed, rows aggregated over seeds, and a
+provenance block (immunize.provenance: code version and commit, package versions, the collecting machine, the
+shared trainer's precision, devices and world size).
 
 Entry ("results"): cell, model_cell, defense, stage ("defended": the defense's model before any attack;
 "attack"; "benign": after the benign fine-tune; "finetune": a fine-tuning-stage defense), seed, attack
@@ -34,6 +36,7 @@ import numpy as np
 
 from immunize.bench.cells import Cell, cell_info, read_json
 from immunize import statistics
+from immunize.provenance import provenance
 
 VERSION = 3  # 3: t intervals over seeds (immunize.statistics), seed_values of every metric, per_seed and dropped in paired differences
 HARM, ACC, LOSS, CHANCE, DIAG, REFUSAL = "harmful_score/", "accuracy/", "loss/", "chance/", "diagnostics/", "refusal/"
@@ -310,7 +313,8 @@ def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window:
             items[e["cell"]] = arrays
     seeds = sorted({e["seed"] for e in entries})
     rows = aggregate(entries, items, plan.reference, finetune[0] if finetune else None)
-    return {"version": VERSION, "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
+    planner = getattr(plan, "planner", None)
+    return {"version": VERSION, "provenance": provenance(getattr(planner, "_common_trainer", None)), "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
             "heldout_categories": list(heldout), "threshold": threshold, "seeds": seeds,
             "window": dict(window or {"harm": 50.0, "capability_drop": 5.0}),
             "select": dict(select or {"stability_tolerance": 5.0, "finetune_tolerance": 2.0}),

@@ -68,3 +68,36 @@ def apply_lora(model, spec: Mapping[str, Any]):
         return get_peft_model(model, config)
     except ValueError as err:
         raise UserError(f"LoRA: {str(err).splitlines()[0]}; check lora.target_modules") from err
+
+
+SAVED_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_dora", "use_rslora", "modules_to_save",
+                "layers_to_transform")  # a continued adapter's settings, as its `lora` mapping
+ADAPTER_DIR = "adapter"  # where an export with export_lora "adapter" keeps the LoRA adapter, beside the base weights
+
+
+def saved_adapter(source: str) -> Optional[str]:
+    """The adapter folder of a model directory exported with export_lora "adapter", or None."""
+    import os
+
+    path = os.path.join(source, ADAPTER_DIR)
+    return path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
+
+
+def attach_saved_adapter(model, adapter_dir: str, trainable: bool):
+    """The base model with the saved adapter: merged into the weights (trainable=False: the model the exporting
+    stage trained, as a merged export would be), or kept as a trainable adapter (True: training continues it, as
+    Panacea's reference continues the alignment LoRA). Returns (model, the adapter's settings as a `lora` mapping)."""
+    from peft import PeftModel
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"cannot load the LoRA adapter in {adapter_dir!r}: {str(err).splitlines()[0]}; export the "
+                        "model again") from err
+    saved = peft_model.peft_config["default"]
+    settings = {k: getattr(saved, k) for k in SAVED_FIELDS}
+    if isinstance(settings["target_modules"], (set, list, tuple)):
+        settings["target_modules"] = sorted(settings["target_modules"])
+    if trainable:
+        return peft_model, lora_config(settings)
+    return peft_model.merge_and_unload(), None
