@@ -217,11 +217,12 @@ def _check(values, strata, groups):
 
 
 def _interval(values, layout: Design, statistic: str, level: float, rate: bool, dropped: int = 0) -> Interval:
-    per_seed = moments(values, layout, statistic).per_seed
-    keep = ~np.isnan(per_seed)  # a seed whose items are all unscored has no value
+    m = moments(values, layout, statistic)
+    keep = ~np.isnan(m.per_seed)  # a seed whose items are all unscored has no value
     if not keep.any():
         return Interval(float("nan"), float("nan"), float("nan"), dropped=dropped)
-    m = moments(values[keep], layout, statistic)
+    if not keep.all():
+        m = moments(values[keep], layout, statistic)
     low, high = bounds(m, level, rate)
     return Interval(100 * float(m.estimate), 100 * float(low), 100 * float(high),
                     tuple(round(100 * float(v), 4) for v in m.per_seed), dropped, float(m.df))

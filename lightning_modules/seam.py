@@ -7,6 +7,7 @@ hessian_free, seam_math); this module is the multi-pass step on the MultiPassDef
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -185,19 +186,17 @@ class SEAM(MultiPassDefense):
         """
         all_reduce_mean_(g_a)
         g_b = all_reduce_mean_(grads_of(self.ce(benign, w_b), params))
-        if self.precision_mode == "reference_bf16":
+        bf16 = self.precision_mode == "reference_bf16"
+        if bf16:
             self.log("train/bf16_unmoved_share", unmoved_share(params, g_a, g_b, self.eps), on_step=True)
-            with inexact_weights_allowed():
-                est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params), None,
-                                                       g_a, g_b, self.eps, loss_b_fn=lambda: self.ce(benign, w_b))
-            return est, stats["cosine"], stats["est_norm"]
-        if self.estimator == "exact":
+        elif self.estimator == "exact":
             cosine = dot(g_a, g_b) / (global_norm(g_a) * global_norm(g_b))
             del g_a, g_b
             est = exact_sd_grad(params, lambda: self.ce(harmful, w_h), lambda: self.ce(benign, w_b))
             return est, cosine, global_norm(est)
-        est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params), None,
-                                               g_a, g_b, self.eps, loss_b_fn=lambda: self.ce(benign, w_b))
+        with inexact_weights_allowed() if bf16 else contextlib.nullcontext():
+            est, stats = finite_difference_sd_grad(params, lambda: grads_of(self.ce(harmful, w_h), params), None,
+                                                   g_a, g_b, self.eps, loss_b_fn=lambda: self.ce(benign, w_b))
         del g_b  # emptied by the estimator after its last use
         return est, stats["cosine"], stats["est_norm"]
 
