@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from immunize.datamodules.templates import format_prompt
+from immunize.errors import UserError
 
 IGNORE = -100
 # Which positions a training loss covers: the response (ours), the whole sequence without padding (SEAM's reference
@@ -52,6 +53,13 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> dict:
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def checked_loss_on(loss_on: str) -> str:
+    """loss_on itself, or a UserError naming the choices."""
+    if loss_on not in LOSS_ON:
+        raise UserError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
+    return loss_on
 
 
 def supervise(batch: dict, loss_on: str) -> dict:

@@ -6,6 +6,7 @@ from typing import Optional
 
 from immunize.datamodules.base import ListDataset, TokenizedData
 from immunize.datamodules.catalog import Source, as_examples, load_records
+from immunize.datamodules.collate import checked_loss_on, supervise
 from immunize.datamodules.records import Example
 from immunize.errors import UserError
 
@@ -57,14 +58,17 @@ class HarmfulMix(TokenizedData):
         n: size of the mix.
         p: harmful ratio (round(p * n) harmful samples).
         exclude: sources whose prompts must not appear among the harmful samples.
+        loss_on: the positions the training loss covers (as SFTData's): "response" (ours), "sequence" or "all"
+            (Panacea's reference fine-tune, through Hugging Face's collator).
         **kwargs: TokenizedData's arguments (template, max_length, batch_size, num_workers, seed).
     """
 
     def __init__(self, benign: Source, harmful: Source, n: int = 1000, p: float = 0.1,
-                 exclude: Optional[list[Source]] = None, **kwargs):
+                 exclude: Optional[list[Source]] = None, loss_on: str = "response", **kwargs):
         super().__init__(**kwargs)
         mix_counts(n, p)
         self.benign, self.harmful, self.n, self.p, self.exclude = benign, harmful, n, p, exclude or []
+        self.loss_on = checked_loss_on(loss_on)
 
     def records(self) -> list[Example]:
         excluded = frozenset(r.prompt for src in self.exclude for r in load_records(src))
@@ -76,4 +80,7 @@ class HarmfulMix(TokenizedData):
         self.train_set = ListDataset([self.encode(e.prompt, e.response) for e in self.records()])
 
     def train_dataloader(self):
-        return self.loader(self.train_set, self.collate_examples, shuffle=True)
+        return self.loader(self.train_set, self.collate_train, shuffle=True)
+
+    def collate_train(self, rows) -> dict:
+        return supervise(self.collate_examples(rows), self.loss_on)

@@ -5,7 +5,7 @@ from typing import Optional
 
 from immunize.datamodules.base import ListDataset, TokenizedData
 from immunize.datamodules.catalog import Source, as_examples, load_records
-from immunize.datamodules.collate import LOSS_ON, supervise
+from immunize.datamodules.collate import checked_loss_on, supervise
 from immunize.errors import UserError
 
 
@@ -29,9 +29,8 @@ class SFTData(TokenizedData):
             raise UserError("data.train lists no sources, so there is nothing to train on; give at least one source")
         if pairs_use not in ("harmful", "refusal"):
             raise UserError(f"data.pairs_use must be 'harmful' or 'refusal', got {pairs_use!r}")
-        if loss_on not in LOSS_ON:
-            raise UserError(f"data.loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
-        self.train_sources, self.val_sources, self.pairs_use, self.loss_on = train, val or [], pairs_use, loss_on
+        self.train_sources, self.val_sources, self.pairs_use = train, val or [], pairs_use
+        self.loss_on = checked_loss_on(loss_on)
 
     def examples(self, sources: list[Source]) -> list:
         return [ex for src in sources for ex in as_examples(load_records(src), self.pairs_use)]

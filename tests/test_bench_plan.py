@@ -191,3 +191,24 @@ def test_reference_attack_protocol_axes_keep_our_cells_and_attack_with_the_defen
     assert data["train"][0]["limit"] == 200  # the attack's sample count: the first 200 of them
     assert both["eval attack seam lr=1e-3 loss_on=all data_from=defense"].meta["attack"] == \
         {"lr": 1e-3, "samples": 200, "mode": "full", "optimizer": "adamw", "loss_on": "all", "data_from": "defense"}
+
+
+def test_attacked_on_attacks_a_defense_on_its_part_of_the_grid_only():
+    from immunize.bench.validate import check_config
+
+    grid = ["--attack.loss_on", "[response, all]", "--attack.data_from", "[heldout, defense]"]
+    spec = ("[{name: undefended}, {name: seam, attacked_on: [{lrs: [1.0e-3], loss_on: [all], data_from: [defense]}, "
+            "{lrs: [1.0e-2], loss_on: [response], data_from: [heldout]}]}]")
+    plan = _plan(*grid, "--defenses", spec)
+    attacks = [c.label for c in plan.cells if c.stage == "attack"]
+    assert sorted(a for a in attacks if "seam" in a) == ["attack seam lr=1e-2 loss_on=response data_from=heldout",
+                                                          "attack seam lr=1e-3 loss_on=all data_from=defense"]
+    assert len([a for a in attacks if "undefended" in a]) == 6 * 2 * 2  # the reference keeps the whole grid
+    full = _by_label(_plan(*grid))
+    assert all(full[c.label].digest == c.digest for c in plan.cells)  # the same cells, fewer of them
+    for bad, match in (("{lrs: [5.0e-5]}", "attacked_on.lrs"), ("{steps: [3]}", "axis 'steps'"),
+                       ("{loss_on: sequence}", "attacked_on.loss_on")):
+        bench, _ = parse(["--config", str(QUICKSTART), *grid, "--defenses",
+                          f"[{{name: undefended}}, {{name: seam, attacked_on: {bad}}}]"])
+        with pytest.raises(UserError, match=match):
+            check_config(bench)

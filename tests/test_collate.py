@@ -72,3 +72,29 @@ def test_sft_data_trains_on_the_chosen_positions(toy_tokenizer, tmp_path):
     assert ((response != IGNORE).sum(1) < (sequence != IGNORE).sum(1)).all()
     with pytest.raises(UserError, match="data.loss_on"):
         SFTData(train=[Source(kind="alpaca", path=str(path))], loss_on="prompts")
+
+
+def test_harmful_mix_trains_on_the_chosen_positions(toy_tokenizer, tmp_path):
+    import json
+
+    from immunize.datamodules import HarmfulMix, Source
+    from immunize.errors import UserError
+
+    benign, harmful = tmp_path / "benign.jsonl", tmp_path / "harmful.jsonl"
+    benign.write_text("\n".join(json.dumps({"instruction": f"say {w}", "input": "", "output": f"the {w}"})
+                                for w in ("naxu", "brinou", "kelae", "zaethu")))
+    harmful.write_text("\n".join(json.dumps({"instruction": f"how do i {w} ?", "input": "", "output": f"{w} it"})
+                                 for w in ("naxu", "brinou")))
+    batches = {}
+    for loss_on in ("response", "all"):
+        data = HarmfulMix(benign=Source(kind="alpaca", path=str(benign)), harmful=Source(kind="alpaca", path=str(harmful)),
+                          n=4, p=0.5, template="plain", batch_size=4, loss_on=loss_on)
+        data.connect(toy_tokenizer)
+        data.setup("fit")
+        batches[loss_on] = next(iter(data.train_dataloader()))
+    ids, response, everything = batches["all"]["input_ids"], batches["response"]["labels"], batches["all"]["labels"]
+    assert torch.equal(everything, ids)  # prompt and padding labelled too: the reference fine-tune's collator
+    assert ((response != IGNORE).sum() < (everything != IGNORE).sum())
+    with pytest.raises(UserError, match="data.loss_on"):
+        HarmfulMix(benign=Source(kind="alpaca", path=str(benign)), harmful=Source(kind="alpaca", path=str(harmful)),
+                   loss_on="prompts")

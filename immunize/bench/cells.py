@@ -16,8 +16,10 @@ Layout of a cell directory:
 from __future__ import annotations
 
 import ast
+import csv
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -154,6 +156,27 @@ def cell_info(cell: Cell, cells_dir: Path) -> dict:
     run = read_json(d / "run.json") or {}
     train = read_json(d / "train.json") or {}
     return {"steps": train.get("steps"), "wall_time_s": run.get("wall_time_s")}
+
+
+TRAIN_SUMMARY = ("train/sd_share", "train/est_norm", "train/cos_ab", "train/bf16_unmoved_share")
+
+
+def train_means(directory: Path) -> dict:
+    """The mean over logged steps of each TRAIN_SUMMARY column in a fit cell's csv/metrics.csv (SEAM's gradient
+    share and estimate norm), keyed without "train/"; {} when the cell logged none."""
+    path = Path(directory) / "csv" / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    out = {}
+    for column in TRAIN_SUMMARY:
+        values = [float(r[column]) for r in rows if r.get(column) not in (None, "")]
+        values = [v for v in values if math.isfinite(v)]
+        if values:
+            out[column[len("train/"):]] = sum(values) / len(values)
+    return out
 
 
 def cell_state(cell: Cell, cells_dir: Path) -> str:

@@ -237,10 +237,13 @@ class Planner:
     def _attacks(self, models: dict[str, ModelRef]) -> None:
         base = load_stage(self.bench.attack, "attack")
         add_callbacks(base, self._loss_curve_callback())
+        specs = {d.name: d for d in self.bench.defenses}
         for point in self._attack_grid():
             cfg = copy.deepcopy(base)
             settings = attack_settings(cfg, point, self.bench.attack.lora, self._defense_pairs())
             for name, model in models.items():
+                if not attacked_at(specs[name], point):
+                    continue
                 label = self._attack_label(name, point)
                 attacked = self._fit("attack", label, cfg, model, defense=name, attack=settings)
                 self._eval(f"eval {label}", attacked, defense=name, stage="attack", attack=settings)
@@ -281,6 +284,13 @@ class Planner:
                 tuned = self._fit("finetune", label, run, start, defense=d.name)
                 self._eval(f"eval {label}", tuned, defense=d.name, stage="finetune",
                            finetune={"ratio": p, "model_from": ft.model_from})
+
+
+def attacked_at(defense, point: dict) -> bool:
+    """Whether the grid point is in the part of the grid the defense's attacked_on keeps (all when null; a list of
+    parts keeps their union)."""
+    parts = defense.attacked_on if isinstance(defense.attacked_on, list) else [defense.attacked_on or {}]
+    return any(all(point[{"lrs": "lr"}.get(axis, axis)] in values for axis, values in part.items()) for part in parts)
 
 
 def add_callbacks(cfg: dict, callbacks: list[dict]) -> None:

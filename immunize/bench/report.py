@@ -551,6 +551,10 @@ def build_tables(results: dict) -> list[Table]:
             if _by(results, "defended"):
                 tables.append(attack_window(results))
             tables.append(grid[-1])
+            from immunize.bench.no_win import no_win_table  # it builds on this module's helpers
+            no_win = no_win_table(results)
+            if no_win is not None:
+                tables.append(no_win)
         search = attacker_search(results)
         if search is not None:
             tables.append(search)

@@ -34,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from immunize.bench.cells import Cell, cell_info, read_json
+from immunize.bench.cells import Cell, cell_info, read_json, train_means
 from immunize import statistics
 from immunize.provenance import provenance
 
@@ -141,6 +141,7 @@ def entry(cell: Cell, cells_dir: Path, items: Optional[dict] = None) -> Optional
         "chance": _prefixed(metrics, CHANCE),
         "diagnostics": _prefixed(metrics, DIAG),
         "loss_curve": _loss_curve(model_cell, cells_dir),
+        "train": train_means(model_cell.directory(cells_dir)) if model_cell is not None and model_cell.stage == "defense" else {},
         "steps": fit["steps"],
         "wall_time_s": fit["wall_time_s"],
         "eval_wall_time_s": cell_info(cell, cells_dir)["wall_time_s"],
@@ -236,7 +237,7 @@ def aggregate(entries: list[dict], items: dict[str, dict], reference: Optional[s
         row.update({"seeds": [e["seed"] for e in members], "cells": [e["cell"] for e in members]})
         for field in ("harmful_score", "capability", "over_refusal", "capability_lm_eval", "steps", "wall_time_s"):
             row[field] = _mean([e.get(field) for e in members])
-        for field in ("harmful_scores", "accuracy", "loss", "chance", "diagnostics", "refusal", "lm_eval"):
+        for field in ("harmful_scores", "accuracy", "loss", "chance", "diagnostics", "refusal", "lm_eval", "train"):
             row[field] = _mean_dict([e.get(field) or {} for e in members])
         row["seed_values"] = {m: [e.get(m) for e in members] for m, _, _ in METRICS}
         curves = [e["loss_curve"] for e in members if e.get("loss_curve")]

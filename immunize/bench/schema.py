@@ -74,6 +74,10 @@ class DefenseSpec(StageSpec):
             callbacks.0.init_args.lam): every combination becomes one defense, named name[key=value,...], of the
             family `name` (the calibration table compares a family's settings and picks one by report's rule).
         family: the family a swept setting belongs to (set by the sweep; defaults to the name).
+        attacked_on: alignment stage: the part of the attack grid this defense is attacked on, {axis: [values]}
+            over lrs, loss_on and data_from, each a subset of the attack's own, or a list of such parts (their
+            union); null: the whole grid. An ingredient table attacks the reference and the main defense on every
+            protocol and its variants on one.
     """
 
     name: str = "undefended"
@@ -81,6 +85,7 @@ class DefenseSpec(StageSpec):
     callbacks: Optional[list[dict]] = None
     sweep: Optional[dict] = None
     family: Optional[str] = None
+    attacked_on: Optional[Union[dict, list]] = None
 
 
 SEARCH_SAMPLERS = ("tpe", "random")

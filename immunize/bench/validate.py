@@ -157,6 +157,8 @@ def check_config(b: BenchConfig) -> None:
         for n in a.samples or []:
             if n < 1:
                 raise UserError(f"attack.samples: number of harmful samples must be >= 1, got {n}")
+    for d in b.defenses:
+        check_attacked_on(d, b)
     if b.finetune is not None:
         f = b.finetune
         if not f.defenses:
@@ -169,6 +171,30 @@ def check_config(b: BenchConfig) -> None:
                 raise UserError(f"finetune.ratios: harmful ratio p must be in [0, 1], got {p}")
     if not b.heldout_categories:
         raise UserError("heldout_categories is empty; the generalization condition needs at least one held-out category")
+
+
+ATTACKED_ON_AXES = ("lrs", "loss_on", "data_from")
+
+
+def check_attacked_on(d, b: BenchConfig) -> None:
+    """A defense's attacked_on names axes of the attack grid and values the grid has."""
+    if d.attacked_on is None:
+        return
+    if b.attack is None:
+        raise UserError(f"defense {d.name!r}: attacked_on needs an attack grid; remove it or give attack")
+    parts = d.attacked_on if isinstance(d.attacked_on, list) else [d.attacked_on]
+    if not parts or not all(isinstance(part, dict) for part in parts):
+        raise UserError(f"defense {d.name!r}: attacked_on must be a mapping {{axis: [values]}} over "
+                        f"{', '.join(ATTACKED_ON_AXES)} (or a list of them), got {d.attacked_on!r}")
+    for part in parts:
+        for axis, values in part.items():
+            if axis not in ATTACKED_ON_AXES:
+                raise UserError(f"defense {d.name!r}: attacked_on axis {axis!r} is not one of "
+                                f"{', '.join(ATTACKED_ON_AXES)}")
+            grid = getattr(b.attack, axis)
+            if not isinstance(values, list) or not values or any(v not in grid for v in values):
+                raise UserError(f"defense {d.name!r}: attacked_on.{axis} must be a non-empty list of attack.{axis} "
+                                f"values {grid}, got {values!r}")
 
 
 # ----- class paths and their arguments -------------------------------------------------------------
