@@ -11,7 +11,9 @@ One purpose per module:
   progress  progress lines and the ETA
   recorder  the Lightning callback each fit cell runs with (steps, progress lines)
   results   finished eval cells -> results.json
+  rows      what every table reads: Table, number formatting with intervals, row lookup, the attack window
   report    results -> tables (pure functions) -> report.md
+  no_win    the no-win check: every defense under every attack protocol (the ingredient table)
   plots     results -> PNG figures
   wandb_log tables and figures to Weights & Biases (offline by default)
   command   `immunize bench --config FILE --out DIR`

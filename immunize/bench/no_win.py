@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Optional
 
 from immunize.bench.planner import fmt_num
-from immunize.bench.report import (NONE, Table, _axis, _by, _delta, _key, _lookup, _mean, attack_points, fmt,
-                                   fmt_ci, window_of)
+from immunize.bench.rows import (NONE, Table, _axis, _by, _delta, _key, _lookup, _mean, attack_points, fmt, fmt_ci,
+                                 window_of)
 
 NO_WIN_MARGIN = 10.0  # points above chance: "capability at or below chance + 10" (issue 26's definition)
 PROTOCOL_AXES = ("loss_on", "data_from")
