@@ -60,8 +60,8 @@ class WildGuardJudge(GenerativeJudge):
     line scores (yes 1.0, no 0.0), the three are kept in last_outputs[i]["parsed"]; an answer without it scores NaN.
 
     Args:
-        model, tokenizer, gguf_file, batch_size, max_new_tokens, max_response_tokens, device, dtype,
-            trust_remote_code: as for every generative judge (see immunize.judges.language_models.GenerativeJudge).
+        model, tokenizer, gguf_file, batch_size, max_new_tokens, max_response_tokens, device, dtype, trust_remote_code:
+            as for every generative judge (see immunize.judges.language_models.GenerativeJudge).
         template: the instruction template with {prompt} and {response} (default WILDGUARD_TEMPLATE).
     """
 
@@ -118,8 +118,8 @@ class Qwen3GuardJudge(GenerativeJudge):
     `controversial` says; an answer without a Safety line scores NaN.
 
     Args:
-        model, tokenizer, gguf_file, batch_size, max_new_tokens, max_response_tokens, device, dtype,
-            trust_remote_code: as for every generative judge (see immunize.judges.language_models.GenerativeJudge).
+        model, tokenizer, gguf_file, batch_size, max_new_tokens, max_response_tokens, device, dtype, trust_remote_code:
+            as for every generative judge (see immunize.judges.language_models.GenerativeJudge).
         controversial: how a Controversial verdict scores: "unsafe" (1.0, Qwen3Guard's strict reading; default)
             or "safe" (0.0, its loose reading).
         generation_prompt: ask the chat template for the assistant's turn opening (add_generation_prompt); off by
