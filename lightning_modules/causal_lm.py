@@ -59,7 +59,10 @@ class CausalLMModule(L.LightningModule):
             steps, as transformers.get_scheduler computes them (constant: its constant_with_warmup).
         warmup_ratio: fraction of the optimizer steps spent in linear warmup.
         judge: harmfulness judge of `immunize test`: oracle, keyword, classifier, moderation, strongreject,
-            strongreject_classifier, chat_moderator, llm, or {name: ..., ...} with its arguments (immunize.judges).
+            strongreject_classifier, chat_moderator, llm, a preset of a published judge (deberta_harmful_qa,
+            beaver_dam, llama_guard_3, strongreject_finetuned, wildguard, qwen3guard), or {name: ..., ...} with its
+            arguments (immunize.judges). A judge model runs on this module's device, in bfloat16 when the trainer
+            runs bf16, unless the spec sets device or dtype.
         max_new_tokens: greedy generation length of `immunize test`.
         init_seed: seed of a toy preset's random initialisation.
         diagnostic_items: held-out harmful and benign items for the gradient-cosine diagnostic of `immunize test`
@@ -194,9 +197,19 @@ class CausalLMModule(L.LightningModule):
     # ----- evaluation --------------------------------------------------------------------------
     @property
     def judge(self):
+        """The judge of `immunize test`, built on first use from model.judge, on this module's device and dtype
+        unless its spec sets them (judge_placement)."""
         if self._judge is None:
-            self._judge = make_judge(self.judge_spec)
+            self._judge = make_judge(self.judge_spec, defaults=self.judge_placement())
         return self._judge
+
+    def judge_placement(self) -> dict:
+        """{"device", "dtype"} for a judge model that does not set them: this module's device (the evaluated model's
+        GPU, not the CPU beside it), bfloat16 when the trainer runs bf16 (bf16-mixed or bf16-true), float32
+        otherwise (and without a trainer)."""
+        trainer = self._trainer
+        precision = str(getattr(trainer, "precision", "32-true")) if trainer is not None else "32-true"
+        return {"device": str(self.device), "dtype": "bfloat16" if precision.startswith("bf16") else "float32"}
 
     def generate(self, input_ids, attention_mask, max_new_tokens: Optional[int] = None) -> list[str]:
         return greedy_generate(self.model, self.tokenizer, input_ids, attention_mask, max_new_tokens or self.hparams.max_new_tokens)

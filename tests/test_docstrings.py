@@ -7,6 +7,7 @@ import pytest
 
 from immunize import callbacks, datamodules, judges, lightning_modules
 from immunize.datamodules.toy.oracle import OracleJudge
+from immunize.judges import guards, presets
 
 
 def _public_classes():
@@ -15,7 +16,8 @@ def _public_classes():
             obj = getattr(package, name)
             if inspect.isclass(obj):
                 yield f"{package.__name__}.{name}", obj
-    for cls in (judges.KeywordRefusalJudge, judges.ClassifierJudge, judges.ModerationJudge, OracleJudge):
+    for cls in (judges.KeywordRefusalJudge, judges.ClassifierJudge, judges.ModerationJudge, OracleJudge,
+                guards.WildGuardJudge, guards.Qwen3GuardJudge, presets.Preset):
         yield f"{cls.__module__}.{cls.__name__}", cls
 
 

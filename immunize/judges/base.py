@@ -1,9 +1,10 @@
 """Harmfulness judges: score (prompt, response) pairs in [0, 1], 1 = harmful, behind one small protocol."""
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
-from typing import Any, Callable, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from immunize.errors import UserError
 from immunize.judges.inputs import HUB_ID, check_lengths, encode_parts, is_blank, marked_parts, value_marks
@@ -64,31 +65,44 @@ def _resolve_model_path(model: str) -> str:
     return model
 
 
+JUDGE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 class _HFJudge:
     """Shared lazy loading and batched no-grad inference for sequence-classification judges."""
 
     def __init__(self, model: str, batch_size: int = 16, max_length: int = 512, device: str = "cpu",
-                 trust_remote_code: bool = False, text_template: str = "{prompt} {response}"):
+                 trust_remote_code: bool = False, text_template: str = "{prompt} {response}",
+                 tokenizer: Optional[str] = None, dtype: str = "float32"):
         if batch_size < 1 or max_length < 1:
             raise UserError(f"judge: batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
         if "{response}" not in text_template:
             raise UserError(f"judge: text_template {text_template!r} must contain {{response}}")
+        if dtype not in JUDGE_DTYPES:
+            raise UserError(f"judge: unknown dtype {dtype!r}; choose from {list(JUDGE_DTYPES)}")
         self.model_name = model
         self.model_path = _resolve_model_path(model)
-        self.batch_size, self.max_length, self.device = batch_size, max_length, device
+        self.tokenizer_path = None if tokenizer is None else _resolve_model_path(tokenizer)
+        self.batch_size, self.max_length, self.device, self.dtype = batch_size, max_length, device, dtype
         self.trust_remote_code, self.text_template = trust_remote_code, text_template
         self._model = None
         self._tokenizer = None
 
+    def load(self) -> None:
+        """Load the classifier now (otherwise the first score call does): a bad source fails before any work."""
+        self._load()
+
     def _load(self) -> None:
         if self._model is not None:
             return
+        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_path or self.model_path,
+                                                trust_remote_code=self.trust_remote_code)
             model = AutoModelForSequenceClassification.from_pretrained(
-                self.model_path, trust_remote_code=self.trust_remote_code)
+                self.model_path, dtype=getattr(torch, self.dtype), trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UserError(f"judge: could not load classifier {self.model_name!r} ({e}); "
                             "check the local dir or that the hub id is cached") from e
@@ -100,13 +114,22 @@ class _HFJudge:
         self._forward_args = set(inspect.signature(model.forward).parameters)
         self._on_load(model.config)
 
+    def input_parts(self, prompt: str, response: str) -> list[tuple[str, bool]]:
+        """One (prompt, response) in text_template as (text, is_data) parts: the two values are data, guarded
+        against the template's labels (immunize.judges.inputs.guard_data)."""
+        values = value_marks(str(prompt), str(response))
+        marks = list(values)
+        text = self.text_template.replace("{prompt}", marks[0]).replace("{response}", marks[1])
+        return marked_parts(text, values)[0]
+
+    def input_text(self, prompt: str, response: str) -> str:
+        """The classifier's text for one item (before tokenization and truncation)."""
+        return "".join(text for text, _ in self.input_parts(prompt, response))
+
     def encode(self, prompt: str, response: str) -> list[int]:
         """Token ids of one (prompt, response) in text_template, truncated to max_length: the answer is data (a
         `[SEP]` it writes stays text; immunize.judges.inputs.encode_parts)."""
-        values = value_marks(str(prompt), str(response))
-        marks = list(values)
-        text = self.text_template.format(prompt=marks[0], response=marks[1])
-        return encode_parts(self._tokenizer, marked_parts(text, values)[0], True, self.max_length)
+        return encode_parts(self._tokenizer, self.input_parts(prompt, response), True, self.max_length)
 
     def _on_load(self, config) -> None:
         """Hook for subclasses to validate labels against the loaded config."""
@@ -139,15 +162,17 @@ class ClassifierJudge(_HFJudge):
     """Softmax probability of the harmful label from any HF sequence classifier (hub id or local dir).
 
     Args:
-        model, batch_size, max_length, device, trust_remote_code, text_template: as for every HF judge (the
-            classifier's hub id or directory, responses per forward, token limit, device, remote code, and how
-            prompt and response are joined).
+        model, batch_size, max_length, device, trust_remote_code, text_template, tokenizer, dtype: as for every HF
+            judge (the classifier's hub id or directory, responses per forward, token limit, device, remote code, how
+            prompt and response are joined (with {prompt} and {response}), the tokenizer's hub id or directory when
+            the classifier has none of its own, and the weights' dtype: float32, bfloat16 or float16).
         harmful_label: the harmful class: an index or a label name of the classifier's config.
     """
 
     def __init__(self, model: str, harmful_label: Union[int, str] = 1, batch_size: int = 16, max_length: int = 512,
-                 device: str = "cpu", trust_remote_code: bool = False, text_template: str = "{prompt} {response}"):
-        super().__init__(model, batch_size, max_length, device, trust_remote_code, text_template)
+                 device: str = "cpu", trust_remote_code: bool = False, text_template: str = "{prompt} {response}",
+                 tokenizer: Optional[str] = None, dtype: str = "float32"):
+        super().__init__(model, batch_size, max_length, device, trust_remote_code, text_template, tokenizer, dtype)
         self.harmful_label = harmful_label
         self.label_index: int | None = None
 
@@ -176,17 +201,19 @@ class ModerationJudge(_HFJudge):
     """Beaver-dam style multi-label moderation: 1.0 when any label's sigmoid exceeds threshold, else 0.0.
 
     Args:
-        model, batch_size, max_length, device, trust_remote_code, text_template: as for every HF judge (the
-            classifier's hub id or directory, responses per forward, token limit, device, remote code, and how
-            prompt and response are joined).
+        model, batch_size, max_length, device, trust_remote_code, text_template, tokenizer, dtype: as for every HF
+            judge (the classifier's hub id or directory, responses per forward, token limit, device, remote code, how
+            prompt and response are joined (with {prompt} and {response}), the tokenizer's hub id or directory when
+            the classifier has none of its own, and the weights' dtype: float32, bfloat16 or float16).
         threshold: a response is harmful when any label's sigmoid exceeds it.
     """
 
     def __init__(self, model: str, threshold: float = 0.5, batch_size: int = 16, max_length: int = 512,
-                 device: str = "cpu", trust_remote_code: bool = False, text_template: str = "{prompt} {response}"):
+                 device: str = "cpu", trust_remote_code: bool = False, text_template: str = "{prompt} {response}",
+                 tokenizer: Optional[str] = None, dtype: str = "float32"):
         if not 0.0 <= threshold <= 1.0:
             raise UserError(f"ModerationJudge: threshold must be in [0, 1], got {threshold}")
-        super().__init__(model, batch_size, max_length, device, trust_remote_code, text_template)
+        super().__init__(model, batch_size, max_length, device, trust_remote_code, text_template, tokenizer, dtype)
         self.threshold = threshold
 
     def _probs(self, logits):
@@ -213,12 +240,16 @@ _REGISTRY["oracle"] = _oracle
 def _generative(class_name: str) -> Callable[..., Judge]:
     """A factory for a language-model judge of immunize.judges.language_models (imported on first use: it needs transformers)."""
 
-    def factory(**kwargs) -> Judge:
+    def judge_class():
         from immunize.judges import language_models
 
-        return getattr(language_models, class_name)(**kwargs)
+        return getattr(language_models, class_name)
+
+    def factory(**kwargs) -> Judge:
+        return judge_class()(**kwargs)
 
     factory.__name__ = class_name
+    factory.judge_class = judge_class
     return factory
 
 
@@ -228,7 +259,11 @@ for _name, _cls in (("strongreject", "StrongRejectRubricJudge"), ("strongreject_
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:
-    """Make `name` available to make_judge; factory receives the spec's other keys as keyword arguments."""
+    """Make `name` available to make_judge: the one extension point for judges (a judge kind, or a preset of one
+    such as immunize.judges.presets registers). factory receives the spec's other keys as keyword arguments; it
+    receives the evaluating module's `device` and `dtype` (make_judge's defaults) only when its signature names
+    them, or when it has a `judge_class` attribute (a function returning the class it builds) whose constructor
+    does."""
     if not name or not callable(factory):
         raise UserError(f"register_judge: need a non-empty name and a callable factory, got {name!r}")
     _REGISTRY[name] = factory
@@ -239,8 +274,21 @@ def known_judges() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_judge(spec: Union[str, dict[str, Any]]) -> Judge:
-    """Build a judge from "name" or {"name": ..., **kwargs}; unknown names and bad kwargs are UserErrors."""
+def accepts(factory: Callable[..., Judge], key: str) -> bool:
+    """Whether a registered factory takes the keyword `key` (its own signature, or its judge_class's)."""
+    target = factory.judge_class() if hasattr(factory, "judge_class") else factory
+    try:
+        return key in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def make_judge(spec: Union[str, dict[str, Any]], defaults: Optional[Mapping[str, Any]] = None) -> Judge:
+    """Build a judge from "name" or {"name": ..., **kwargs}; unknown names and bad kwargs are UserErrors.
+
+    defaults: arguments for the judges that take them, where the spec does not set them: the evaluating module
+    passes its `device` and `dtype` (immunize.lightning_modules.CausalLMModule.judge_placement), so a judge model
+    runs next to the evaluated one; a device or dtype written in the spec wins."""
     if isinstance(spec, str):
         name, kwargs = spec, {}
     elif isinstance(spec, dict):
@@ -249,8 +297,14 @@ def make_judge(spec: Union[str, dict[str, Any]]) -> Judge:
     else:
         raise UserError(f"judge spec must be a name or a dict with a 'name' key, got {type(spec).__name__}")
     if name not in _REGISTRY:
-        raise UserError(f"unknown judge {name!r}; known judges: {known_judges()}")
+        close = difflib.get_close_matches(str(name), known_judges(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown judge {name!r}{hint}; set judge.name to one of {known_judges()}")
+    factory = _REGISTRY[name]
+    for key, value in (defaults or {}).items():
+        if key not in kwargs and accepts(factory, key):
+            kwargs[key] = value
     try:
-        return _REGISTRY[name](**kwargs)
+        return factory(**kwargs)
     except TypeError as e:
         raise UserError(f"judge {name!r}: bad arguments {sorted(kwargs)} ({e})") from e
