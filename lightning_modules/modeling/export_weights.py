@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 
 from immunize.errors import UserError
+from immunize.io import atomic_write_json
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -165,15 +166,18 @@ def write_weights(folder: Path, entries: list[Entry], dtype: torch.dtype, max_sh
     for name, shard in zip(names, shards):
         _write_file(folder / name, shard, dtype)
     weight_map = {entry[0]: name for name, shard in zip(names, shards) for entry in shard}
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    atomic_write_json(folder / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names + [INDEX]
 
 
 def write_config(folder: Path, hf_model, dtype: torch.dtype) -> None:
-    """config.json with the export dtype, and generation_config.json when the model generates."""
+    """config.json with the export dtype (as dtype and torch_dtype), and generation_config.json when the model generates."""
     config = copy.deepcopy(hf_model.config)
     config.dtype = dtype
     config.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["torch_dtype"] = saved.get("dtype")  # the older name, for readers that know only it
+    atomic_write_json(folder / "config.json", saved)
     generation = getattr(hf_model, "generation_config", None)
     if generation is not None and hf_model.can_generate():
         generation.save_pretrained(folder)
