@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from immunize.datamodules.records import EvalItem, Example, Pair
 from immunize.errors import UserError
@@ -16,15 +16,23 @@ class Source:
     """Where records come from: the toy world or a real dataset, and which part of it.
 
     Args:
-        kind: "toy" or a real dataset (beavertails, sst2, agnews, gsm8k, alpaca).
-        part: toy: harmful, benign or pairs; beavertails: pairs (with refusals) or harmful.
+        kind: "toy", a real dataset (beavertails, sst2, agnews, gsm8k, alpaca), or "generic" (any hub id or local
+            file read through `fields`; see immunize.datamodules.generic).
+        part: toy: harmful, benign or pairs; beavertails: pairs (with refusals) or harmful; generic: harmful,
+            benign or pairs (training), harmful, benign or over_refusal (evaluation).
         split: toy: pretrain, align, attack, finetune or eval; real: the hub split (ignored for local files).
         path: real data: a hub id or a local .json/.jsonl/.parquet file.
         tasks: toy benign tasks to take (default all).
-        categories: toy harm categories: a list, one name, "seen" or "heldout" (the world's groups).
+        categories: harm categories to keep: a list, one name, "seen" (all but heldout_categories) or "heldout";
+            on real data (beavertails, generic) every name must be one of the data's own categories.
         limit: keep the first `limit` records.
         world_seed: the toy world's seed.
-        heldout_categories: the toy world's held-out categories (default: self_harm, terrorism).
+        heldout_categories: the held-out categories "seen"/"heldout" refer to (toy default: self_harm, terrorism;
+            real data: required with "seen"/"heldout", each one of the data's categories).
+        fields: generic: {record field: the file's column} for prompt, response, refusal, category, is_safe and
+            label (a field left out reads the column of its own name, when there is one).
+        task: generic benign data: the task's name (default: the file's stem); evaluation grades it by that
+            name's rule in EvalData's task_match.
     """
 
     kind: str = "toy"
@@ -36,10 +44,19 @@ class Source:
     limit: Optional[int] = None
     world_seed: int = 0
     heldout_categories: Optional[list[str]] = None
+    fields: Optional[dict[str, Any]] = None
+    task: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 0):
             raise UserError(f"{_name(self)}: limit must be an integer >= 0 (null: all records), got {self.limit!r}")
+        if self.kind == "generic":
+            from immunize.datamodules.generic import check_fields
+
+            check_fields(self.fields, _name(self))
+        elif self.fields is not None:
+            raise UserError(f"{_name(self)}: fields maps the columns of a generic source; kind {self.kind!r} has "
+                            "fixed fields (use kind: generic to map your own)")
 
 
 def toy_world(src: Source):
@@ -94,14 +111,18 @@ def load_records(src: Source) -> list:
         else:
             raise UserError(f"toy source: unknown part {src.part!r}; choose from {list(TOY_PARTS)}")
         return _limit(rows, src.limit, _name(src))
-    from immunize.datamodules import sources
+    from immunize.datamodules import categories, generic, sources
 
     if not src.path:
         raise UserError(f"source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")
-    kwargs = {"split": src.split} if src.split else {}
-    if src.kind == "beavertails":
-        kwargs["with_refusal"] = src.part == "pairs"
-    rows = sources.load_source(src.kind, src.path, **kwargs)
+    if src.kind == "generic":
+        rows = generic.records(src.path, src.part, src.fields, src.split, src.task, _name(src))
+    else:
+        kwargs = {"split": src.split} if src.split else {}
+        if src.kind == "beavertails":
+            kwargs["with_refusal"] = src.part == "pairs"
+        rows = sources.load_source(src.kind, src.path, **kwargs)
+    rows = categories.select(rows, src.categories, src.heldout_categories, _name(src))
     return _limit(rows, src.limit, _name(src))
 
 
@@ -114,13 +135,17 @@ def load_eval_items(src: Source, n_harmful_per_category: int, n_per_task: int, n
         items = world.eval_items(n_harmful_per_category, n_per_task, src.tasks, categories)
         items += world.over_refusal_items(n_over_refusal, categories) if n_over_refusal else []
         return _limit(items, None, _name(src))
-    from immunize.datamodules import sources
+    from immunize.datamodules import categories, generic, sources
 
     if not src.path:
         raise UserError(f"eval source kind {src.kind!r} needs a path (hub id or local .json/.jsonl/.parquet file)")
-    kwargs = {"split": src.split} if src.split else {}
-    items = sources.load_eval_source(src.kind, src.path, **kwargs)
-    if src.kind == "beavertails":
+    if src.kind == "generic":
+        items = generic.eval_items(src.path, src.part, src.fields, src.split, src.task, _name(src))
+    else:
+        kwargs = {"split": src.split} if src.split else {}
+        items = sources.load_eval_source(src.kind, src.path, **kwargs)
+    items = categories.select(items, src.categories, src.heldout_categories, _name(src))
+    if src.kind == "beavertails" or (src.kind == "generic" and src.part == "harmful"):
         items = per_category(items, n_harmful_per_category)
         return _limit(items, src.limit, _name(src))
     return _limit(items, src.limit if src.limit is not None else n_per_task, _name(src))

@@ -85,12 +85,17 @@ def load_rows(source: str, split: str = "train", fields: tuple[str, ...] = (), n
     for field in fields:
         require(field in columns, f"{source}: missing field '{field}' (expected fields: {', '.join(fields)}; found: {', '.join(columns)})")
     rows = ds.to_list()
+    check_text(source, rows, text)
+    return rows
+
+
+def check_text(source: str, rows: list[dict], text: tuple[str, ...]) -> None:
+    """Every row holds text in each of the `text` fields, or a one-line UserError naming the file, row and field."""
     for i, row in enumerate(rows):
         for field in text:
             value = row.get(field)
             require(isinstance(value, str), f"{source}: row {i + 1} has {field!r} = {value!r}, not text; fix or drop "
                                             "that row")
-    return rows
 
 
 def _take(records: list, limit: Optional[int]) -> list:

@@ -26,6 +26,8 @@ from immunize.lightning_modules.evaluation.diagnostics import gradient_cosine, r
 from immunize.lightning_modules.evaluation.generation import greedy_generate
 from immunize.lightning_modules.modeling.lora import ADAPTER_DIR, apply_lora, attach_saved_adapter, lora_config, saved_adapter
 from immunize.lightning_modules.functional.grad_math import global_norm, sequence_ce
+from immunize.lightning_modules.modeling.export_weights import (resolve_dtype, supported, weight_entries, write_config,
+                                                                 write_weights)
 from immunize.lightning_modules.modeling.model_loading import load_model, load_tokenizer, resolve_source
 from immunize.lightning_modules.modeling.optim import build_optimizer, build_scheduler, check_training_args
 from immunize.lightning_modules.modeling.sharding import drop_gathered, full_state_dict, is_fsdp_model, shard_model
@@ -76,6 +78,8 @@ class CausalLMModule(L.LightningModule):
         adapter: for a model directory exported with export_lora "adapter": "merge" (fold the adapter into the
             weights at load: the model the exporting stage trained) or "continue" (train that adapter further, only
             its weights, as Panacea's reference continues the alignment LoRA; `lora` must then be null).
+        export_dtype: dtype of the exported weights (config.json's dtype says it): float32, bfloat16 or float16;
+            null: bfloat16 when the trainer ran bf16-mixed or bf16-true, else the weights' own dtype.
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class CausalLMModule(L.LightningModule):
         lm_eval: Optional[dict] = None,
         export_lora: Literal["merged", "adapter"] = "merged",
         adapter: Literal["merge", "continue"] = "merge",
+        export_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None,
     ):
         super().__init__()
         check_module_args(optimizer=optimizer, lr=lr, weight_decay=weight_decay, betas=betas, momentum=momentum,
@@ -118,6 +123,8 @@ class CausalLMModule(L.LightningModule):
         self.model = load_model(source, self.tokenizer, gguf_file, dtype, trust_remote_code, init_seed)
         self.lora_spec = lora
         self.export_lora = export_lora
+        resolve_dtype(export_dtype, None, self.model)  # a bad name fails now, not after training
+        self.export_dtype = export_dtype
         adapter_dir = saved_adapter(source) if not source.startswith("toy:") else None
         if adapter == "continue" and (adapter_dir is None or lora is not None):
             raise UserError(f"model.adapter 'continue' trains the LoRA adapter saved in {source!r}/{ADAPTER_DIR} "
@@ -382,15 +389,23 @@ class CausalLMModule(L.LightningModule):
             raise RuntimeError("export of an FSDP-sharded model needs prepare_export() on every rank first")
         model = self._export_copy if self._export_copy is not None else self.model
         merge = self.export_lora == "merged" if merge_lora is None else merge_lora
-        adapter = None
-        if hasattr(model, "merge_and_unload"):
-            adapter = None if merge else model
-            model = copy.deepcopy(model).merge_and_unload() if merge else copy.deepcopy(model).unload()
+        is_peft = hasattr(model, "merge_and_unload")
+        hf_model = model.get_base_model() if is_peft else model
+        trainer = getattr(self, "_trainer", None)
+        dtype = resolve_dtype(self.export_dtype, getattr(trainer, "precision", None), hf_model)
         staging = prepare_staging(dirpath)
         try:
-            if adapter is not None:
-                adapter.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
-            model.save_pretrained(staging, safe_serialization=True)
+            if is_peft and not merge:
+                model.save_pretrained(staging / ADAPTER_DIR, safe_serialization=True)
+            if supported(hf_model):  # tensor by tensor, LoRA merged per layer: no copy of the model
+                write_weights(staging, weight_entries(hf_model, merge), dtype)
+                write_config(staging, hf_model, dtype)
+            elif is_peft:  # a peft wrapper the writer does not know: peft's own merge, on a copy
+                plain = copy.deepcopy(model)
+                plain = plain.merge_and_unload() if merge else plain.unload()
+                plain.to(dtype).save_pretrained(staging, safe_serialization=True)
+            else:  # quantized weights: transformers writes them in their own format
+                model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
             return replace_dir(staging, dirpath)
         except BaseException:

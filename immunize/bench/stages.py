@@ -135,9 +135,11 @@ def walk_dicts(obj: Any, fn: Callable[[dict], None]) -> None:
 
 
 def apply_heldout(cfg: dict, heldout: list[str]) -> None:
-    """Give every toy source that selects categories by group ("seen"/"heldout") the bench's held-out list."""
+    """Give every source that selects categories by group ("seen"/"heldout") the bench's held-out list: toy sources
+    and the real kinds with categories (beavertails, generic)."""
     def visit(d: dict) -> None:
-        if d.get("kind", "toy") == "toy" and d.get("categories") in ("seen", "heldout") and ("part" in d or "split" in d):
+        if d.get("kind", "toy") in ("toy", "beavertails", "generic") and d.get("categories") in ("seen", "heldout") \
+                and ("part" in d or "split" in d or "path" in d):
             d["heldout_categories"] = list(heldout)
 
     walk_dicts(cfg.get("data"), visit)

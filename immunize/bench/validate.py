@@ -6,6 +6,7 @@ are checked against the constructor, so an unknown defense or a misspelt key fai
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import math
@@ -283,7 +284,7 @@ def check_built(spec: dict, what: str, cache: dict) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--component", type=cls)
     try:
-        parser.instantiate_classes(parser.parse_object({"component": spec}))
+        parser.instantiate_classes(parser.parse_object({"component": copy.deepcopy(spec)}))  # the cell's own stays
     except UserError as err:
         raise UserError(f"{what}: {err}") from err
     except Exception as err:  # noqa: BLE001 - jsonargparse reports a bad type or value here
@@ -316,11 +317,9 @@ def check_cells(plan, bench: BenchConfig) -> None:
             check_trainer_counts(cell.config.get("trainer"))
         except UserError as err:
             raise UserError(f"{cell.label}: {err}") from err
-    from immunize.datamodules.toy import lexicon
+    from immunize.bench.heldout import check_heldout
 
-    for cat in bench.heldout_categories:
-        if cat not in lexicon.CATEGORIES:
-            raise UserError(f"heldout_categories: unknown category {cat!r}; choose from {list(lexicon.CATEGORIES)}")
+    check_heldout(bench.heldout_categories, [cell.config for cell in plan.evals])
 
 
 def validate(bench: BenchConfig):
