@@ -91,10 +91,12 @@ def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "
     return "\n".join(lines) + "\n"
 
 
-def verdict_block(results: dict, source: str, defenses: Optional[list[str]] = None) -> str:
+def verdict_block(results: dict, source: str, defenses: Optional[list[str]] = None,
+                  columns: Optional[list[str]] = None, ratios: Optional[list[float]] = None) -> str:
     """The tables the README's verdicts read, without the per-seed values (the full report has them): the no-win
-    check of every alignment defense under every attack protocol, and the fine-tuning stage's paired comparisons;
-    defenses: only these rows (the no-win check's defense, a pair's a)."""
+    check of every alignment defense under every attack protocol, and the fine-tuning stage's paired comparisons.
+    defenses: only these rows (the no-win check's defense, a pair's a); columns: only these of the no-win check
+    (its defense, protocol and verdict always); ratios: only the pairs at these harmful ratios."""
     from immunize.bench.no_win import no_win_table
     from immunize.bench.report import _interval_note, fmt_ci, fmt_num
 
@@ -102,12 +104,18 @@ def verdict_block(results: dict, source: str, defenses: Optional[list[str]] = No
              f"{_interval_note(results, per_seed=False)}; each seed's value is in the run's report.md).", ""]
     table = no_win_table(results, per_seed=False)
     if table is not None:
-        keep = [i for i, c in enumerate(table.columns) if c not in ("cos(g_harm, g_benign)", "est_norm")]
+        always = (table.columns[0], table.columns[1], table.columns[-1])
+        unknown = [c for c in columns or [] if c not in table.columns]
+        if unknown:
+            raise UserError(f"--columns: the no-win check has no column {unknown[0]!r}; it has {table.columns}")
+        keep = [i for i, c in enumerate(table.columns) if c in always or (
+            c in columns if columns else c not in ("cos(g_harm, g_benign)", "est_norm"))]
         table.columns = [table.columns[i] for i in keep]
         table.rows = [[row[i] for i in keep] for row in table.rows
                       if row[-1] != "(reference)" and (defenses is None or row[0] in defenses)]
         lines += [f"**{table.title}.** {table.note}", "", report.markdown_table(table), ""]
-    pairs = [p for p in results.get("pairs") or [] if p["stage"] == "finetune" and (defenses is None or p["a"] in defenses)]
+    pairs = [p for p in results.get("pairs") or [] if p["stage"] == "finetune" and (defenses is None or p["a"] in defenses)
+             and (ratios is None or float(p["finetune"]["ratio"]) in ratios)]
     if pairs:
         lines += ["**Fine-tuning stage: paired comparisons** (a minus b on the same items and seeds):", "",
                   "| a | b | p | ΔHS | Δcap |", "|---|---|---|---|---|"]
@@ -159,6 +167,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--verdicts", action="store_true",
                         help="paste --results' no-win check and fine-tuning pairs (no per-seed values) instead")
     parser.add_argument("--defenses", help="with --verdicts: comma-separated defense names to keep (default: all)")
+    parser.add_argument("--columns", help="with --verdicts: comma-separated no-win check columns to keep")
+    parser.add_argument("--ratios", help="with --verdicts: comma-separated harmful ratios of the pairs to keep")
     parser.add_argument("--agreement", help="paste an `immunize judges` run's agreement.json instead")
     parser.add_argument("--text", help="paste this file's content (a table a script printed) instead")
     parser.add_argument("--command", default=None, help="with --text: the command that printed the file")
@@ -179,8 +189,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         elif args.verdicts:
             if not args.results or not Path(args.results).is_file():
                 raise UserError("--verdicts needs --results of a finished bench run")
-            keep = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
-            text = verdict_block(json.loads(Path(args.results).read_text()), args.results, keep)
+            def listed(text):
+                return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+            ratios = [float(r) for r in listed(args.ratios)] if args.ratios else None
+            text = verdict_block(json.loads(Path(args.results).read_text()), args.results, listed(args.defenses),
+                                 listed(args.columns), ratios)
         elif args.paper:
             if not args.results or not Path(args.results).is_file():
                 raise UserError("--paper needs --results of a finished bench run")

@@ -90,3 +90,7 @@ def test_verdicts_paste_the_no_win_check_and_the_fine_tuning_pairs_without_per_s
     assert "-60.0 [-70.0, -50.0]" in seam and "(-61.0" not in seam and seam.endswith("| lr=1e-3 |")  # no-win here
     assert "| other |" not in text and "| undefended |" not in text
     assert "| seam | x | 0.1 | -3.0 [-5.0, -1.0] | +0.5 [-1.0, +2.0] |" in text
+    main(["--verdicts", "--results", str(path), "--columns", "lr=1e-3 Δcap", "--ratios", "0.3", "--block", "v",
+          "--readme", str(doc)])
+    text = doc.read_text()
+    assert "| defense | attack protocol | lr=1e-3 Δcap | no-win at |" in text and "| seam | x |" not in text
