@@ -91,6 +91,33 @@ def paper_block(results: dict, source: str, seam: str = "seam", panacea: str = "
     return "\n".join(lines) + "\n"
 
 
+def verdict_block(results: dict, source: str, defenses: Optional[list[str]] = None) -> str:
+    """The tables the README's verdicts read, without the per-seed values (the full report has them): the no-win
+    check of every alignment defense under every attack protocol, and the fine-tuning stage's paired comparisons;
+    defenses: only these rows (the no-win check's defense, a pair's a)."""
+    from immunize.bench.no_win import no_win_table
+    from immunize.bench.report import _interval_note, fmt_ci, fmt_num
+
+    lines = [f"Pasted by `python -m immunize.readme` from `{source}` (seeds {results.get('seeds', [0])}; intervals: "
+             f"{_interval_note(results, per_seed=False)}; each seed's value is in the run's report.md).", ""]
+    table = no_win_table(results, per_seed=False)
+    if table is not None:
+        keep = [i for i, c in enumerate(table.columns) if c not in ("cos(g_harm, g_benign)", "est_norm")]
+        table.columns = [table.columns[i] for i in keep]
+        table.rows = [[row[i] for i in keep] for row in table.rows
+                      if row[-1] != "(reference)" and (defenses is None or row[0] in defenses)]
+        lines += [f"**{table.title}.** {table.note}", "", report.markdown_table(table), ""]
+    pairs = [p for p in results.get("pairs") or [] if p["stage"] == "finetune" and (defenses is None or p["a"] in defenses)]
+    if pairs:
+        lines += ["**Fine-tuning stage: paired comparisons** (a minus b on the same items and seeds):", "",
+                  "| a | b | p | ΔHS | Δcap |", "|---|---|---|---|---|"]
+        for p in pairs:
+            cells = [fmt_ci(p[m][0], p[m], signed=True) if m in p else report.NONE for m in ("harmful_score", "capability")]
+            lines.append(f"| {p['a']} | {p['b']} | {fmt_num(float(p['finetune']['ratio']))} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def agreement_block(result: dict, source: str) -> str:
     """An `immunize judges` run's tables (immunize.judges.command.markdown), with the line that says where from."""
     from immunize.judges.command import markdown
@@ -129,6 +156,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tables", help="comma-separated report table keys")
     parser.add_argument("--methods", action="store_true", help="paste the registry's method table instead")
     parser.add_argument("--paper", action="store_true", help="paste the papers' claims next to --results instead")
+    parser.add_argument("--verdicts", action="store_true",
+                        help="paste --results' no-win check and fine-tuning pairs (no per-seed values) instead")
+    parser.add_argument("--defenses", help="with --verdicts: comma-separated defense names to keep (default: all)")
     parser.add_argument("--agreement", help="paste an `immunize judges` run's agreement.json instead")
     parser.add_argument("--text", help="paste this file's content (a table a script printed) instead")
     parser.add_argument("--command", default=None, help="with --text: the command that printed the file")
@@ -146,6 +176,11 @@ def main(argv: Optional[list[str]] = None) -> None:
             if not Path(args.agreement).is_file():
                 raise UserError(f"{args.agreement}: no such agreement file; run `immunize judges` first")
             text = agreement_block(json.loads(Path(args.agreement).read_text()), args.agreement)
+        elif args.verdicts:
+            if not args.results or not Path(args.results).is_file():
+                raise UserError("--verdicts needs --results of a finished bench run")
+            keep = [d.strip() for d in args.defenses.split(",") if d.strip()] if args.defenses else None
+            text = verdict_block(json.loads(Path(args.results).read_text()), args.results, keep)
         elif args.paper:
             if not args.results or not Path(args.results).is_file():
                 raise UserError("--paper needs --results of a finished bench run")

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 LEVEL = 0.95
 STATISTICS = ("pooled", "macro")
@@ -184,6 +183,8 @@ def bounds(m: Moments, level: float = LEVEL, rate: bool = True):
     at the effective sample size p (1 - p) / variance (at most the number of items; the number of items where
     the variance is 0), shrunk by (z / t)^2; else values in [-1, 1]: Student's t. Where every scored value is the
     same, the exact bound for groups none of which differed (module doc)."""
+    from scipy import stats as scipy_stats  # here, not at import: a training process needs no scipy
+
     estimate, variance, df = (np.asarray(x, dtype=np.float64) for x in (m.estimate, m.variance, m.df))
     alpha = 1.0 - level
     t = scipy_stats.t.ppf(1 - alpha / 2, np.where(np.isfinite(df) & (df > 0), df, 1e9))

@@ -58,3 +58,35 @@ def test_a_printed_table_is_pasted_with_where_it_came_from(tmp_path):
     text = doc.read_text()
     assert "old" not in text and "| a | 95.0 |" in text and text.endswith("<!-- END cov -->\nafter\n")
     assert f"from `{table}` (printed by `python benchmarks/x.py`)" in text
+
+
+def test_verdicts_paste_the_no_win_check_and_the_fine_tuning_pairs_without_per_seed_values(tmp_path):
+    import json
+
+    from immunize.readme import main
+
+    def row(defense, stage, hs, cap, attack=None, vs=None, finetune=None):
+        return {"defense": defense, "stage": stage, "attack": attack, "finetune": finetune, "harmful_score": hs,
+                "capability": cap, "chance": {"t": 20.0}, "seeds": [0, 1], "vs_reference": vs,
+                "seed_values": {"harmful_score": [hs, hs], "capability": [cap, cap]}}
+
+    attack = {"lr": 1e-3, "samples": 200, "mode": "full", "optimizer": "adamw"}
+    vs = {"harmful_score": [-60.0, -70.0, -50.0], "capability": [-50.0, -55.0, -45.0],
+          "per_seed": {"harmful_score": [-61.0, -59.0], "capability": [-51.0, -49.0]}}
+    results = {"reference": "undefended", "defenses": ["undefended", "seam", "other"], "seeds": [0, 1],
+               "threshold": 10.0, "window": {"harm": 50.0, "capability_drop": 5.0}, "rows": [
+                   row("undefended", "defended", 0.0, 80.0), row("seam", "defended", 0.0, 79.0, vs={}),
+                   row("other", "defended", 0.0, 79.0, vs={}),
+                   row("undefended", "attack", 70.0, 78.0, attack), row("seam", "attack", 5.0, 25.0, attack, vs),
+                   row("other", "attack", 5.0, 25.0, attack, vs)],
+               "pairs": [{"a": "seam", "b": "x", "stage": "finetune", "finetune": {"ratio": 0.1}, "attack": None,
+                          "harmful_score": [-3.0, -5.0, -1.0], "capability": [0.5, -1.0, 2.0]}]}
+    path, doc = tmp_path / "results.json", tmp_path / "doc.md"
+    path.write_text(json.dumps(results))
+    doc.write_text("<!-- BEGIN v -->\n<!-- END v -->\n")
+    main(["--verdicts", "--results", str(path), "--defenses", "seam", "--block", "v", "--readme", str(doc)])
+    text = doc.read_text()
+    seam = next(line for line in text.splitlines() if line.startswith("| seam |"))
+    assert "-60.0 [-70.0, -50.0]" in seam and "(-61.0" not in seam and seam.endswith("| lr=1e-3 |")  # no-win here
+    assert "| other |" not in text and "| undefended |" not in text
+    assert "| seam | x | 0.1 | -3.0 [-5.0, -1.0] | +0.5 [-1.0, +2.0] |" in text

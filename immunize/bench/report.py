@@ -134,14 +134,15 @@ def _seeds_note(results: dict) -> str:
     return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))})"
 
 
-def _interval_note(results: dict) -> str:
-    """What the intervals of a table are for, given the run's seeds."""
+def _interval_note(results: dict, per_seed: bool = True) -> str:
+    """What the intervals of a table are for, given the run's seeds (per_seed: the table shows each seed's value)."""
     seeds = results.get("seeds") or [0]
     if len(seeds) < 2:
         return (f"95% over evaluation items, for the model seed {seeds[0]} trained (one seed: the spread over "
                 "training runs is not in it)")
     return (f"95% over evaluation items and {_seeds_note(results)}, for the expected value over training runs "
-            "(Student's t, Welch-Satterthwaite degrees of freedom), then each seed's value in parentheses")
+            "(Student's t, Welch-Satterthwaite degrees of freedom)" + (", then each seed's value in parentheses"
+                                                                         if per_seed else ""))
 
 
 def _attack_rows(results: dict) -> list[tuple[str, list[dict], Optional[dict]]]:
