@@ -187,12 +187,20 @@ def bench_main(argv: list[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         argv = list(argv)
-        show_plan = "--plan" in argv
+        show_plan, shrunk = "--plan" in argv, "--shrink" in argv
         with errors_only_on_stderr():  # warnings of parsing and validation must not precede an error line
             from immunize.bench.validate import validate
 
-            bench, config = _parse(_with_default_config([a for a in argv if a != "--plan"]))
-            plan = validate(bench)
+            bench, config = _parse(_with_default_config([a for a in argv if a not in ("--plan", "--shrink")]))
+            shrink = None
+            if shrunk:
+                from immunize.bench import shrink as shrinking
+
+                shrink = shrinking.apply(bench, argv)
+            plan = validate(bench, shrink.cell if shrink is not None else None)
+        if shrink is not None:
+            shrink.report()
+            config = {**config, "out": bench.out, "shrink": dict(shrink.replaced)}
         code = run_bench(bench, config, show_plan, plan)
     except UserError as err:
         fail(str(err))
