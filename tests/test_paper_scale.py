@@ -78,6 +78,7 @@ def test_plan_command_at_full_scale_lists_the_cells(tmp_path):
     graph = json.loads((tmp_path / "out" / "plan.json").read_text())["cells"]
     assert len(graph) == 23 and sum(r["kind"] == "fit" for r in graph) == 11
     assert "(defense-" in run.stdout and "gpu x8" in run.stdout and "gpu x4" in run.stdout
+    assert "plan: 23 cells (10 fits on gpu x4; 1 fits on gpu x8; 12 evals on gpu x1); 11 exported models" in run.stdout
 
 
 def test_shrink_swaps_sources_sizes_and_devices_only(tmp_path):

@@ -87,6 +87,20 @@ def _summary(cell, cells_dir: Path) -> str:
     return f"{steps} steps" if steps is not None else ""
 
 
+def plan_summary(graph: list[dict]) -> str:
+    """One line: how many cells need which devices, and how many models the fits export (disk: one model each)."""
+    from collections import Counter
+
+    def where(res: dict) -> str:
+        nodes = f" x {res['num_nodes']} nodes" if res["num_nodes"] != 1 else ""
+        return f"{res['accelerator']} x{res['devices']}{nodes}"
+
+    counts = Counter((row["kind"], where(row["resources"])) for row in graph)
+    parts = [f"{n} {'fits' if kind == 'fit' else 'evals'} on {res}" for (kind, res), n in sorted(counts.items())]
+    fits = sum(row["kind"] == "fit" for row in graph)
+    return f"plan: {len(graph)} cells ({'; '.join(parts)}); {fits} exported models (disk: {fits} x the model's size)"
+
+
 def launcher_for(bench: BenchConfig, out: Path, mode: str):
     """The slurm (submitit) or ray launcher of the bench's launcher block."""
     from immunize.bench.launchers import RayLauncher, SubmititLauncher
@@ -121,6 +135,7 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
             needs = f" <- {row['needs'][0]}" if row["needs"] else ""
             where = f"{res['accelerator']} x{res['devices']}" + (f" x{res['num_nodes']} nodes" if res["num_nodes"] != 1 else "")
             print(f"[cell {i}/{len(graph)}] {row['state']:10} {row['kind']:4} {row['label']}  ({row['cell']}{needs}; {where})")
+        print(plan_summary(graph))
         if show_plan:
             print(f"immunize bench: plan written to {out / 'plan.json'}", file=sys.stderr)
         if bench.attack is not None and bench.attack.search is not None:
