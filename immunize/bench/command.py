@@ -87,6 +87,20 @@ def _summary(cell, cells_dir: Path) -> str:
     return f"{steps} steps" if steps is not None else ""
 
 
+def plan_summary(graph: list[dict]) -> str:
+    """One line: how many cells need which devices, and how many models the fits export (disk: one model each)."""
+    from collections import Counter
+
+    def where(res: dict) -> str:
+        nodes = f" x {res['num_nodes']} nodes" if res["num_nodes"] != 1 else ""
+        return f"{res['accelerator']} x{res['devices']}{nodes}"
+
+    counts = Counter((row["kind"], where(row["resources"])) for row in graph)
+    parts = [f"{n} {'fits' if kind == 'fit' else 'evals'} on {res}" for (kind, res), n in sorted(counts.items())]
+    fits = sum(row["kind"] == "fit" for row in graph)
+    return f"plan: {len(graph)} cells ({'; '.join(parts)}); {fits} exported models (disk: {fits} x the model's size)"
+
+
 def launcher_for(bench: BenchConfig, out: Path, mode: str):
     """The slurm (submitit) or ray launcher of the bench's launcher block."""
     from immunize.bench.launchers import RayLauncher, SubmititLauncher
@@ -121,6 +135,7 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
             needs = f" <- {row['needs'][0]}" if row["needs"] else ""
             where = f"{res['accelerator']} x{res['devices']}" + (f" x{res['num_nodes']} nodes" if res["num_nodes"] != 1 else "")
             print(f"[cell {i}/{len(graph)}] {row['state']:10} {row['kind']:4} {row['label']}  ({row['cell']}{needs}; {where})")
+        print(plan_summary(graph))
         if show_plan:
             print(f"immunize bench: plan written to {out / 'plan.json'}", file=sys.stderr)
         if bench.attack is not None and bench.attack.search is not None:
@@ -187,12 +202,20 @@ def bench_main(argv: list[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         argv = list(argv)
-        show_plan = "--plan" in argv
+        show_plan, shrunk = "--plan" in argv, "--shrink" in argv
         with errors_only_on_stderr():  # warnings of parsing and validation must not precede an error line
             from immunize.bench.validate import validate
 
-            bench, config = _parse(_with_default_config([a for a in argv if a != "--plan"]))
-            plan = validate(bench)
+            bench, config = _parse(_with_default_config([a for a in argv if a not in ("--plan", "--shrink")]))
+            shrink = None
+            if shrunk:
+                from immunize.bench import shrink as shrinking
+
+                shrink = shrinking.apply(bench, argv)
+            plan = validate(bench, shrink.cell if shrink is not None else None)
+        if shrink is not None:
+            shrink.report()
+            config = {**config, "out": bench.out, "shrink": dict(shrink.replaced)}
         code = run_bench(bench, config, show_plan, plan)
     except UserError as err:
         fail(str(err))

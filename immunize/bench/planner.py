@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from immunize.bench import registry
 from immunize.bench.cells import Cell
@@ -62,8 +62,9 @@ def fmt_short(x) -> str:
 
 
 class Planner:
-    def __init__(self, bench: BenchConfig):
+    def __init__(self, bench: BenchConfig, transform: Optional[Callable[[dict, bool], dict]] = None):
         self.bench = bench
+        self.transform = transform  # applied to every cell's finished config (fit: True for fits): --shrink
         self.plan = Plan()
         self._common_trainer = self._trainer_common()
         self.models: dict[int, dict[str, ModelRef]] = {}  # seed -> defense -> its model (the attacks' input)
@@ -99,7 +100,7 @@ class Planner:
             args.pop("gguf_file", None)
         elif self.bench.model.gguf_file:
             args["gguf_file"] = self.bench.model.gguf_file
-        return cfg
+        return self.transform(cfg, fit) if self.transform is not None else cfg
 
     def _label(self, label: str) -> str:
         return f"{label} seed={self.seed}" if len(self.bench.seeds) > 1 else label
@@ -355,5 +356,6 @@ def attack_settings(cfg: dict, point: dict, lora: dict, defense_pairs: Optional[
             "optimizer": model.get("optimizer", "adamw"), **extra}
 
 
-def build_plan(bench: BenchConfig) -> Plan:
-    return Planner(bench).build()
+def build_plan(bench: BenchConfig, transform: Optional[Callable[[dict, bool], dict]] = None) -> Plan:
+    """The plan of `bench`; `transform` rewrites every cell's config (immunize.bench.shrink's Shrink.cell)."""
+    return Planner(bench, transform).build()

@@ -350,6 +350,11 @@ def build_parser():
     parser.add_argument("--config", action=ActionConfigFile, help="bench YAML (default: configs/bench/quickstart.yaml)")
     parser.add_argument("--plan", action="store_true",
                         help="print the cell graph (each cell's inputs, state and resources), write OUT/plan.json, run nothing")
+    parser.add_argument("--shrink", action="store_true",
+                        help="run the same config end to end on CPU in minutes: a tiny random model of the same "
+                             "architecture, the shipped local files in the hub datasets' formats, tiny judge models, a "
+                             "shipped lm-eval task, a few rows and steps, CPU devices (FSDP2 on 2 gloo processes); "
+                             "prints what it replaced (immunize/bench/shrink.py); output in OUT_shrunk unless --out")
     parser.add_argument("--full", action="store_true",
                         help=f"the full preset: every seed of {FULL_SEEDS} (replaces seeds), for intervals over seeds")
     parser.add_class_arguments(BenchConfig, None)
@@ -483,7 +488,7 @@ def parse(argv: list[str]) -> tuple[BenchConfig, dict]:
     if namespace.get("full"):
         namespace.seeds = list(FULL_SEEDS)
     plain = namespace.clone()
-    for key in ("config", "full", "plan"):
+    for key in ("config", "full", "plan", "shrink"):
         if hasattr(plain, key):
             del plain[key]
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes

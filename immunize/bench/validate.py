@@ -83,7 +83,8 @@ def check_counts(b: BenchConfig) -> None:
 
 
 BENCH_MARKER = "bench.json"  # written into OUT when a bench starts: the folder is the bench's own from then on
-OWN_FILES = (BENCH_MARKER, "plan.json", ".lock", "cells")  # the bench's own names (--plan, the lock, the cells)
+OWN_FILES = (BENCH_MARKER, "plan.json", ".lock", "cells", "shrink")  # the bench's own names (--plan, the lock, the
+# cells, the tiny models of --shrink)
 
 
 def check_out(b: BenchConfig) -> None:
@@ -322,12 +323,13 @@ def check_cells(plan, bench: BenchConfig) -> None:
     check_heldout(bench.heldout_categories, [cell.config for cell in plan.evals])
 
 
-def validate(bench: BenchConfig):
-    """All checks; returns the plan (building it reads and checks every stage config)."""
+def validate(bench: BenchConfig, transform=None):
+    """All checks; returns the plan (building it reads and checks every stage config; `transform` rewrites each
+    cell's config, as --shrink does)."""
     from immunize.bench.planner import build_plan
 
     check_config(bench)
-    plan = build_plan(bench)
+    plan = build_plan(bench, transform)
     check_cells(plan, bench)
     if bench.attack is not None and bench.attack.search is not None:
         from immunize.bench.search import check_search
