@@ -15,7 +15,7 @@ from helpers.bench import TIMING, TINY, bench_env as _env, run_bench, write_conf
 
 ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "searched", "harmful_score",
               "harmful_scores", "capability", "over_refusal", "refusal", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
-              "eval_wall_time_s", "judge_unparseable", "capability_lm_eval", "lm_eval", "intervals"}
+              "eval_wall_time_s", "judge_unparseable", "capability_lm_eval", "lm_eval", "intervals", "train"}
 
 
 def _bench(cwd: Path, *args, timeout=300):
