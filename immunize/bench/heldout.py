@@ -3,7 +3,8 @@
 The generalization condition reads the harmful score of the held-out categories from the evaluation, so a held-out
 name the evaluation data lacks (a typo, or a toy name on real data) would report nothing for it. The data's
 categories: a toy source's (the toy world's, or those it selects), a beavertails or generic harmful source's (read
-from its rows, as the eval cell will).
+from its rows, as the eval cell will). A hub dataset is not fetched to plan a bench (--plan works offline): where an
+evaluation source is a hub id the check is skipped.
 """
 from __future__ import annotations
 
@@ -30,8 +31,12 @@ def _source(spec, what: str):
         raise UserError(f"{what}: {err}") from err
 
 
+class NotLocal(Exception):
+    """An evaluation source that is a hub id: its categories are not known before the run."""
+
+
 def source_categories(src) -> Optional[list[str]]:
-    """The harm categories one evaluation source yields (None: it yields no harmful items)."""
+    """The harm categories one evaluation source yields (None: it yields no harmful items; NotLocal: a hub id)."""
     from immunize.datamodules.catalog import load_eval_items
     from immunize.datamodules.categories import categories_of
 
@@ -44,12 +49,17 @@ def source_categories(src) -> Optional[list[str]]:
         return [chosen] if isinstance(chosen, str) else list(chosen)
     if src.kind not in HARMFUL_KINDS or (src.kind == "generic" and src.part != "harmful"):
         return None
+    from immunize.datamodules.sources import _is_local
+
+    if not _is_local(src.path or ""):
+        raise NotLocal(src.path)
     items = load_eval_items(src, n_harmful_per_category=None, n_per_task=0)
     return categories_of(it for it in items if it.kind == "harmful")
 
 
 def data_categories(eval_configs: list[dict]) -> list[str]:
-    """The union of the harm categories of the evaluation cells' sources, in first-seen order."""
+    """The union of the harm categories of the evaluation cells' sources, in first-seen order (NotLocal where one of
+    them is a hub id)."""
     out: dict[str, None] = {}
     seen: set[str] = set()
     for cfg in eval_configs:
@@ -68,4 +78,8 @@ def check_heldout(heldout: list[str], eval_configs: list[dict]) -> None:
     the data's categories."""
     from immunize.datamodules.categories import check_present
 
-    check_present(list(heldout), data_categories(eval_configs), "eval data")
+    try:
+        categories = data_categories(eval_configs)
+    except NotLocal:
+        return  # a hub dataset: not fetched to plan a bench, so its categories are not checked here
+    check_present(list(heldout), categories, "eval data")

@@ -16,7 +16,8 @@ lm-eval call, export and the report run as in the full-scale config:
 - lm-eval tasks -> the shipped offline task toy_mc_sentiment, a few items;
 - trainers: accelerator gpu -> cpu; FSDP2 cells on 2 gloo processes (configs/trainer/cpu_fsdp.yaml's strategy), every
   other cell 1 device; one node; 1 epoch and at most MAX_STEPS steps; precision kept (bf16-mixed autocasts on CPU);
-- sizes: at most LIMIT rows per source with a limit (UNLIMITED without one), HarmfulMix n MIX_N, max_length
+- sizes: at most LIMIT rows per training source with a limit (an evaluation source keeps its rows: the evaluation's
+  own caps size it) (UNLIMITED without one), HarmfulMix n MIX_N, max_length
   MAX_LENGTH, max_new_tokens MAX_NEW_TOKENS, MAX_EVAL_ITEMS items per task.
 The built models live in OUT/shrink/ (rebuilt only when missing), and the output folder is OUT + "_shrunk" unless
 --out is given, so shrunk cells and reports never mix with the full-scale run's.
@@ -234,9 +235,11 @@ class Shrink:
             d["path"] = local
             d.pop("split", None)
             d.pop("name", None)
+        if role == "eval":  # the evaluation's own caps (n_harmful_per_category, ...) size it; every category stays
+            return
         cap = LIMIT if d.get("limit") is not None else UNLIMITED
         d["limit"] = min(d["limit"], cap) if d.get("limit") is not None else cap
-        self.note(f"rows per source", f"at most {LIMIT} where a limit is set, else {UNLIMITED}")
+        self.note(f"rows per training source", f"at most {LIMIT} where a limit is set, else {UNLIMITED}")
 
     def _data(self, section: dict, where: str) -> None:
         args = section.get("init_args") or {}
