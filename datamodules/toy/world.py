@@ -65,9 +65,9 @@ class ToyWorld:
     finetune, eval."""
 
     def __init__(self, seed: int = 0, heldout_categories: Sequence[str] = DEFAULT_HELDOUT):
-        from immunize.datamodules.categories import check_present
-
-        check_present(list(heldout_categories), lx.CATEGORIES, "toy world")
+        unknown = [c for c in heldout_categories if c not in lx.CATEGORIES]
+        if unknown:
+            raise UserError(f"toy world: unknown held-out category {unknown[0]!r}; choose from {list(lx.CATEGORIES)}")
         self.seed = seed
         self.heldout_categories = tuple(heldout_categories)
 
