@@ -48,7 +48,7 @@ def test_judges_without_a_model_take_no_placement():
 
 
 def test_a_judge_loaded_under_bf16_has_bf16_weights(tmp_path):
-    from test_judges import _save_tiny_classifier
+    from helpers.classifiers import save_tiny_classifier as _save_tiny_classifier
 
     path = _save_tiny_classifier(tmp_path / "clf", [0.0, 1.0], {0: "safe", 1: "unsafe"})
     judge = _attach(_module({"name": "classifier", "model": path}), "bf16-mixed").judge

@@ -1,12 +1,12 @@
 """Real-dataset loaders, exercised offline on small local files in each dataset's own field format."""
 from __future__ import annotations
 
-import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers.data_files import offline_tmp_cache, one_line, write  # noqa: F401 - the autouse offline fixture
 from immunize.datamodules import sources
 from immunize.datamodules.records import EvalItem, Example, Pair
 from immunize.errors import UserError
@@ -58,35 +58,6 @@ ALPACA = [
     {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour",
      "text": "Below is an instruction..."},
 ]
-
-
-@pytest.fixture(autouse=True)
-def offline_tmp_cache(tmp_path, monkeypatch):
-    """Keep datasets offline and its cache under tmp_path (config is read at import, so patch it too)."""
-    import datasets
-    import huggingface_hub.constants
-
-    cache = tmp_path / "hf_cache"
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-    monkeypatch.setattr(datasets.config, "DOWNLOADED_DATASETS_PATH", cache / "downloads")
-    monkeypatch.setattr(datasets.config, "EXTRACTED_DATASETS_PATH", cache / "downloads" / "extracted")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def write(tmp_path, name, rows):
-    """Write rows as .json (list), .jsonl (one per line) or .parquet, by the name's suffix."""
-    path = tmp_path / name
-    if name.endswith(".jsonl"):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif name.endswith(".json"):
-        path.write_text(json.dumps(rows))
-    else:
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    return str(path)
 
 
 @pytest.mark.parametrize("name", ["bt.json", "bt.jsonl", "bt.parquet"])
@@ -210,12 +181,6 @@ def test_registry_dispatch(tmp_path):
     assert sources.load_eval_source("sst2", path, split="validation") == sources.sst2_eval(path)
     bt = write(tmp_path, "bt.jsonl", [dict(r, refusal="No.") for r in BEAVERTAILS])
     assert isinstance(sources.load_source("beavertails", bt, split="30k_train", with_refusal=True)[0], Pair)
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_missing_field_names_file_and_field(tmp_path):
