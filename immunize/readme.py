@@ -95,7 +95,8 @@ def verdict_block(results: dict, source: str, defenses: Optional[list[str]] = No
                   columns: Optional[list[str]] = None, ratios: Optional[list[float]] = None) -> str:
     """The tables the README's verdicts read, without the per-seed values (the full report has them): the no-win
     check of every alignment defense under every attack protocol, and the fine-tuning stage's paired comparisons.
-    defenses: only these rows (the no-win check's defense, a pair's a); columns: only these of the no-win check
+    defenses: only these rows (the no-win check's defense, a pair's a; the reference's own rows only when named);
+    columns: only these of the no-win check
     (its defense, protocol and verdict always); ratios: only the pairs at these harmful ratios."""
     from immunize.bench.no_win import no_win_table
     from immunize.bench.report import _interval_note, fmt_ci, fmt_num
@@ -112,7 +113,7 @@ def verdict_block(results: dict, source: str, defenses: Optional[list[str]] = No
             c in columns if columns else c not in ("cos(g_harm, g_benign)", "est_norm"))]
         table.columns = [table.columns[i] for i in keep]
         table.rows = [[row[i] for i in keep] for row in table.rows
-                      if row[-1] != "(reference)" and (defenses is None or row[0] in defenses)]
+                      if (defenses is None and row[-1] != "(reference)") or (defenses is not None and row[0] in defenses)]
         lines += [f"**{table.title}.** {table.note}", "", report.markdown_table(table), ""]
     pairs = [p for p in results.get("pairs") or [] if p["stage"] == "finetune" and (defenses is None or p["a"] in defenses)
              and (ratios is None or float(p["finetune"]["ratio"]) in ratios)]

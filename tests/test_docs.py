@@ -94,3 +94,7 @@ def test_verdicts_paste_the_no_win_check_and_the_fine_tuning_pairs_without_per_s
           "--readme", str(doc)])
     text = doc.read_text()
     assert "| defense | attack protocol | lr=1e-3 Δcap | no-win at |" in text and "| seam | x |" not in text
+    assert "| undefended |" not in text  # the reference's own rows only when named
+    main(["--verdicts", "--results", str(path), "--defenses", "undefended,seam", "--block", "v", "--readme", str(doc)])
+    text = doc.read_text()
+    assert "| undefended |" in text and "(reference)" in text and "| other |" not in text
