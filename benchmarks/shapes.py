@@ -31,6 +31,14 @@ SHAPES = {
                        tie_word_embeddings=False),
 }
 
+# Hub ids whose published config is one of SHAPES (immunize bench --plan sizes a hub model without downloading it).
+HUB_SHAPES = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m", "HuggingFaceTB/SmolLM2-135M": "smollm2-135m",
+    "meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Llama-2-7b-chat-hf": "llama2-7b",
+    "meta-llama/Meta-Llama-3-8B": "llama3-8b", "meta-llama/Meta-Llama-3-8B-Instruct": "llama3-8b",
+    "meta-llama/Llama-3.1-8B": "llama3-8b", "meta-llama/Llama-3.1-8B-Instruct": "llama3-8b",
+    "meta-llama/Meta-Llama-3-70B-Instruct": "llama3-70b", "meta-llama/Llama-3.1-70B-Instruct": "llama3-70b",
+}
 
 @dataclass(frozen=True)
 class ModelShape:

@@ -79,6 +79,19 @@ def test_plan_command_at_full_scale_lists_the_cells(tmp_path):
     assert len(graph) == 23 and sum(r["kind"] == "fit" for r in graph) == 11
     assert "(defense-" in run.stdout and "gpu x8" in run.stdout and "gpu x4" in run.stdout
     assert "plan: 23 cells (10 fits on gpu x4; 1 fits on gpu x8; 12 evals on gpu x1); 11 exported models" in run.stdout
+    # the estimate: benchmarks/memory.py's prediction per fit, its hours, and the exports' disk with and without models
+    cost = json.loads((tmp_path / "out" / "plan.json").read_text())["cost"]
+    fits = {r["label"]: r for r in cost["fits"]}
+    seam, attack = fits["defense seam"], fits["attack seam lr=1e-4"]
+    assert seam["method"] == "seam" and seam["gpus"] == 8 and seam["strategy"] == "fsdp" and seam["steps"] == 500
+    assert attack["method"] == "sft" and attack["gpus"] == 4 and attack["steps"] == 250
+    assert 6.7e9 < seam["params"] < 6.8e9 and seam["export_bytes"] == 2 * seam["params"]  # bf16 export under bf16-mixed
+    assert 20 < seam["peak_gib"] < 40 and 20 < attack["peak_gib"] < 40
+    assert seam["gpu_hours"] > 5 * attack["gpu_hours"] > 0
+    assert cost["disk_keep_models_bytes"] == 11 * seam["export_bytes"]
+    assert cost["disk_no_keep_models_peak_bytes"] == 2 * seam["export_bytes"]  # SEAM's model and one attacked model
+    assert "cost defense seam: seam, 6.74B params on 8 GPU(s) (fsdp)" in run.stdout
+    assert "GPU-hours of fits; largest memory" in run.stdout and "at most at once with false" in run.stdout
 
 
 def test_shrink_swaps_sources_sizes_and_devices_only(tmp_path):

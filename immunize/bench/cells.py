@@ -9,6 +9,7 @@ Layout of a cell directory:
     cell.yaml         the generated `immunize fit|test` config (absolute paths)
     log.txt           the subprocess output
     model/            fits: the exported model; model/stage.json is the completion marker
+    model_removed.json  fits under keep_models: false, once the model was removed (its size; also a marker)
     metrics.json      tests: the completion marker (written atomically, after generations.jsonl)
     train.json        fits: steps and epochs (written by the recorder callback at train end)
     run.json          wall time of the subprocess (written after it exits successfully)
@@ -32,6 +33,7 @@ from immunize.fingerprint import COMPUTATION_VERSIONS, computation_versions, inp
 FORMAT = 2  # bump when what a cell computes from the same config changes
 MODEL_KEY = "model.init_args.model"
 MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
+REMOVED_MODEL = "model_removed.json"  # a fit whose model keep_models: false removed (immunize.bench.disk) is finished
 
 
 @dataclass(eq=False)
@@ -65,7 +67,9 @@ class Cell:
         return self.directory(cells_dir) / MARKERS[self.kind]
 
     def is_done(self, cells_dir: Path) -> bool:
-        return self.marker(cells_dir).is_file()
+        """Its marker exists (a fit whose model was removed after its readers finished counts as done)."""
+        return self.marker(cells_dir).is_file() or (
+            self.kind == "fit" and (self.directory(cells_dir) / REMOVED_MODEL).is_file())
 
     def input_path(self, cells_dir: Path) -> str:
         """The model this cell reads: the exported model of its input cell, or the source itself."""

@@ -61,9 +61,11 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
     images = make_plots(results, out)
     atomic_write_text(out / "report.md", report.render(results, tables, images))
     if bench.wandb.enabled:
-        from immunize.bench.wandb_log import log_report
+        from immunize.bench.wandb_log import log_cell_runs, log_report
 
-        run_dir = log_report(bench.wandb, out, config, tables, images)
+        if bench.wandb.cell_runs:
+            log_cell_runs(bench.wandb, plan.cells, cells_dir, out)
+        run_dir = log_report(bench.wandb, out, config, tables, images, results)
         if run_dir and bench.wandb.mode == "offline" and bench.progress != "quiet":
             print(f"immunize bench: W&B run (offline) in {run_dir}; upload with `wandb sync {run_dir}`", file=sys.stderr)
     for table in tables:
@@ -117,6 +119,8 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
     """Run (or, with show_plan or dry_run, list) the validated plan; `plan` is validate(bench)'s, built here when not
     given. Returns the exit code."""
     from immunize.bench.cells import plan_graph
+    from immunize.bench.disk import ModelPruner
+    from immunize.bench.plan_cost import cost_lines, plan_cost
     from immunize.bench.runner import CellFailed, Runner, lock
     from immunize.bench.validate import BENCH_MARKER, validate
 
@@ -125,9 +129,10 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
     cells_dir = Path(bench.cells_dir) if bench.cells_dir else out / "cells"
     if bench.dry_run or show_plan:
         graph = plan_graph(plan.cells, cells_dir, bench.trainer.threads)
+        cost = plan_cost(plan.cells) if show_plan else None
         if show_plan:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "plan.json", {"cells_dir": str(cells_dir), "cells": graph})
+            atomic_write_json(out / "plan.json", {"cells_dir": str(cells_dir), "cells": graph, "cost": cost})
             if not (out / BENCH_MARKER).exists():
                 atomic_write_json(out / BENCH_MARKER, config)
         for i, row in enumerate(graph, start=1):
@@ -136,6 +141,8 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
             where = f"{res['accelerator']} x{res['devices']}" + (f" x{res['num_nodes']} nodes" if res["num_nodes"] != 1 else "")
             print(f"[cell {i}/{len(graph)}] {row['state']:10} {row['kind']:4} {row['label']}  ({row['cell']}{needs}; {where})")
         print(plan_summary(graph))
+        if cost is not None:
+            print("\n".join(cost_lines(cost)))
         if show_plan:
             print(f"immunize bench: plan written to {out / 'plan.json'}", file=sys.stderr)
         if bench.attack is not None and bench.attack.search is not None:
@@ -155,8 +162,12 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
               f"cells in {cells_dir}, report in {out}", file=sys.stderr, flush=True)
 
     last_partial = [-PARTIAL_RESULTS_EVERY_S]
+    pruner = ModelPruner(cells_dir, enabled=not bench.keep_models)
+    searching = bench.attack is not None and bench.attack.search is not None
 
     def on_done(cell, index):
+        if not searching:  # the search's trials read the defenses' models: they are removed after it (sweep)
+            pruner.after(cell)
         # a partial results.json while cells finish, at most every PARTIAL_RESULTS_EVERY_S: rebuilding it reads every
         # evaluated model's items, so after each of N evals it would cost O(N^2) (minutes on a resumed 100-model run)
         if cell.kind == "test" and time.monotonic() - last_partial[0] >= PARTIAL_RESULTS_EVERY_S:
@@ -165,6 +176,7 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
         return _summary(cell, cells_dir)
 
     def run_cells(cells) -> dict:
+        cells = pruner.revive(cells)
         if bench.launcher.name != "local":
             return launcher_for(bench, out, mode).run(cells, cells_dir, mode, on_done)
         return Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(cells, on_done)
@@ -187,10 +199,12 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
         print("\nimmunize bench: interrupted; finished cells are kept, rerun the same command to resume",
               file=sys.stderr)
         return 130
+    pruner.sweep()
     write_outputs(plan, bench, out, cells_dir, final=True, config=config)
     if mode != "quiet":
+        freed = f"; keep_models: false removed {pruner.freed / 1e6:.1f} MB of models" if not bench.keep_models else ""
         print(f"\nimmunize bench: {counts['run']} cells run, {counts['skipped']} reused, "
-              f"{time.monotonic() - start:.0f}s; wrote {out / 'results.json'}, {out / 'report.md'} and plots",
+              f"{time.monotonic() - start:.0f}s; wrote {out / 'results.json'}, {out / 'report.md'} and plots{freed}",
               file=sys.stderr)
     for handle in locks:
         handle.close()

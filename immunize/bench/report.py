@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from immunize.bench import calibration
+from immunize.bench.disk import disk_table
 from immunize.bench.no_win import no_win_table
 from immunize.bench.planner import fmt_num, fmt_short
 from immunize.bench.rows import (  # noqa: F401 (re-exported: tables and tests read them from here)
@@ -431,7 +432,10 @@ def build_tables(results: dict) -> list[Table]:
     spread = seed_spread(results)
     if spread is not None:
         tables.append(spread)
+    if results.get("disk", {}).get("cells"):
+        tables.append(disk_table(results["disk"]))
     return tables
+
 
 
 def markdown_table(table: Table) -> str:

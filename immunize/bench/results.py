@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 
 from immunize.bench.cells import Cell, cell_info, read_json, train_means
+from immunize.bench.disk import disk_usage
 from immunize import statistics
 from immunize.provenance import provenance
 
@@ -320,4 +321,5 @@ def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window:
             "window": dict(window or {"harm": 50.0, "capability_drop": 5.0}),
             "select": dict(select or {"stability_tolerance": 5.0, "finetune_tolerance": 2.0}),
             "capability_bound": capability_bound,
-            "results": entries, "rows": rows, "pairs": extra_pairs(rows, items, pairs or [])}
+            "results": entries, "rows": rows, "pairs": extra_pairs(rows, items, pairs or []),
+            "disk": disk_usage(plan.cells, cells_dir)}

@@ -261,12 +261,15 @@ class WandbSpec:
         project: the W&B project.
         name: the run's name (null: the output folder's).
         mode: offline (default: nothing leaves the machine; `wandb sync` uploads later), online or disabled.
+        cell_runs: also one run per fit cell with its training curves, grouped by bench and seed (each cell is
+            logged once, when the bench first finds it finished; immunize.bench.wandb_log).
     """
 
     enabled: bool = True
     project: str = "immunize"
     name: Optional[str] = None
     mode: Literal["offline", "online", "disabled"] = "offline"
+    cell_runs: bool = True
 
 
 @dataclass
@@ -316,6 +319,9 @@ class BenchConfig:
         cells_dir: where cells live (null: OUT/cells; point several benches at one folder to share finished stages).
         progress: auto (bars on a terminal, else lines), bars, lines or quiet.
         dry_run: validate and list the cells (done or not) without running anything.
+        keep_models: keep every fit cell's exported model (default). false: remove a model once every cell reading
+            it has finished (its generations, metrics, logs and the results stay; the report's disk table says what
+            was freed); a later run that needs it again trains it again first (immunize.bench.disk).
         wandb: the W&B run.
         report: how the report compares defenses.
         launcher: where the cells run.
@@ -336,6 +342,7 @@ class BenchConfig:
     cells_dir: Optional[str] = None
     progress: Literal["auto", "bars", "lines", "quiet"] = "auto"
     dry_run: bool = False
+    keep_models: bool = True
     wandb: WandbSpec = field(default_factory=WandbSpec)
     report: ReportSpec = field(default_factory=ReportSpec)
     launcher: LauncherSpec = field(default_factory=LauncherSpec)

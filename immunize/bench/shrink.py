@@ -29,7 +29,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from immunize.bench.stages import find_file
 from immunize.errors import UserError
@@ -239,7 +239,7 @@ class Shrink:
             return
         cap = LIMIT if d.get("limit") is not None else UNLIMITED
         d["limit"] = min(d["limit"], cap) if d.get("limit") is not None else cap
-        self.note(f"rows per training source", f"at most {LIMIT} where a limit is set, else {UNLIMITED}")
+        self.note("rows per training source", f"at most {LIMIT} where a limit is set, else {UNLIMITED}")
 
     def _data(self, section: dict, where: str) -> None:
         args = section.get("init_args") or {}
@@ -265,7 +265,7 @@ class Shrink:
         strategy = trainer.get("strategy")
         sharded = isinstance(strategy, dict) and str(strategy.get("class_path", "")).endswith("FSDP2")
         if trainer.get("accelerator") not in (None, "cpu"):
-            self.note(f"trainer.accelerator", f"{trainer.get('accelerator')} -> cpu")
+            self.note("trainer.accelerator", f"{trainer.get('accelerator')} -> cpu")
         trainer["accelerator"] = "cpu"
         devices = 2 if sharded else 1
         if trainer.get("devices") != devices:
