@@ -49,7 +49,8 @@ from immunize.lightning_modules.modeling.sharding import any_sharded
 
 def lora_modules(model) -> list[tuple[str, object, str]]:
     """(weight name in the Hugging Face model, peft LoRA layer, adapter name) of every active LoRA adapter on a 2-D
-    weight, in module order; the weight name is the one a saved checkpoint uses (`model.layers.0.self_attn.q_proj.weight`)."""
+    weight, in module order; the weight name is the one a saved checkpoint uses
+    (`model.layers.0.self_attn.q_proj.weight`)."""
     from peft.tuners.lora import LoraLayer
 
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -89,8 +90,9 @@ class SafeLoRA(FinetuneDefense):
                  select: Literal["number", "threshold"] = "number", num_proj_layers: int = 10, threshold: float = 0.5,
                  base_gguf_file: Optional[str] = None, report_file: Optional[str] = "safe_lora.json"):
         if not base_model:
-            raise UserError("SafeLoRA: base_model is required: the unaligned model the aligned one was trained from "
-                            "(a model directory or hub id), e.g. --trainer.callbacks.init_args.base_model runs/toy/base")
+            raise UserError("SafeLoRA: base_model is required: the unaligned model the aligned one was trained "
+                            "from (a model directory or hub id), e.g. "
+                            "--trainer.callbacks.init_args.base_model runs/toy/base")
         if select not in SELECT_MODES:
             raise UserError(f"SafeLoRA: select must be one of {', '.join(SELECT_MODES)}, got {select!r}")
         if isinstance(num_proj_layers, bool) or not isinstance(num_proj_layers, int) or num_proj_layers < 1:
@@ -180,13 +182,15 @@ class SafeLoRA(FinetuneDefense):
                       for (name, _, _), cos, take, dist in zip(modules, cosines, chosen, distances)}
         return {"select": self.select, "num_proj_layers": self.num_proj_layers, "threshold": threshold,
                 "modules": len(modules), "projected": sum(chosen), "distance": sum(distances) / len(distances),
-                "base_model": self.base_model, "aligned_model": self.aligned_model or "(the fine-tune's own base weights)",
+                "base_model": self.base_model,
+                "aligned_model": self.aligned_model or "(the fine-tune's own base weights)",
                 "per_module": per_module}
 
     def _save(self, trainer) -> None:
         r = self.report
         rank_zero_info(f"SafeLoRA: projected {r['projected']} of {r['modules']} LoRA modules (cosine <= "
-                       f"{r['threshold']:g}); mean 1/(1+|B - CB|) = {r['distance']:.4f} (the reference: > 0.8 is better)")
+                       f"{r['threshold']:g}); mean 1/(1+|B - CB|) = {r['distance']:.4f} "
+                       "(the reference: > 0.8 is better)")
         if trainer is None:
             return
         metrics = {"safe_lora/projected_modules": float(r["projected"]), "safe_lora/modules": float(r["modules"]),

@@ -58,8 +58,8 @@ def reference_projection(peft_model, matrices, threshold):
                 continue
             p = matrices[idx]
             w = torch.mm(p, param_ori)
-            cos = numpy.round(torch.nn.functional.cosine_similarity(torch.mm(w, lora_a).reshape(1, -1),
-                                                                    torch.mm(param_ori, lora_a).reshape(1, -1)).item(), 5)
+            f_w, ori = torch.mm(w, lora_a), torch.mm(param_ori, lora_a)
+            cos = numpy.round(torch.nn.functional.cosine_similarity(f_w.reshape(1, -1), ori.reshape(1, -1)).item(), 5)
             cosines.append(float(cos))
             flags.append(bool(cos <= threshold))
             param.data = w if cos <= threshold else param_ori.clone()
@@ -110,7 +110,7 @@ def test_one_application_equals_the_reference(tmp_path):
     # "threshold" mode, on the same fine-tuned weights, with a threshold between the cosines
     mid = float(numpy.median(cosines))
     ref2, ours = fresh_with(trained), fresh_with(trained)
-    cosines2, flags2, dist2 = reference_projection(ref2.model, matrices, mid)
+    _, flags2, dist2 = reference_projection(ref2.model, matrices, mid)
     report2 = SafeLoRA(base_model=base_dir, select="threshold", threshold=mid).project(ours.model)
     assert [g["projected"] for g in report2["per_module"].values()] == flags2 and 0 < sum(flags2) < len(flags2)
     assert abs(report2["distance"] - dist2) <= TOL

@@ -53,7 +53,8 @@ def test_cosine_is_that_of_the_flattened_products_rounded_to_5_decimals():
     v = torch.randn(8, 5, generator=gen)
     c = alignment_projector(v, torch.zeros(8, 5))
     b, a = torch.randn(8, 3, generator=gen), torch.randn(3, 5, generator=gen)
-    direct = torch.nn.functional.cosine_similarity(((c @ b) @ a).double().reshape(1, -1), (b @ a).double().reshape(1, -1))
+    flat = [((c @ b) @ a).double().reshape(1, -1), (b @ a).double().reshape(1, -1)]
+    direct = torch.nn.functional.cosine_similarity(*flat)
     got = projected_cosine(c, b, a)
     assert got == pytest.approx(float(direct), abs=5e-6) and got == round(got, 5)
     assert projected_cosine(torch.eye(8), b, a) == 1.0  # nothing to project away
@@ -114,7 +115,8 @@ def test_biases_and_embedding_adapters_are_skipped(tmp_path):
     assert report["modules"] == 2 and report["projected"] == 2
     after = dict(model.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
-    assert changed == {f"base_model.model.model.layers.0.self_attn.{m}.lora_B.default.weight" for m in ("q_proj", "v_proj")}
+    lora_b = "base_model.model.model.layers.0.self_attn.{}.lora_B.default.weight"
+    assert changed == {lora_b.format(m) for m in ("q_proj", "v_proj")}
 
 
 # ----- bad input: one line naming the thing and the fix ------------------------------------------

@@ -28,7 +28,7 @@ def _snapshot(source: str, what: str) -> str:
 
     try:
         return snapshot_download(source, allow_patterns=["*.safetensors", f"*{INDEX_SUFFIX}", "config.json"])
-    except Exception as err:  # noqa: BLE001 - the hub client raises many types for a missing repo or no network
+    except Exception as err:  # the hub client raises many types for a missing repo or no network
         raise UserError(f"{what}: cannot fetch the hub model {source!r} ({type(err).__name__}: "
                         f"{str(err).splitlines()[0] if str(err) else ''}); give a local model directory") from err
 
@@ -46,7 +46,7 @@ def safetensors_map(folder: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for path in sorted(root.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
-            out.update({name: str(path) for name in f.keys()})
+            out.update(dict.fromkeys(f.keys(), str(path)))
     return out
 
 
