@@ -108,8 +108,13 @@ class SafeLoRA(FinetuneDefense):
     # ----- fit start: fail before training -------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit":
-            self.check(pl_module.model, getattr(pl_module, "tokenizer", None))
+        if stage != "fit":
+            return
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):  # the model is sharded after setup
+            raise UserError("SafeLoRA: the model is FSDP-sharded; run the LoRA fine-tune with DDP or on one device")
+        self.check(pl_module.model, getattr(pl_module, "tokenizer", None))
 
     def _readers(self, tokenizer) -> tuple[CheckpointTensors, Optional[CheckpointTensors]]:
         base = CheckpointTensors(self.base_model, "SafeLoRA: base_model", self.base_gguf_file, tokenizer)

@@ -182,3 +182,12 @@ def test_fit_projects_lora_b_of_the_selected_modules_only(tmp_path, base_dir):
     trainer(tmp_path / "again", [rec2, cb2], max_steps=3).fit(again, data())
     assert cb2.report["per_module"] == report["per_module"]
     assert all(torch.allclose(p, after[n], atol=1e-6) for n, p in params_of(again).items())
+
+
+def test_a_sharded_fit_is_refused_at_setup(base_dir):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    fake = SimpleNamespace(strategy=ModelParallelStrategy(), datamodule=None)
+    _one_line_error(lambda: SafeLoRA(base_model=base_dir).setup(fake, module(lora=True), "fit"), "FSDP-sharded.*DDP")
