@@ -60,7 +60,8 @@ def _alignment_method(defense) -> Method:
 # Fine-tuning-stage defenses that act every step, measured on the SFT step they hook; the others act once at fit end.
 PER_STEP_CALLBACKS = {"panacea": lambda: [SameShapePanacea()], "lisa": lambda: [SameShapeLisa()]}
 ONE_SHOT = {"antidote": "antidote_one_shot (pruning once after fine-tuning)",
-            "random": "no step cost (one noise draw at fit end)"}
+            "random": "no step cost (one noise draw at fit end)",
+            "safe_lora": "no step cost (one projection per LoRA module at fit end)"}
 
 
 def registry_methods() -> dict[str, Method]:

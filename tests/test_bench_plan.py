@@ -212,3 +212,39 @@ def test_attacked_on_attacks_a_defense_on_its_part_of_the_grid_only():
                           f"[{{name: undefended}}, {{name: seam, attacked_on: {bad}}}]"])
         with pytest.raises(UserError, match=match):
             check_config(bench)
+
+
+def test_safe_lora_gets_the_base_model_the_alignment_started_from(tmp_path):
+    """A fine-tuning callback with `base_model: null` (SafeLoRA's toy config) is given the unaligned base: the pretrain
+    cell's export, named by the cell (so the digest follows it) and resolved to its path when the cell runs; a model
+    source without pretrain is given as is, with its GGUF file. The other fine-tune cells keep their names."""
+    from immunize.bench.runner import runtime_config
+    from immunize.bench.validate import check_cells
+
+    lora = "{init_args: {lora: {r: 4, target_modules: [q_proj, v_proj]}}}"
+    defenses = "[{name: sft}, {name: safe_lora}]"
+    bench, _ = parse(["--config", str(QUICKSTART), "--finetune.defenses", defenses, "--finetune.model", lora])
+    plan = build_plan(bench)
+    cells = _by_label(plan)
+    cell = cells["finetune safe_lora p=0.1"]
+    args = cell.config["trainer"]["callbacks"][0]["init_args"]
+    assert args["base_model"] == f"cell:{cells['pretrain toy:tiny'].name}" and "base_gguf_file" not in args
+    assert cell.config["model"]["init_args"]["lora"]["r"] == 4
+    run = runtime_config(cell, tmp_path, False, 0)
+    assert run["trainer"]["callbacks"][0]["init_args"]["base_model"] == \
+        str(tmp_path.resolve() / cells["pretrain toy:tiny"].name / "model")
+    check_cells(plan, bench)  # the filled config builds (SafeLoRA refuses a null base_model)
+    # sft's cells are those of a bench without SafeLoRA
+    alone = _by_label(build_plan(parse(["--config", str(QUICKSTART), "--finetune.defenses", "[{name: sft}]",
+                                        "--finetune.model", lora])[0]))
+    assert cells["finetune sft p=0.1"].digest == alone["finetune sft p=0.1"].digest
+    # another pretrain -> another base -> another SafeLoRA cell
+    other = _by_label(build_plan(parse(["--config", str(QUICKSTART), "--finetune.defenses", defenses,
+                                        "--finetune.model", lora, "--model.pretrain.trainer", "{max_epochs: 1}"])[0]))
+    assert other["finetune safe_lora p=0.1"].digest != cell.digest
+
+    source = _by_label(build_plan(parse(["--config", str(QUICKSTART), "--finetune.defenses", defenses,
+                                         "--model.source", "some/hub-model", "--model.gguf_file", "m.gguf",
+                                         "--model.pretrain", "null"])[0]))
+    args = source["finetune safe_lora p=0.1"].config["trainer"]["callbacks"][0]["init_args"]
+    assert args["base_model"] == "some/hub-model" and args["base_gguf_file"] == "m.gguf"

@@ -3,7 +3,8 @@
 - alignment defenses (their toy config's model section on toy:tiny): two finite steps that move the weights;
   the precisions their base refuses are refused with one UserError, bf16-mixed trains; 2 DDP ranks end identical;
 - fine-tuning-stage callbacks (their toy config's callbacks on a small fine-tune): a fit stopped after its
-  checkpoint and resumed ends where the uninterrupted fit ends.
+  checkpoint and resumed ends where the uninterrupted fit ends. A callback whose config leaves base_model to the bench
+  (SafeLoRA) gets a saved toy base model and a LoRA fine-tune.
 """
 import importlib
 
@@ -14,7 +15,7 @@ from conftest import REPO
 from immunize.datamodules import Source
 from helpers.ranks import assert_ranks_identical
 from helpers.alignment import fit, params_of, write_ddp_config
-from helpers.finetune import crash_and_resume, module
+from helpers.finetune import crash_and_resume, module, toy_model_dir
 from immunize.bench import registry
 from immunize.bench.stages import read_yaml
 from immunize.errors import UserError
@@ -52,6 +53,12 @@ def toy_callbacks(defense, **overrides) -> list:
             args["eps_file"] = None
         out.append(_class(spec["class_path"])(**args))
     return out
+
+
+def needs_base_model(defense) -> bool:
+    """Whether the defense's toy callbacks take the unaligned base model (filled in by the bench; SafeLoRA)."""
+    cfg = read_yaml(REPO / defense.config, defense.name)
+    return any("base_model" in (spec.get("init_args") or {}) for spec in cfg["trainer"]["callbacks"])
 
 
 def test_the_registry_is_complete_and_has_no_dead_entries():
@@ -117,7 +124,9 @@ def test_callback_resume_equals_uninterrupted(defense, tmp_path):
     """One batch per epoch (the datamodule's shuffle is not checkpointed, so only whole epochs resume exactly) and a
     checkpoint every epoch: stopped by a crash after step 2's checkpoint, then resumed, the fit ends (fit-end action
     included) where the uninterrupted one ends."""
-    (whole, *_), (resumed, *_) = crash_and_resume(tmp_path, lambda: (module(optimizer="sgd", lr=1e-2),
-                                                                      *toy_callbacks(defense)))
+    lora = needs_base_model(defense)  # SafeLoRA: a LoRA fine-tune, projected against a saved toy base
+    extra = {"base_model": toy_model_dir(tmp_path / "base")} if lora else {}
+    (whole, *_), (resumed, *_) = crash_and_resume(tmp_path, lambda: (module(lora=lora, optimizer="sgd", lr=1e-2),
+                                                                      *toy_callbacks(defense, **extra)))
     for (name, a), b in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.allclose(a, b, atol=1e-5, rtol=0), name

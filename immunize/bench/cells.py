@@ -34,6 +34,7 @@ FORMAT = 2  # bump when what a cell computes from the same config changes
 MODEL_KEY = "model.init_args.model"
 MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
 REMOVED_MODEL = "model_removed.json"  # a fit whose model keep_models: false removed (immunize.bench.disk) is finished
+CELL_REF = "cell:"  # a callback argument "cell:<cell name>" is that cell's exported model, its path set at run time
 
 
 @dataclass(eq=False)
@@ -80,6 +81,22 @@ class Cell:
     @property
     def fit_input(self) -> Optional["Cell"]:
         return self.input if isinstance(self.input, Cell) else None
+
+
+def cell_ref(cell: Cell) -> str:
+    """How a cell config names another cell's exported model (e.g. SafeLoRA's base_model): by the cell's name, which
+    holds its digest, so the referring cell's digest follows it; `resolve_cell_refs` puts in the path at run time."""
+    return f"{CELL_REF}{cell.name}"
+
+
+def resolve_cell_refs(cfg: dict, cells_dir: Path) -> None:
+    """Replace every "cell:<name>" argument of the config's trainer callbacks by that cell's model directory."""
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        args = cb.get("init_args") if isinstance(cb, dict) else None
+        for key, value in (args or {}).items():
+            if isinstance(value, str) and value.startswith(CELL_REF):
+                args[key] = str(Path(cells_dir) / value[len(CELL_REF):] / "model")
 
 
 def source_fingerprint(source: str) -> str:

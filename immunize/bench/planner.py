@@ -4,7 +4,8 @@ Stage graph:  source -> [pretrain] -> base -> [align] -> aligned -> defense d (o
     each defense model: eval ("defended": stability), attack grid -> eval (resistance, generalization),
     benign fine-tune -> eval (trainability);
     finetune.model_from's model -> fine-tune on a harmful mix with each fine-tuning-stage defense, each
-    ratio p -> eval.
+    ratio p -> eval. A fine-tuning-stage callback whose init_args leave `base_model` null (SafeLoRA) gets the model
+    the alignment started from (the base: the pretrain cell's model, or the model source).
 Cells come out in run order: each after the cell it reads, each fit followed soon by its eval.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
 from immunize.bench import registry
-from immunize.bench.cells import Cell
+from immunize.bench.cells import Cell, cell_ref
 from immunize.bench.schema import BenchConfig
 from immunize.bench.stages import apply_heldout, deep_merge, find_file, init_args, load_stage, read_yaml, set_dotted
 from immunize.errors import UserError
@@ -68,6 +69,7 @@ class Planner:
         self.plan = Plan()
         self._common_trainer = self._trainer_common()
         self.models: dict[int, dict[str, ModelRef]] = {}  # seed -> defense -> its model (the attacks' input)
+        self.base: Optional[ModelRef] = None  # this seed's unaligned base (what SafeLoRA's base_model names)
 
     # ----- config helpers ------------------------------------------------------------------------
     def _trainer_common(self) -> dict:
@@ -168,6 +170,7 @@ class Planner:
             raise UserError(f"model.source {b.model.source!r} is a fresh random init: give model.pretrain "
                             "(e.g. {config: configs/toy/pretrain.yaml}) to train the toy base first")
         aligned = self._fit("align", "align", load_stage(b.alignment, "alignment"), base) if b.alignment else base
+        self.base = base
 
         models: dict[str, ModelRef] = {}
         for d in b.defenses:
@@ -278,6 +281,7 @@ class Planner:
             spec.config = config
             cfg = load_stage(spec, f"fine-tuning-stage defense {d.name!r}", base=base)
             add_callbacks(cfg, callbacks)
+            fill_base_model(cfg, self.base, self.bench.model.gguf_file)
             for p in ft.ratios:
                 run = copy.deepcopy(cfg)
                 set_dotted(run, "data.init_args.p", p)
@@ -300,6 +304,20 @@ def add_callbacks(cfg: dict, callbacks: list[dict]) -> None:
         trainer = cfg.setdefault("trainer", {})
         existing = trainer.get("callbacks") or []
         trainer["callbacks"] = (existing if isinstance(existing, list) else [existing]) + copy.deepcopy(callbacks)
+
+
+def fill_base_model(cfg: dict, base: ModelRef, gguf_file: Optional[str] = None) -> None:
+    """Give every trainer callback whose init_args hold `base_model: null` the unaligned base model: a reference to
+    the base cell's export (resolved to its path when the cell runs) or the model source, with its GGUF file name
+    (base_gguf_file) when the source is one."""
+    callbacks = (cfg.get("trainer") or {}).get("callbacks") or []
+    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
+        args = cb.get("init_args") if isinstance(cb, dict) else None
+        if not isinstance(args, dict) or "base_model" not in args or args["base_model"] is not None:
+            continue
+        args["base_model"] = cell_ref(base) if isinstance(base, Cell) else base
+        if not isinstance(base, Cell) and gguf_file and args.get("base_gguf_file") is None:
+            args["base_gguf_file"] = gguf_file
 
 
 def attack_settings(cfg: dict, point: dict, lora: dict, defense_pairs: Optional[dict] = None) -> dict:

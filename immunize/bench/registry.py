@@ -8,7 +8,8 @@ Alignment stage: the defense's config holds only its model section; the bench me
 stage (configs/toy/defense.yaml: data and trainer), as `immunize fit --config configs/toy/defense.yaml --config
 <defense config>` does. "undefended" is the aligned model itself (no stage).
 Fine-tuning stage: the defense's config holds only trainer.callbacks; the bench appends them to the one fine-tune
-(configs/finetune/toy.yaml). "sft" is that fine-tune with no callback.
+(configs/finetune/toy.yaml). "sft" is that fine-tune with no callback. A callback argument `base_model: null` is filled
+by the bench with the unaligned base model (SafeLoRA, which also needs a LoRA fine-tune: finetune.model's lora).
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ DEFENSES: tuple[Defense, ...] = (
             "Lisa, lazy safety alignment (Huang et al. 2024)"),
     Defense("antidote", FINETUNE, "immunize.callbacks.Antidote", "configs/finetune/antidote.yaml",
             "configs/real/antidote_llama2_7b.yaml", "Antidote, post-fine-tuning pruning (Huang et al. 2024)"),
+    Defense("safe_lora", FINETUNE, "immunize.callbacks.SafeLoRA", "configs/finetune/safe_lora.yaml",
+            "configs/real/safe_lora_llama2_7b.yaml", "SafeLoRA, projection of LoRA updates (Hsu et al. 2024)"),
 )
 BY_NAME = {d.name: d for d in DEFENSES}
 

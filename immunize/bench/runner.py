@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from immunize.bench.cells import MODEL_KEY, Cell, read_json
+from immunize.bench.cells import MODEL_KEY, Cell, read_json, resolve_cell_refs
 from immunize.bench.progress import Eta, Printer
 from immunize.bench.recorder import PREFIX
 from immunize.bench.stages import REPO_ROOT, set_dotted, to_yaml
@@ -45,6 +45,7 @@ def runtime_config(cell: Cell, cells_dir: Path, progress_bar: bool, updates: int
     cfg = copy.deepcopy(cell.config)
     d = cell.directory(cells_dir).resolve()
     set_dotted(cfg, MODEL_KEY, cell.input_path(cells_dir.resolve()) if isinstance(cell.input, Cell) else cell.input)
+    resolve_cell_refs(cfg, cells_dir.resolve())
     trainer = cfg.setdefault("trainer", {})
     trainer["default_root_dir"] = str(d)
     trainer["enable_progress_bar"] = progress_bar

@@ -123,3 +123,12 @@ def run_ddp_finetune(cli, tmp_path, callbacks: list[dict], max_steps: int):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     return cli("fit", "--config", "cfg.yaml", "--trainer.strategy", "ddp", "--trainer.devices", "2",
                "--trainer.accelerator", "cpu", "--export_dir", "export", timeout=300)
+
+
+def toy_model_dir(path, init_seed: int = 1, preset: str = "toy:tiny") -> str:
+    """A saved (safetensors) toy model with tokenizer at `path`: a fresh seeded init of `preset` (the base model a
+    SafeLoRA test projects against: init_seed 0 is the model the fine-tunes here start from)."""
+    m = SFT(model=preset, init_seed=init_seed)
+    m.model.save_pretrained(str(path))
+    m.tokenizer.save_pretrained(str(path))
+    return str(path)
