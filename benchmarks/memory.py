@@ -90,6 +90,7 @@ PERSISTENT = {"panacea": 1, "lisa": 1, "tar": 1}  # TAR: the frozen original mod
 # need fp32 trainable weights (Panacea's setup; LoRA adapters are fp32, so LoRA over a bf16 base is allowed).
 NEEDS_FP32_MASTER = ("seam", "booster", "tar")
 NEEDS_FP32_TRAINABLE = ("panacea",)
+NEEDS_LORA = ("circuit_breakers",)  # its originals are the model with the adapter switched off
 
 
 @dataclass(frozen=True)
@@ -363,6 +364,8 @@ def check_supported(method: str, setup: Setup) -> Optional[str]:
             return "refused: needs fp32 master weights (bf16-mixed)"
         if method in NEEDS_FP32_TRAINABLE and setup.lora is None:
             return "refused: needs fp32 trainable weights (bf16-mixed, or LoRA)"
+    if method in NEEDS_LORA and setup.lora is None:
+        return "refused: trains LoRA adapters only (--lora)"
     return None
 
 

@@ -14,7 +14,7 @@ Target layers are Hugging Face hidden_states indices (l: the output of the l-th 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -71,7 +71,7 @@ class CircuitBreakers(OneLossDefense):
 
     loss_name = "Circuit Breakers loss"
 
-    def __init__(self, target_layers: Optional[list[int]] = None, alpha: float = 5.0, schedule_steps: int = 300,
+    def __init__(self, target_layers: list[int] | None = None, alpha: float = 5.0, schedule_steps: int = 300,
                  retain: Sequence[str] = RETAIN_PARTS, **kwargs):
         if kwargs.get("lora") is None and kwargs.get("adapter", "merge") != "continue":
             raise UserError("CircuitBreakers trains LoRA adapters (its original representations are the model's with "
@@ -91,7 +91,12 @@ class CircuitBreakers(OneLossDefense):
         self.target_layers = (default_target_layers(len(layers)) if target_layers is None
                               else check_target_layers(list(target_layers), len(layers)))
         self.kept_blocks = max(self.target_layers) + 1  # the reference's network is cut after this many blocks
-        for layer in layers[self.kept_blocks:]:
+        self.freeze_uncut_blocks()
+
+    def freeze_uncut_blocks(self) -> None:
+        """No gradient for the blocks after the cut (their LoRA adapters never run). Called again after every
+        disable_adapter(): peft turns requires_grad back on for all adapters when it enables them."""
+        for layer in decoder_layers(self.model)[self.kept_blocks:]:
             layer.requires_grad_(False)
 
     def harmful_states(self, part: dict) -> list[torch.Tensor]:
@@ -103,7 +108,7 @@ class CircuitBreakers(OneLossDefense):
         """Every hidden state of the network cut after kept_blocks blocks (its last one through the final norm)."""
         return truncated_hidden_states(self.model, part, self.kept_blocks)
 
-    def originals(self, harmful: Optional[dict], retain: dict):
+    def originals(self, harmful: dict | None, retain: dict):
         """(harmful target states or None, retain states) with the adapter switched off, in eval mode, no gradient."""
         was_training = self.model.training
         self.model.eval()
@@ -112,6 +117,7 @@ class CircuitBreakers(OneLossDefense):
                 return (None if harmful is None else self.harmful_states(harmful)), self.retain_states(retain)
         finally:
             self.model.train(was_training)
+            self.freeze_uncut_blocks()
 
     def retain_batch(self, batch: dict) -> dict:
         parts = [batch[name] for name in self.retain]

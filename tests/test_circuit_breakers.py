@@ -123,6 +123,9 @@ def test_lora_after_the_last_target_layer_is_frozen(small):
     assert kept and all(p.requires_grad for p in kept)
     assert lora_of(layers[3]) and not any(p.requires_grad for p in layers[3].parameters())
     assert {id(p) for p in small.trainable_parameters()} == {id(p) for p in kept}
+    batch = first_batch(small)
+    small.originals(batch["harmful"], batch["refusal"])  # peft's disable_adapter() turns every adapter back on
+    assert {id(p) for p in small.trainable_parameters()} == {id(p) for p in kept}
 
 
 def test_it_needs_lora_and_says_so_in_one_line():

@@ -13,7 +13,7 @@ Everything is formed in float32 or wider (the reference takes its norms with dty
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
