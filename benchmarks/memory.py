@@ -82,6 +82,7 @@ METHOD_BUFFERS: dict[str, tuple[int, str]] = {
     "panacea": (5, "its h(w + eps) pass: p.grad, the previous step's eps (self.eps, replaced only after the step), "
                    "grad h(w), the new eps and the weight backup held while grad h(w + eps) is formed"),
     "lisa": (2, "at a phase switch: the new anchor is cloned while the old one is still held (1 otherwise)"),
+    "circuit_breakers": (0, "one loss, one backward: only p.grad (the originals' forwards keep no graph)"),
 }
 # Gradient-sized tensors that outlive the step (present at the optimizer step): Panacea's eps, Lisa's anchor.
 PERSISTENT = {"panacea": 1, "lisa": 1, "tar": 1}  # TAR: the frozen original model of its retain term (full weights)
@@ -89,6 +90,7 @@ PERSISTENT = {"panacea": 1, "lisa": 1, "tar": 1}  # TAR: the frozen original mod
 # need fp32 trainable weights (Panacea's setup; LoRA adapters are fp32, so LoRA over a bf16 base is allowed).
 NEEDS_FP32_MASTER = ("seam", "booster", "tar")
 NEEDS_FP32_TRAINABLE = ("panacea",)
+NEEDS_LORA = ("circuit_breakers",)  # its originals are the model with the adapter switched off
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ class Pass:
         held_grad: share of the previous gradient alive in an automatic pass's forward (T-Vaccine drops the
             frozen tensors' gradients: only the active layers' remain).
         extras: method activations: "lens", "mmd", "hidden_eps" (Vaccine's eps), "hidden_grads" (pass 1's output).
-        head: "ce" (response CE on the head) or "entropy" (TAR's negative entropy over the full logits).
+        head: "ce" (response CE on the head), "entropy" (TAR's negative entropy over the full logits) or "none"
+            (no head: Circuit Breakers' losses are on hidden states).
     """
 
     name: str
@@ -220,6 +223,9 @@ def method_passes(method: str, hparams: Optional[dict] = None, shape: Optional[M
     if method == "panacea":
         return [Pass("task pass (previous eps)", 1, 1), Pass("h at w (p.grad, previous eps)", 2, 1, FORMING),
                 Pass("h at w + eps (p.grad, previous eps, grad h, eps, backup)", 5, 1, FORMING)]
+    if method == "circuit_breakers":
+        return [Pass("harmful, benign and refusal forwards with the adapter on (the originals without a graph), one "
+                     "backward", 0, 3, head="none", extras=("hidden_stack",))]
     if method == "lisa":
         return [Pass("task pass (anchor)", 1, 1), Pass("phase switch: new anchor beside the old", 2, 0, HELD)]
     raise UserError(f"unknown method {method!r}; choose from {sorted(METHOD_BUFFERS)}")
@@ -264,7 +270,9 @@ def pass_activations(shape: ModelShape, setup: Setup, p: Pass, head_trainable: b
     gradients in the backward. Lens: the stacked hidden-state rows, their norm and the chunked head's input gradient
     (fp32), the head's weight gradient (formed in the forward; full fine-tuning only), and in its forward one
     [chunk, vocab] logits chunk with logsumexp's temporary of the same size. MMD: per layer the MLP output, its
-    masked fp32 copy and the noise. Vaccine: an fp32 eps per layer output (every layer: an upper bound for
+    masked fp32 copy and the noise. Hidden stack (Circuit Breakers' retain loss): the fp32 stacks of the current and
+    original hidden states and their difference (every layer: an upper bound, the model is cut after the last target
+    layer). Vaccine: an fp32 eps per layer output (every layer: an upper bound for
     T-Vaccine), and pass 1's hidden-state gradients.
     """
     from immunize.lightning_modules.functional.supervised_ce import CHUNK_ELEMENTS
@@ -278,7 +286,7 @@ def pass_activations(shape: ModelShape, setup: Setup, p: Pass, head_trainable: b
     if p.graphs and p.head == "entropy":
         saved += 2 * tokens * v * 4
         forward, backward = tokens * v * (act + 4), 3 * tokens * v * 4
-    elif p.graphs:
+    elif p.graphs and p.head == "ce":
         saved += p.graphs * rows * v * 4
         forward, backward = rows * v * ((act + 4) if fsdp else 4), rows * v * 4 * 2
     hidden_rows = L * tokens * h * 4
@@ -288,6 +296,8 @@ def pass_activations(shape: ModelShape, setup: Setup, p: Pass, head_trainable: b
         forward = max(forward, 2 * min(lens_rows, max(1, CHUNK_ELEMENTS // v)) * v * 4 + lens_rows * h * 4)
     if "mmd" in p.extras:
         saved += L * tokens * h * (act + 8)
+    if "hidden_stack" in p.extras:
+        saved += 3 * hidden_rows
     if "hidden_eps" in p.extras:
         saved += hidden_rows
     if "hidden_grads" in p.extras:
@@ -354,6 +364,8 @@ def check_supported(method: str, setup: Setup) -> Optional[str]:
             return "refused: needs fp32 master weights (bf16-mixed)"
         if method in NEEDS_FP32_TRAINABLE and setup.lora is None:
             return "refused: needs fp32 trainable weights (bf16-mixed, or LoRA)"
+    if method in NEEDS_LORA and setup.lora is None:
+        return "refused: trains LoRA adapters only (--lora)"
     return None
 
 

@@ -10,7 +10,7 @@ and gets, from this base: the finite check (a NaN stops the fit with one line), 
 under train/<name> (and train/loss), Lightning's own gradient clipping, accumulation and DDP, and the
 gradient-norm log of CausalLMModule. `token_weights(*parts)` gives the DDP token weights that make a rank's
 per-token mean count as its share of the global batch's token mean (use them on each CE term).
-SFT, adversarial-loss immunization, RepNoise and Vaccine are such defenses.
+SFT, adversarial-loss immunization, RepNoise, Vaccine and Circuit Breakers are such defenses.
 """
 from __future__ import annotations
 

@@ -60,6 +60,8 @@ DEFENSES: tuple[Defense, ...] = (
             "TAR, tamper-resistant safeguards (Tamirisa et al. 2024)"),
     Defense("t_vaccine", ALIGNMENT, "immunize.lightning_modules.TVaccine", "configs/defenses/t_vaccine.yaml",
             "configs/real/t_vaccine_llama2_7b.yaml", "T-Vaccine, targeted Vaccine (Liu et al. 2024)"),
+    Defense("circuit_breakers", ALIGNMENT, "immunize.lightning_modules.CircuitBreakers", "configs/defenses/circuit_breakers.yaml",
+            "configs/real/circuit_breakers_llama3_8b.yaml", "Circuit Breakers, representation rerouting (Zou et al. 2024)"),
     Defense("sft", FINETUNE, None, None, None, "the user's fine-tune without a defense (the reference)"),
     Defense("panacea", FINETUNE, "immunize.callbacks.Panacea", "configs/finetune/panacea.yaml", "configs/real/panacea_llama2_7b.yaml",
             "Panacea, post-fine-tuning perturbation (Wang et al. 2025)"),

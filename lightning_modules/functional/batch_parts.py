@@ -1,6 +1,11 @@
 """Named parts of a triplet batch ({"harmful", "refusal", "benign"} from AlignmentData mode "triplets")."""
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
 from immunize.errors import UserError
 
 
@@ -17,3 +22,14 @@ def batch_size(batch: dict) -> int:
     """Rows of a plain batch, or of the first part of a batch of parts."""
     part = batch if "input_ids" in batch else next(iter(batch.values()))
     return int(part["input_ids"].shape[0])
+
+
+def concat_parts(parts: Sequence[dict], pad_id: int) -> dict:
+    """Right-padded batch parts stacked into one batch, each right-padded to the widest (attention 0, label -100)."""
+    width = max(int(p["input_ids"].shape[1]) for p in parts)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+    out = {}
+    for key, value in fill.items():
+        if all(key in p for p in parts):
+            out[key] = torch.cat([F.pad(p[key], (0, width - p[key].shape[1]), value=value) for p in parts])
+    return out

@@ -26,9 +26,16 @@ def rank_weights(label_batches: Sequence[torch.Tensor]) -> list[float]:
     A rank's masked-CE mean times w, averaged over ranks, is the token mean of the global batch.
     One small all-reduce for all batches together.
     """
-    counts = torch.stack([active_tokens(y).to(torch.float64) for y in label_batches])
-    mean = all_reduce_mean_([counts.clone()])[0]
-    return [float(c / m) if m > 0 else 1.0 for c, m in zip(counts.tolist(), mean.tolist())]
+    return count_weights([active_tokens(y) for y in label_batches])
+
+
+def count_weights(counts: Sequence[torch.Tensor]) -> list[float]:
+    """Per-count weights w = local count / mean over ranks of that count (1.0 when not distributed, or when the
+    mean is 0): a rank's mean over its own count, times w and averaged over ranks, is the global-batch mean.
+    One small all-reduce for all counts together."""
+    local = torch.stack([torch.as_tensor(c).to(torch.float64) for c in counts])
+    mean = all_reduce_mean_([local.clone()])[0]
+    return [float(c / m) if m > 0 else 1.0 for c, m in zip(local.tolist(), mean.tolist())]
 
 
 def global_value(local: torch.Tensor) -> torch.Tensor:

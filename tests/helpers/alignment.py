@@ -95,7 +95,7 @@ def float64_step(module, batch: dict, callbacks=()) -> tuple:
     """One optimizer step of `module` on `batch` in float64 (a fit of one step on that batch alone): (a float64 copy
     of the model before the step, the update of every trainable tensor). The conformance tests' fit."""
     start = copy.deepcopy(module.model).double()
-    before = [p.detach().clone() for p in start.parameters()]
+    before = [p.detach().clone() for p in start.parameters() if p.requires_grad]  # the trainable ones (LoRA: adapters)
     trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, precision="64-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=list(callbacks))
