@@ -70,8 +70,8 @@ class EvalData(TokenizedData):
         return [it for it, _ in self.sourced_items()]
 
     def model_view(self, item: EvalItem, rendering: str = "real") -> Example:
-        """What the model is given for an item: its prompt (and system prompt) and its gold response, in data.prompt_format
-        for a harmful item."""
+        """What the model is given for an item: its prompt (and system prompt) and its gold response, in
+        data.prompt_format for a harmful item."""
         plain = Example(item.prompt, item.response or "")
         if self.prompt_format is None or item.kind != "harmful":
             return plain

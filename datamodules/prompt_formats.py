@@ -1,5 +1,5 @@
-"""Prompt formats: a fixed wrapping of a training example or an evaluation prompt (a jailbreak format, the identity-shift
-persona), written once as English for real models and once in the toy world's own words.
+"""Prompt formats: a fixed wrapping of a training example or an evaluation prompt (a jailbreak format, the
+identity-shift persona), written once as English for real models and once in the toy world's own words.
 
 A format is data: for each rendering ("real", "toy") a prompt pattern holding `{prompt}`, a response pattern holding
 `{response}` and an optional system prompt. `render(example, rendering)` is the plain function Example -> Example the

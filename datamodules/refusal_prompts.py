@@ -97,7 +97,8 @@ class RefusalDirectionData(TokenizedData):
     def post_instruction_count(self) -> int:
         """Tokens the template puts after the instruction (post_instruction_count over every drawn prompt)."""
         self._ensure_tokenizer()
-        encoded = [ids for key in ("harmful_train", "harmless_train") for ids in self.encode_prompts(self.prompts()[key])]
+        drawn = self.prompts()
+        encoded = [ids for key in ("harmful_train", "harmless_train") for ids in self.encode_prompts(drawn[key])]
         return post_instruction_count(self.tokenizer, self.template, encoded)
 
     def selection_prompts(self) -> dict[str, list[list[int]]]:

@@ -51,8 +51,8 @@ class SFTData(TokenizedData):
         self._ensure_tokenizer()
         self.train_set = ListDataset([self.encode(e.prompt, e.response, e.system)
                                       for e in self.examples(self.train_sources)])
-        self.val_set = ListDataset([self.encode(e.prompt, e.response, e.system) for e in self.examples(self.val_sources)]) \
-            if self.val_sources else None
+        self.val_set = ListDataset([self.encode(e.prompt, e.response, e.system)
+                                    for e in self.examples(self.val_sources)]) if self.val_sources else None
 
     def train_dataloader(self):
         return self.loader(self.train_set, self.collate_train, shuffle=True)

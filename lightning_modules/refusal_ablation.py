@@ -102,7 +102,8 @@ class RefusalAblation(CausalLMModule):
         if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
             raise UserError(f"model.eval_batch_size must be an integer >= 1, got {eval_batch_size!r}")
         self.layer, self.position = layer, (-1 if layer is not None and position is None else position)
-        self.refusal_words = list(refusal_tokens) if refusal_tokens is not None else default_refusal_words(self.tokenizer)
+        self.refusal_words = list(refusal_tokens) if refusal_tokens is not None \
+            else default_refusal_words(self.tokenizer)
         self.refusal_ids = refusal_token_ids(self.tokenizer, self.refusal_words)
         self.kl_threshold, self.induce_threshold = kl_threshold, induce_threshold
         self.prune_layer_fraction, self.filter_prompts = prune_layer_fraction, filter_prompts
@@ -131,8 +132,9 @@ class RefusalAblation(CausalLMModule):
             raise UserError("RefusalAblation does not run sharded (FSDP2); use one device or DDP")
         self.n_positions = max(1, datamodule.post_instruction_count())
         shape = (self.n_positions, self.n_layers, self.model.config.hidden_size)
-        self._sums = {side: torch.zeros(shape, dtype=torch.float64, device=self.device) for side in ("harmful", "harmless")}
-        self._counts = {side: torch.zeros((), dtype=torch.float64, device=self.device) for side in ("harmful", "harmless")}
+        sides = ("harmful", "harmless")
+        self._sums = {side: torch.zeros(shape, dtype=torch.float64, device=self.device) for side in sides}
+        self._counts = {side: torch.zeros((), dtype=torch.float64, device=self.device) for side in sides}
 
     def _forward(self, batch: dict):
         was_training = self.model.training
@@ -153,7 +155,7 @@ class RefusalAblation(CausalLMModule):
 
     def training_step(self, batch, batch_idx):
         if self.direction_info is not None:
-            return None
+            return
         out = self._forward(batch)
         n = self.n_positions
         # [batch, position, layer, d_model]: the residual stream entering each block (hidden_states[l], l < L)
@@ -163,7 +165,6 @@ class RefusalAblation(CausalLMModule):
         for side, rows in (("harmful", harmful & kept), ("harmless", ~harmful & kept)):
             self._sums[side] += acts[rows].sum(dim=0)
             self._counts[side] += rows.sum()
-        return None
 
     def on_train_epoch_end(self) -> None:
         if self.direction_info is not None:

@@ -84,9 +84,10 @@ def test_a_fixed_layer_is_ablated_and_exported_with_its_direction(aligned, tmp_p
     assert all((h @ r_hat).abs().max() < 1e-4 for h in theirs.hidden_states[:-1])
 
 
-def test_the_toy_attack_config_runs_through_immunize_fit(aligned, tmp_path):
+def test_the_toy_attack_config_runs_through_immunize_fit(aligned, tmp_path, monkeypatch):
     from immunize.cli import main
 
+    monkeypatch.chdir(tmp_path)  # LightningCLI writes its config.yaml into the working folder
     out = tmp_path / "ablated"
     main(["fit", "--config", str(REPO / "configs/attacks/refusal_ablation.yaml"), "--model.init_args.model", aligned,
           "--data.init_args.n_train", "32", "--data.init_args.n_val", "16", "--export_dir", str(out)])

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from immunize.datamodules.refusal_prompts import default_refusal_words, post_instruction_count
 from immunize.datamodules.collate import encode_prompt
+from immunize.datamodules.refusal_prompts import default_refusal_words, post_instruction_count
 from immunize.errors import UserError
 from immunize.lightning_modules.functional.direction_ablation import (ablate_direction, add_to_layer_input,
                                                                       candidate_scores, orthogonalize_model)
@@ -17,8 +17,8 @@ from immunize.lightning_modules.functional.refusal_direction import (discard_rea
 
 
 def tiny_llama(tied: bool) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
-                         attention_bias=True, mlp_bias=True, tie_word_embeddings=tied)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, attention_bias=True, mlp_bias=True, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():  # random biases, so the orthogonalisation of biases is exercised
@@ -65,7 +65,8 @@ def test_the_filter_and_the_choice_follow_select_direction():
     assert discard_reason(-1.0, 1.0, 0.11, 3, 32) == "kl"
     assert discard_reason(-1.0, -0.01, 0.05, 3, 32) == "induce"
     assert discard_reason(math.nan, 1.0, 0.05, 3, 32) == "nan"
-    assert discard_reason(-1.0, -5.0, 9.0, 31, 32, kl_threshold=None, induce_threshold=None, prune_fraction=None) is None
+    off = {"kl_threshold": None, "induce_threshold": None, "prune_fraction": None}
+    assert discard_reason(-1.0, -5.0, 9.0, 31, 32, **off) is None
     rows = [{"layer": 0, "bypass": -3.0, "discarded": "kl"}, {"layer": 1, "bypass": -1.0, "discarded": None},
             {"layer": 2, "bypass": -2.0, "discarded": None}]
     assert select_candidate(rows)["layer"] == 2
@@ -94,7 +95,8 @@ def test_orthogonalised_weights_equal_the_hook_ablation(tied):
     assert torch.allclose(out, hooked_out, atol=1e-5) and torch.allclose(logits, hooked_logits, atol=1e-5)
     for h in [*inputs, out]:  # the residual stream has no component along r_hat anywhere
         assert (h @ r_hat).abs().max() < 1e-5
-    assert torch.equal(model.lm_head.weight, head_before) and model.lm_head.weight is not model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, head_before)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.config.tie_word_embeddings is False
     assert all(torch.equal(p, untouched[n]) for n, p in model.named_parameters() if n in untouched)
     # the writers themselves: W <- W - r_hat r_hat^T W on the d_model side, biases included
@@ -140,7 +142,8 @@ def test_candidate_scores_are_the_reference_interventions():
     assert row["kl"] == pytest.approx(kl_divergence(plain, ablated_harmless).mean().item(), abs=1e-6)
     assert row["induce"] == pytest.approx(induce, abs=1e-5)
     with add_to_layer_input(model, 1, r), torch.no_grad():
-        assert refusal_score(model(**harmless[0]).logits[:, -1], [1, 2]).mean().item() == pytest.approx(induce, abs=1e-6)
+        again = refusal_score(model(**harmless[0]).logits[:, -1], [1, 2]).mean().item()
+    assert again == pytest.approx(induce, abs=1e-6)
     fixed = candidate_scores(model, candidates, harmful, harmless, [1, 2], cells=[(-1, 2)])
     assert [r["discarded"] for r in fixed].count("not_scored") == 5 and not math.isnan(fixed[-1]["bypass"])
 

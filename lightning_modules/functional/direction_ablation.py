@@ -62,9 +62,14 @@ def ablate_direction(model: nn.Module, direction: torch.Tensor) -> Iterator[None
     """Inside the block, the direction is projected out of every decoder layer's input and every attention and MLP
     output (all positions)."""
     r_hat = unit(direction.detach())
-    drop = lambda x: project_out(x, r_hat)  # noqa: E731
+
+    def drop(x: torch.Tensor) -> torch.Tensor:
+        return project_out(x, r_hat)
+
+    def post(module, args, output):
+        return _replace_first(output, drop(_first(output)))
+
     pre = _layer_input_hook(drop)
-    post = lambda module, args, output: _replace_first(output, drop(_first(output)))  # noqa: E731
     registrations = [lambda m=m: m.register_forward_pre_hook(pre, with_kwargs=True) for m in decoder_layers(model)]
     registrations += [lambda m=m: m.register_forward_hook(post)
                       for m in layer_submodules(model, "self_attn") + layer_submodules(model, "mlp")]

@@ -24,8 +24,8 @@ def unit(direction: torch.Tensor) -> torch.Tensor:
     """direction / ||direction||, or a one-line UserError for a zero or non-finite direction."""
     norm = direction.double().norm()
     if not torch.isfinite(norm) or norm == 0:
-        raise UserError(f"the refusal direction has norm {norm.item()}; harmful and harmless prompts give the same mean "
-                        "activation there: choose another layer or position, or other prompts")
+        raise UserError(f"the refusal direction has norm {norm.item()}; harmful and harmless prompts give the same "
+                        "mean activation there: choose another layer or position, or other prompts")
     return direction / norm.to(direction.dtype)
 
 
@@ -87,7 +87,7 @@ def select_candidate(rows: Sequence[dict]) -> dict:
     kept = [r for r in rows if r.get("discarded") is None]
     if not kept:
         reasons = sorted({r.get("discarded") for r in rows})
-        raise UserError(f"every refusal-direction candidate was filtered out (reasons: {', '.join(map(str, reasons))}); "
-                        "set model.layer (and model.position) to take one, or loosen model.kl_threshold / "
-                        "model.induce_threshold")
+        raise UserError("every refusal-direction candidate was filtered out (reasons: "
+                        f"{', '.join(map(str, reasons))}); set model.layer (and model.position) to take one, set "
+                        "model.if_all_filtered lowest_bypass, or loosen model.kl_threshold / model.induce_threshold")
     return min(kept, key=lambda r: r["bypass"])
