@@ -74,8 +74,8 @@ class TokenizedData(L.LightningDataModule):
             self.tokenizer = module.tokenizer
         return self.tokenizer
 
-    def encode(self, prompt: str, response: str) -> dict:
-        return encode_example(self.tokenizer, self.template, prompt, response, self.max_length)
+    def encode(self, prompt: str, response: str, system: Optional[str] = None) -> dict:
+        return encode_example(self.tokenizer, self.template, prompt, response, self.max_length, system)
 
     def collate_examples(self, rows: Sequence[dict]) -> dict:
         return pad_right(rows, self.tokenizer.pad_token_id)

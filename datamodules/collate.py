@@ -2,7 +2,7 @@
 batch's loss covers."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -15,15 +15,16 @@ IGNORE = -100
 LOSS_ON = ("response", "sequence", "all")
 
 
-def encode_prompt(tokenizer, template: str, prompt: str) -> list[int]:
-    """Token ids of the templated prompt, with the tokenizer's own special tokens (BOS)."""
-    text = format_prompt(template, prompt, tokenizer)
+def encode_prompt(tokenizer, template: str, prompt: str, system: Optional[str] = None) -> list[int]:
+    """Token ids of the templated prompt (under `system`, if given), with the tokenizer's own special tokens (BOS)."""
+    text = format_prompt(template, prompt, tokenizer, system)
     return tokenizer(text, add_special_tokens=template != "chat").input_ids
 
 
-def encode_example(tokenizer, template: str, prompt: str, response: str, max_length: int) -> dict:
+def encode_example(tokenizer, template: str, prompt: str, response: str, max_length: int,
+                   system: Optional[str] = None) -> dict:
     """input_ids = prompt + response + EOS; labels mask the prompt (-100) so the loss is on the response."""
-    prompt_ids = encode_prompt(tokenizer, template, prompt)
+    prompt_ids = encode_prompt(tokenizer, template, prompt, system)
     response_ids = tokenizer(" " + response.strip(), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE] * len(prompt_ids) + response_ids)[:max_length]

@@ -7,6 +7,8 @@ from typing import Optional
 from immunize.datamodules.base import ListDataset, TokenizedData
 from immunize.datamodules.catalog import Source, as_examples, load_records
 from immunize.datamodules.collate import checked_loss_on, supervise
+from immunize.datamodules.jailbreak_formats import JAILBREAK_FORMATS
+from immunize.datamodules.prompt_formats import pick_format, rendering_of
 from immunize.datamodules.records import Example
 from immunize.errors import UserError
 
@@ -60,24 +62,34 @@ class HarmfulMix(TokenizedData):
         exclude: sources whose prompts must not appear among the harmful samples.
         loss_on: the positions the training loss covers (as SFTData's): "response" (ours), "sequence" or "all"
             (Panacea's reference fine-tune, through Hugging Face's collator).
+        jailbreak_format: a format of immunize.datamodules.jailbreak_formats (skeleton, suppression, formal, neutral,
+            year, paragraph) wrapped around the harmful samples (jailbreak-tuning; the benign ones stay plain), in
+            the toy world's words for a toy harmful source; null: none.
         **kwargs: TokenizedData's arguments (template, max_length, batch_size, num_workers, seed).
     """
 
     def __init__(self, benign: Source, harmful: Source, n: int = 1000, p: float = 0.1,
-                 exclude: Optional[list[Source]] = None, loss_on: str = "response", **kwargs):
+                 exclude: Optional[list[Source]] = None, loss_on: str = "response",
+                 jailbreak_format: Optional[str] = None, **kwargs):
         super().__init__(**kwargs)
         mix_counts(n, p)
         self.benign, self.harmful, self.n, self.p, self.exclude = benign, harmful, n, p, exclude or []
         self.loss_on = checked_loss_on(loss_on)
+        self.jailbreak_format = pick_format(jailbreak_format, JAILBREAK_FORMATS, "data.jailbreak_format")
 
     def records(self) -> list[Example]:
         excluded = frozenset(r.prompt for src in self.exclude for r in load_records(src))
         harmful = as_examples(load_records(self.harmful), "harmful")
-        return mix(as_examples(load_records(self.benign)), harmful, self.n, self.p, self.seed, excluded)
+        rows = mix(as_examples(load_records(self.benign)), harmful, self.n, self.p, self.seed, excluded)
+        if self.jailbreak_format is None:
+            return rows
+        drawn = {id(h) for h in harmful}  # the mix holds the harmful source's own objects
+        rendering = rendering_of(self.harmful)
+        return [self.jailbreak_format.render(r, rendering) if id(r) in drawn else r for r in rows]
 
     def setup(self, stage: Optional[str] = None) -> None:
         self._ensure_tokenizer()
-        self.train_set = ListDataset([self.encode(e.prompt, e.response) for e in self.records()])
+        self.train_set = ListDataset([self.encode(e.prompt, e.response, e.system) for e in self.records()])
 
     def train_dataloader(self):
         return self.loader(self.train_set, self.collate_train, shuffle=True)

@@ -15,6 +15,8 @@ class Example:
         category: harm category, if any.
         is_harmful: whether the response is harmful.
         task: the task or dataset it comes from.
+        system: a system prompt the example is trained under (the chat template's system turn; other templates put it
+            before the templated prompt), or None.
     """
 
     prompt: str
@@ -22,6 +24,7 @@ class Example:
     category: Optional[str] = None
     is_harmful: bool = False
     task: Optional[str] = None
+    system: Optional[str] = None
 
 
 @dataclass

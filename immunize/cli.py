@@ -77,7 +77,8 @@ class ImmunizeCLI(LightningCLI):
 
     def after_fit(self) -> None:
         cfg = self.config["fit"]
-        if not self.trainer.interrupted and self.trainer.global_step == 0:
+        if not self.trainer.interrupted and self.trainer.global_step == 0 and \
+                getattr(self.model, "needs_optimizer_steps", True):
             raise UserError("fit ended without a single optimizer step (an empty training set, limit_train_batches 0 "
                             "or max_steps 0), so nothing was trained and nothing is exported; check the data and "
                             "the trainer's limits")

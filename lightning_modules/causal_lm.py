@@ -358,6 +358,10 @@ class CausalLMModule(L.LightningModule):
         return [{"prompt": it.prompt, "answer": a} for it, a in zip(batch["items"], answers)]
 
     # ----- export ------------------------------------------------------------------------------
+    def write_export_extras(self, folder: Path) -> None:
+        """Files a method keeps beside its exported model (e.g. refusal ablation's direction), written into the
+        export's staging folder, so they are swapped in with the model or not at all; nothing by default."""
+
     def prepare_export(self) -> None:
         """Every rank calls this before rank 0 exports: under FSDP2 it gathers the full weights into an unsharded
         CPU copy of the model on rank 0 (a collective); otherwise nothing."""
@@ -407,6 +411,7 @@ class CausalLMModule(L.LightningModule):
             else:  # quantized weights: transformers writes them in their own format
                 model.save_pretrained(staging, safe_serialization=True)
             self.tokenizer.save_pretrained(staging)
+            self.write_export_extras(staging)
             return replace_dir(staging, dirpath)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
