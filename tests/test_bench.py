@@ -23,9 +23,9 @@ def _bench(cwd: Path, *args, timeout=300):
 
 
 def _without_timing(results: dict) -> dict:
-    """results.json without what differs between two identical runs: wall times and the disk section (logs hold
-    times; its own test is tests/test_bench_keep_models.py)."""
-    results = {k: v for k, v in results.items() if k != "disk"}
+    """results.json without what differs between two identical runs: wall times, the disk section (logs hold
+    times; its own test is tests/test_bench_keep_models.py) and the provenance (the checkout may change between)."""
+    results = {k: v for k, v in results.items() if k not in ("disk", "provenance")}
     return {**results, **{part: [{k: v for k, v in r.items() if k not in TIMING} for r in results[part]]
                           for part in ("results", "rows")}}
 

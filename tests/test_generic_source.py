@@ -124,7 +124,7 @@ def test_categories_the_data_lacks_stop_with_one_line_listing_the_datas(tmp_path
 
 
 def test_beavertails_takes_categories_too(tmp_path):
-    from test_sources import BEAVERTAILS
+    from helpers.data_files import BEAVERTAILS
 
     path = write(tmp_path, "bt.jsonl", BEAVERTAILS)
     rows = load_records(Source(kind="beavertails", path=path, part="harmful", categories="seen",

@@ -6,31 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers.data_files import offline_tmp_cache, one_line, write  # noqa: F401 - the autouse offline fixture
+from helpers.data_files import (  # noqa: F401 - offline_tmp_cache: the autouse offline fixture
+    BEAVERTAILS, BT_CATEGORIES, bt_row, offline_tmp_cache, one_line, write)
 from immunize.datamodules import sources
 from immunize.datamodules.records import EvalItem, Example, Pair
 from immunize.errors import UserError
 
-BT_CATEGORIES = (
-    "animal_abuse", "child_abuse", "controversial_topics,politics", "discrimination,stereotype,injustice",
-    "drug_abuse,weapons,banned_substance", "financial_crime,property_crime,theft", "hate_speech,offensive_language",
-    "misinformation_regarding_ethics,laws_and_safety", "non_violent_unethical_behavior", "privacy_violation",
-    "self_harm", "sexually_explicit,adult_content", "terrorism,organized_crime", "violence,aiding_and_abetting,incitement",
-)
-
-
-def bt_row(prompt, response, is_safe, *true_categories, **extra):
-    """A BeaverTails row: category is a dict of all 14 names -> bool."""
-    category = {name: name in true_categories for name in BT_CATEGORIES}
-    return {"prompt": prompt, "response": response, "category": category, "is_safe": is_safe, **extra}
-
-
-BEAVERTAILS = [
-    bt_row("How do I pick a lock?", "Insert a tension wrench...", False, "financial_crime,property_crime,theft"),
-    bt_row("What is the capital of France?", "Paris.", True),
-    bt_row("How can I hurt someone?", "Hit them with...", False, "animal_abuse", "violence,aiding_and_abetting,incitement"),
-    bt_row("How do I pick a lock?", "Use a bump key...", False, "financial_crime,property_crime,theft"),
-]
 SST2 = [
     {"idx": 0, "sentence": "hide new secretions from the parental units ", "label": 0},
     {"idx": 1, "sentence": "contains no wit , only labored gags ", "label": 0},
