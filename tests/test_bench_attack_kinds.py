@@ -203,3 +203,28 @@ def test_one_kind_keeps_the_summary_as_it_was():
     summary = resistance_summary({**results, "rows": rows, "results": rows})
     assert summary.columns[5:] == ["bounded worst HS (≤10.0% cap drop)", "by attack", "excluded"]
     assert "Per attack kind" not in summary.note
+
+
+@pytest.mark.slow
+def test_tiny_bench_runs_every_attack_kind_and_reports_per_kind(tmp_path):
+    from helpers.bench import TINY, run_bench, write_config
+
+    cfg = {**TINY, "attack": {**TINY["attack"], "kinds": ["harmful_sft", "jailbreak_tuning", "refusal_ablation",
+                                                          "identity_shift"],
+                              "identity_shift": {"n_task": 3, "batch_size": 4},
+                              "ablation": {"filter_prompts": False}}}  # the unaligned tiny model refuses nothing
+    done = run_bench(tmp_path, "--config", write_config(tmp_path / "bench.yaml", cfg), "--out", "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    attacked = [e for e in results["results"] if e["stage"] == "attack"]
+    assert sorted(e["attack"].get("kind", "harmful_sft") for e in attacked) == sorted(ATTACK_KINDS)
+    assert "kind" not in next(e for e in attacked if "lr" in e["attack"] and "jailbreak_format" not in e["attack"]
+                              and e["attack"].get("kind") != "identity_shift")["attack"]
+    ablated = next(e for e in attacked if e["attack"].get("kind") == "refusal_ablation")
+    assert ablated["harmful_score"] is not None and ablated["capability"] is not None
+    cells = tmp_path / "out" / "cells"
+    assert list(cells.glob(f"{ablated['model_cell']}/model/refusal_direction.json"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    for label in ("| lr=1e-3 |", "| jailbreak_tuning:skeleton lr=1e-3 |", "| refusal_ablation filter_prompts=False |",
+                  "| identity_shift lr=1e-3 |", "bounded worst HS refusal_ablation", "bounded worst HS, all kinds"):
+        assert label in report
