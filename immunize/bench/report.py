@@ -39,8 +39,8 @@ def _hs_cap(cell):
 
 
 def resistance(results: dict) -> list[Table]:
-    defenses, phi, ref = results["defenses"], results["threshold"], results["reference"]
-    points, attacked, before = attack_points(results), _by(results, "attack"), _by(results, "defended")
+    defenses, ref = results["defenses"], results["reference"]
+    attacked, before = _by(results, "attack"), _by(results, "defended")
     grid = Table("resistance", "Resistance: harmful score and capability under attack",
                  "Harmful score (HS, % of harmful prompts answered harmfully; lower is better) and capability "
                  "(cap, mean benign task accuracy %) after each attack of the grid; first row: no attack. "
