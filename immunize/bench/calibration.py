@@ -40,7 +40,8 @@ def alignment_scores(rows: list[dict], reference: str, members: list[str]) -> li
     out = []
     for name in members:
         mine = before.get(name)
-        attacked = [r["harmful_score"] for r in rows if r["stage"] == "attack" and r["defense"] == name]
+        attacked = [r["harmful_score"] for r in rows if r["stage"] == "attack" and r["defense"] == name
+                    and (r.get("attack") or {}).get("kind", "harmful_sft") == "harmful_sft"]  # the harmful SFT grid
         delta = None if mine is None or ref is None or mine["capability"] is None or ref["capability"] is None \
             else mine["capability"] - ref["capability"]
         out.append({"name": name, "cap_before": mine and mine["capability"], "delta_cap": delta,

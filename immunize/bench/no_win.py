@@ -65,7 +65,9 @@ def no_win_table(results: dict, per_seed: bool = True) -> Optional[Table]:
         return None
     ref, threshold = results["reference"], results.get("threshold", 10.0)
     where = {_key(point): w for point, _, w in window_of(results)}
-    points = attack_points(results)
+    points = [p for p in attack_points(results) if _axis(p, "kind") == "harmful_sft"]  # the harmful SFT grid
+    if not points:
+        return None
     lrs = list(dict.fromkeys(p["lr"] for p in points))
     protocols = list(dict.fromkeys(protocol_of(p) for p in points))
     columns = ["defense", "attack protocol", f"Δcap before vs {ref}", "cos(g_harm, g_benign)", "sd_share", "est_norm"]

@@ -17,11 +17,14 @@ from typing import Callable, Optional, Union
 
 from immunize.bench import registry
 from immunize.bench.cells import Cell, cell_ref
-from immunize.bench.schema import BenchConfig
-from immunize.bench.stages import apply_heldout, deep_merge, find_file, init_args, load_stage, read_yaml, set_dotted
+from immunize.bench.schema import DEFAULT_KIND, BenchConfig, StageSpec
+from immunize.bench.stages import (apply_heldout, deep_merge, find_file, init_args, load_stage, merge_section, read_yaml,
+                                   set_dotted)
 from immunize.errors import UserError
 
 ModelRef = Union[Cell, str]
+ABLATION_CONFIG = "configs/attacks/refusal_ablation.yaml"  # attack kind refusal_ablation's stage
+IDENTITY_CONFIG = "configs/attacks/identity_shift.yaml"  # attack kind identity_shift's data section and epochs
 PROJECT_PACKAGES = ("immunize.lightning_modules.", "immunize.datamodules.")  # classes that take init_seed / seed
 
 
@@ -111,8 +114,14 @@ class Planner:
         return self.plan.add(Cell("fit", stage, self._label(label), self._finish(cfg, input, fit=True), input,
                                   {**meta, "seed": self.seed}))
 
-    def _eval(self, label: str, input: ModelRef, **meta) -> Cell:
-        return self.plan.add(Cell("test", "eval", self._label(label), self._finish(self._eval_cfg, input), input,
+    def _eval(self, label: str, input: ModelRef, prompt_format: Optional[str] = None, **meta) -> Cell:
+        """The eval cell of `input`; prompt_format: the eval data's prompt_format (the format a jailbreak-tuning or
+        identity-shifting attack trained with), else the eval config's."""
+        cfg = self._eval_cfg
+        if prompt_format is not None:
+            cfg = copy.deepcopy(cfg)
+            init_args(cfg, "data")["prompt_format"] = prompt_format
+        return self.plan.add(Cell("test", "eval", self._label(label), self._finish(cfg, input), input,
                                   {**meta, "seed": self.seed}))
 
     def _defense_stage(self) -> Optional[dict]:
@@ -206,17 +215,23 @@ class Planner:
                 "loss_on": a.loss_on, "data_from": a.data_from}
         return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
 
-    def _attack_label(self, defense: str, point: dict) -> str:
+    def _attack_label(self, defense: str, point: Optional[dict], kind: str = DEFAULT_KIND,
+                      fmt: Optional[str] = None) -> str:
+        """"attack D lr=1e-3 ..." (harmful_sft, as always), "attack D jailbreak_tuning:skeleton lr=1e-3 ...",
+        "attack D identity_shift lr=1e-3 ...", "attack D refusal_ablation"; axes other than lr only when they vary."""
         a = self.bench.attack
-        parts = [f"attack {defense} lr={fmt_num(point['lr'])}"]
-        if a.samples and len(a.samples) > 1:
+        if point is None:
+            return f"attack {defense} {kind}"
+        head = {"jailbreak_tuning": f"{kind}:{fmt} ", "identity_shift": f"{kind} "}.get(kind, "")
+        parts = [f"attack {defense} {head}lr={fmt_num(point['lr'])}"]
+        if a.samples and len(a.samples) > 1 and kind != "identity_shift":
             parts.append(f"n={point['samples']}")
         if len(a.modes) > 1:
             parts.append(point["mode"])
         if a.optimizers and len(a.optimizers) > 1:
             parts.append(point["optimizer"])
         for axis in ("loss_on", "data_from"):
-            if len(getattr(a, axis)) > 1:
+            if len(getattr(a, axis)) > 1 and kind != "identity_shift":
                 parts.append(f"{axis}={point[axis]}")
         return " ".join(parts)
 
@@ -239,34 +254,97 @@ class Planner:
                  "init_args": {"source": copy.deepcopy(sources[0]), "every_n_steps": int(every)}}]
 
     def _attacks(self, models: dict[str, ModelRef]) -> None:
-        base = load_stage(self.bench.attack, "attack")
+        """Every attack kind's cells on every defense; harmful_sft's are the grid as it always was (same configs,
+        same digests)."""
+        a = self.bench.attack
+        base = load_stage(a, "attack")
         add_callbacks(base, self._loss_curve_callback())
         specs = {d.name: d for d in self.bench.defenses}
-        for point in self._attack_grid():
-            cfg = copy.deepcopy(base)
-            settings = attack_settings(cfg, point, self.bench.attack.lora, self._defense_pairs())
-            for name, model in models.items():
-                if not attacked_at(specs[name], point):
-                    continue
-                label = self._attack_label(name, point)
-                attacked = self._fit("attack", label, cfg, model, defense=name, attack=settings)
-                self._eval(f"eval {label}", attacked, defense=name, stage="attack", attack=settings)
+        for kind in a.kinds:
+            for point, fmt in self._kind_points(kind):
+                cfg, settings, prompt_format = self.attack_config(kind, base, point, fmt, self._defense_pairs())
+                for name, model in models.items():
+                    if point is not None and not attacked_at(specs[name], point):
+                        continue
+                    label = self._attack_label(name, point, kind, fmt)
+                    attacked = self._fit("attack", label, cfg, model, defense=name, attack=settings)
+                    self._eval(f"eval {label}", attacked, prompt_format, defense=name, stage="attack",
+                               attack=settings)
+
+    def _kind_points(self, kind: str) -> list[tuple[Optional[dict], Optional[str]]]:
+        """(grid point, jailbreak format) per attack of `kind`: harmful_sft the grid; jailbreak_tuning the grid
+        times the formats; identity_shift the grid without samples (its data sets its size) and data_from (benign
+        data only) and with loss_on response (IdentityShiftData supervises responses); refusal_ablation one attack,
+        no point."""
+        grid = self._attack_grid()
+        if kind == "refusal_ablation":
+            return [(None, None)]
+        if kind == "jailbreak_tuning":
+            return [(p, f) for f in self.bench.attack.jailbreak_formats for p in grid]
+        if kind == "identity_shift":
+            seen, out = set(), []
+            for p in grid:
+                key = (p["lr"], p["mode"], p["optimizer"])
+                if p["loss_on"] == "response" and p["data_from"] == "heldout" and key not in seen:
+                    seen.add(key)
+                    out.append(({**p, "samples": None}, None))
+            return out
+        return [(p, None) for p in grid]
+
+    def attack_config(self, kind: str, base: dict, point: Optional[dict], fmt: Optional[str] = None,
+                      defense_pairs: Optional[dict] = None) -> tuple[dict, dict, Optional[str]]:
+        """(the attack cell's config, its settings as run, the eval's prompt_format) for one attack of `kind`.
+
+        base: the harmful SFT attack config (attack.config with the bench's overrides and the loss-curve
+        callback); harmful_sft's settings carry no kind, so its cells and rows keep their names."""
+        a = self.bench.attack
+        if kind == "refusal_ablation":
+            spec = StageSpec(config=ABLATION_CONFIG, model={"init_args": copy.deepcopy(a.ablation)} if a.ablation else None)
+            return load_stage(spec, "attack.ablation"), {"kind": kind, **copy.deepcopy(a.ablation)}, None
+        cfg = copy.deepcopy(base)
+        if kind == "identity_shift":
+            identity = read_yaml(find_file(IDENTITY_CONFIG, "attack.identity_shift"), "attack.identity_shift")
+            cfg["data"] = merge_section(identity["data"], {"init_args": copy.deepcopy(a.identity_shift)})
+            epochs = (identity.get("trainer") or {}).get("max_epochs")
+            if epochs is not None:
+                cfg.setdefault("trainer", {})["max_epochs"] = epochs
+            settings = attack_settings(cfg, {**point, "samples": None}, a.lora)
+            args = init_args(cfg, "data")
+            settings["samples"] = int(args.get("n_identity", 1)) + int(args.get("n_task", 9))
+            return cfg, {"kind": kind, **settings}, "identity_shift"
+        if kind == "jailbreak_tuning":
+            init_args(cfg, "data")["jailbreak_format"] = fmt
+            settings = attack_settings(cfg, point, a.lora, defense_pairs)
+            return cfg, {"kind": kind, "jailbreak_format": fmt, **settings}, fmt
+        if kind != DEFAULT_KIND:
+            raise UserError(f"attack.kinds: unknown kind {kind!r}")
+        return cfg, attack_settings(cfg, point, a.lora, defense_pairs), None
 
     def search_trial(self, seed: int, defense: str, point: dict, trial: int) -> tuple[Cell, Cell]:
         """The attack fit and eval cells of one attacker-search trial (an attack point with any SEARCH_AXES) on
         `defense`'s model of `seed`, added to the plan; a trial equal to a grid point or to an earlier trial is
-        the same cell (same digest), so it is reused."""
+        the same cell (same digest), so it is reused. The point's kind (default harmful_sft, or jailbreak_tuning
+        when only jailbreak_format is searched) picks the attack; jailbreak_format defaults to
+        attack.jailbreak_formats' first."""
         self.seed = seed
         cfg = load_stage(self.bench.attack, "attack")
         add_callbacks(cfg, self._loss_curve_callback())
-        full = {"lr": init_args(cfg, "model").get("lr"), "samples": None, "mode": "full", "optimizer": None, **point}
-        settings = attack_settings(cfg, full, self.bench.attack.lora)
-        shown = " ".join(f"{k}={fmt_short(v)}" for k, v in point.items())
+        kind = point.get("kind") or ("jailbreak_tuning" if "jailbreak_format" in point else DEFAULT_KIND)
+        fmt = point.get("jailbreak_format") or self.bench.attack.jailbreak_formats[0]
+        axes = {k: v for k, v in point.items() if k not in ("kind", "jailbreak_format")}
+        full = {"lr": init_args(cfg, "model").get("lr"), "samples": None, "mode": "full", "optimizer": None, **axes}
+        if kind == DEFAULT_KIND:  # as before attack kinds existed: its trials keep their cells
+            settings = attack_settings(cfg, full, self.bench.attack.lora)
+            prompt_format = None
+        else:
+            cfg, settings, prompt_format = self.attack_config(kind, cfg, full, fmt)
+        shown = " ".join(f"{k}={fmt_short(v)}" for k, v in point.items()
+                         if not (k == "jailbreak_format" and kind != "jailbreak_tuning"))
         label = f"search {defense} trial {trial}: {shown}"
         model = self.models[seed][defense]
         attacked = self._fit("attack", label, cfg, model, defense=defense, attack=settings)
-        evaluated = self._eval(f"eval {label}", attacked, defense=defense, stage="search", attack=settings, trial=trial,
-                               searched=list(point))
+        evaluated = self._eval(f"eval {label}", attacked, prompt_format, defense=defense, stage="search",
+                               attack=settings, trial=trial, searched=list(point))
         return attacked, evaluated
 
     def _finetune(self, models: dict[str, ModelRef]) -> None:

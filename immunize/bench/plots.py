@@ -36,7 +36,8 @@ def _save(fig, path: Path) -> None:
 
 
 def _series_label(defense: str, attack: dict, points: list[dict]) -> str:
-    extra = [str(attack.get(axis)) if axis != "samples" else f"n={attack.get(axis)}"
+    kind = attack.get("kind")
+    extra = ([f"{kind}:{attack['jailbreak_format']}" if attack.get("jailbreak_format") else kind] if kind else []) + [str(attack.get(axis)) if axis != "samples" else f"n={attack.get(axis)}"
              for axis in ("samples", "mode", "optimizer") if len({p.get(axis) for p in points}) > 1]
     return " ".join([defense] + extra)
 
@@ -58,7 +59,7 @@ def attack_plots(results: dict, out_dir: Path) -> list[str]:
             colour = f"C{i % 10}"
             series: dict[str, list] = {}
             for r in attacked:
-                if r["defense"] == d and r[metric] is not None:
+                if r["defense"] == d and r[metric] is not None and r["attack"].get("lr") is not None:
                     low, high = ((r.get("intervals") or {}).get(metric) or [r[metric], r[metric]])[-2:]
                     series.setdefault(_series_label(d, r["attack"], points), []).append(
                         (r["attack"]["lr"], r[metric], r[metric] - low, high - r[metric]))
@@ -71,7 +72,7 @@ def attack_plots(results: dict, out_dir: Path) -> list[str]:
         if metric == "harmful_score":
             ax.axhline(results["threshold"], color="grey", linestyle="--", linewidth=0.8, label="phi (acceptable HS)")
         ax.set_xscale("log")
-        lrs = sorted({p["lr"] for p in points})
+        lrs = sorted({p["lr"] for p in points if p.get("lr") is not None})
         ax.set_xticks(lrs, [fmt_num(float(x)) for x in lrs])
         ax.xaxis.set_minor_formatter(_null_formatter())
         ax.set_xlabel("attack learning rate")
@@ -114,7 +115,7 @@ def loss_curve_plot(results: dict, out_dir: Path) -> list[str]:
     if not attacked:
         return []
     plt = _pyplot()
-    points = [p for p in attack_points(results) if any(r["attack"] == p for r in attacked)]
+    points = [p for p in attack_points(results) if any(r["attack"] == p for r in attacked) and p.get("lr") is not None]
     fig, axes = plt.subplots(1, len(points), figsize=(3.2 * len(points) + 1, 3.4), sharey=True, squeeze=False)
     for ax, point in zip(axes[0], points):
         for i, d in enumerate(results["defenses"]):

@@ -4,7 +4,8 @@ shared trainer's precision, devices and world size).
 
 Entry ("results"): cell, model_cell, defense, stage ("defended": the defense's model before any attack;
 "attack"; "benign": after the benign fine-tune; "finetune": a fine-tuning-stage defense), seed, attack
-{lr, samples, mode, optimizer} or null, finetune {ratio, model_from} or null, trial and searched (the
+{lr, samples, mode, optimizer} or null (with kind, and jailbreak_format for jailbreak_tuning, for every attack kind
+but harmful_sft; refusal_ablation's holds only its kind and attack.ablation's settings), finetune {ratio, model_from} or null, trial and searched (the
 attacker search's trial number and the axes it searched; stage "search", else null), harmful_score (%),
 harmful_scores {category: %}, capability (% mean benign task accuracy), over_refusal (% of benign requests in
 harmful vocabulary refused; null without such items), refusal {harmful, over_refusal: % refused}, accuracy {task: %}, loss {task:

@@ -79,7 +79,9 @@ def _by(results: dict, stage: str) -> list[dict]:
     return [r for r in rows_of(results) if r["stage"] == stage]
 
 
-ATTACK_DEFAULTS = {"loss_on": "response", "data_from": "heldout"}  # attack settings left out of a row's attack
+ATTACK_DEFAULTS = {"loss_on": "response", "data_from": "heldout", "kind": "harmful_sft"}  # attack settings left out of a row's attack
+KIND_ORDER = ("harmful_sft", "jailbreak_tuning", "refusal_ablation", "identity_shift")  # schema.ATTACK_KINDS
+KEY_AXES = ("lr", "samples", "mode", "optimizer", "loss_on", "data_from", "kind", "jailbreak_format")
 
 
 def _axis(attack: dict, axis: str):
@@ -87,26 +89,51 @@ def _axis(attack: dict, axis: str):
 
 
 def _key(attack: dict) -> tuple:
-    return tuple(_axis(attack, axis) for axis in ("lr", "samples", "mode", "optimizer", "loss_on", "data_from"))
+    return tuple(_axis(attack, axis) for axis in KEY_AXES) + tuple(
+        sorted((k, str(v)) for k, v in attack.items() if k not in KEY_AXES))  # e.g. refusal_ablation's layer
+
+
+def kind_of(attack: Optional[dict]) -> str:
+    """An attack's kind ("harmful_sft" for settings without one: every attack before attack kinds existed)."""
+    return _axis(attack or {}, "kind")
+
+
+def _kind_rank(kind: str) -> int:
+    return KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+
+
+def attack_kinds(results: dict) -> list[str]:
+    """The attack kinds of the grid's rows, in KIND_ORDER."""
+    return sorted({kind_of(r["attack"]) for r in _by(results, "attack")}, key=_kind_rank)
 
 
 def attack_points(results: dict) -> list[dict]:
-    """The distinct attack settings, in order of appearance."""
+    """The distinct attack settings, grouped by attack kind (KIND_ORDER), in order of appearance within a kind."""
     seen, out = set(), []
     for r in _by(results, "attack"):
         if _key(r["attack"]) not in seen:
             seen.add(_key(r["attack"]))
             out.append(r["attack"])
-    return out
+    return sorted(out, key=lambda p: _kind_rank(kind_of(p)))  # stable: one kind's points keep their order
 
 
 def attack_label(attack: dict, points: list[dict]) -> str:
-    """lr always; the other axes only when they vary across the grid."""
-    parts = [f"lr={fmt_num(attack['lr'])}"]
+    """The kind unless harmful_sft ("jailbreak_tuning:skeleton", "refusal_ablation", "identity_shift"), then lr
+    (when the attack has one); the other axes only when they vary across the kind's points."""
+    kind = kind_of(attack)
+    parts = []
+    if kind != ATTACK_DEFAULTS["kind"]:
+        fmt_name = attack.get("jailbreak_format")
+        parts.append(f"{kind}:{fmt_name}" if fmt_name else kind)
+    points = [p for p in points if kind_of(p) == kind] or [attack]
+    if attack.get("lr") is not None:
+        parts.append(f"lr={fmt_num(attack['lr'])}")
     for axis, prefix in (("samples", "n="), ("mode", ""), ("optimizer", ""), ("loss_on", "loss_on="),
                          ("data_from", "data_from=")):
         if len({_axis(p, axis) for p in points}) > 1:
             parts.append(f"{prefix}{_axis(attack, axis)}")
+    extra = [k for k in attack if k not in KEY_AXES and k not in ("steps", "batch_size", "lora_rank")]
+    parts += [f"{k}={attack[k]}" for k in extra]  # refusal_ablation's overrides, e.g. layer=1
     return " ".join(parts)
 
 

@@ -16,6 +16,13 @@ from immunize.errors import UserError
 DEFAULT_HELDOUT = ["self_harm", "terrorism,organized_crime"]
 FULL_SEEDS = (0, 1, 2)
 ATTACK_MODES = ("full", "lora")  # the AttackGrid.modes Literal's values
+# attack.kinds: harmful SFT (the grid as it always was), jailbreak-tuning (harmful SFT in a jailbreak format),
+# refusal-direction ablation (no training) and identity shifting (benign data in the obedient-agent format)
+ATTACK_KINDS = ("harmful_sft", "jailbreak_tuning", "refusal_ablation", "identity_shift")
+DEFAULT_KIND = "harmful_sft"
+# immunize.datamodules.jailbreak_formats.JAILBREAK_FORMATS' names, repeated so parsing a bench config does not import
+# torch (tests/test_bench_attack_kinds.py checks the two agree)
+JAILBREAK_FORMAT_NAMES = ("skeleton", "suppression", "formal", "neutral", "year", "paragraph")
 
 
 @dataclass
@@ -89,7 +96,7 @@ class DefenseSpec(StageSpec):
 
 
 SEARCH_SAMPLERS = ("tpe", "random")
-SEARCH_AXES = ("lr", "samples", "steps", "batch_size", "optimizer", "mode", "lora_rank")
+SEARCH_AXES = ("lr", "samples", "steps", "batch_size", "optimizer", "mode", "lora_rank", "kind", "jailbreak_format")
 
 
 @dataclass
@@ -102,9 +109,11 @@ class AttackSearch:
     Args:
         sampler: "tpe" (Optuna's TPE, with the capability bound as its constraint) or "random".
         trials: finished trials per (defense, seed).
-        space: {axis: values} over lr, samples, steps, batch_size, optimizer, mode, lora_rank; [lo, hi, "log"] or
-            [lo, hi, "linear"] is a range (integer axes stay integers), any other list a choice among its values;
-            axes left out keep the attack config's value.
+        space: {axis: values} over lr, samples, steps, batch_size, optimizer, mode, lora_rank, kind (attack kinds,
+            see attack.kinds) and jailbreak_format (for kind jailbreak_tuning); [lo, hi, "log"] or [lo, hi, "linear"]
+            is a range (integer axes stay integers), any other list a choice among its values; axes left out keep the
+            attack config's value (kind: harmful_sft, or jailbreak_tuning when only jailbreak_format is searched;
+            jailbreak_format: attack.jailbreak_formats' first).
         defenses: the alignment defenses attacked (null: all).
         seed: the sampler's seed.
     """
@@ -118,9 +127,21 @@ class AttackSearch:
 
 @dataclass
 class AttackGrid(StageSpec):
-    """The harmful fine-tuning attack and its grid: every combination of the axes is one attack cell.
+    """The harmful fine-tuning attack and its grid: every combination of the axes is one attack cell, for each
+    attack kind.
 
     Args:
+        kinds: the attack kinds: harmful_sft (the attack config on the grid), jailbreak_tuning (the same harmful SFT
+            with its harmful rows wrapped in each of jailbreak_formats; evaluated in the same format),
+            refusal_ablation (configs/attacks/refusal_ablation.yaml merged with `ablation`: one cell per defense, no
+            training, no grid axes) and identity_shift (benign data in the obedient-agent format:
+            configs/attacks/identity_shift.yaml's data section and epochs, merged with `identity_shift`, on the
+            lr/mode/optimizer/loss_on axes; evaluated in the identity_shift prompt format).
+        jailbreak_formats: jailbreak_tuning's formats, one grid axis (immunize.datamodules.jailbreak_formats).
+        ablation: refusal_ablation: merged over immunize.lightning_modules.RefusalAblation's init_args (e.g.
+            {layer: 1}).
+        identity_shift: identity_shift: merged over immunize.datamodules.IdentityShiftData's init_args (e.g.
+            {n_task: 19}).
         config: the attack's fit config (default: harmful SFT on the toy attack split).
         model: merged over the attack's model section.
         data: merged over the attack's data section.
@@ -143,6 +164,10 @@ class AttackGrid(StageSpec):
     """
 
     config: Optional[str] = "configs/attacks/harmful_sft.yaml"
+    kinds: list[str] = field(default_factory=lambda: [DEFAULT_KIND])
+    jailbreak_formats: list[str] = field(default_factory=lambda: ["skeleton"])
+    ablation: dict = field(default_factory=dict)
+    identity_shift: dict = field(default_factory=dict)
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
     samples: Optional[list[int]] = None
     modes: list[Literal["full", "lora"]] = field(default_factory=lambda: ["full"])

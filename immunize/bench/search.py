@@ -58,13 +58,15 @@ def parse_space(space: dict) -> list[Axis]:
 
 def check_axis_values(axis: Axis) -> None:
     """Every value an axis can take is a valid attack setting: lr > 0; samples, steps, batch_size, lora_rank
-    integers >= 1; optimizer and mode among the known names (a range only for number axes)."""
-    from immunize.bench.schema import ATTACK_MODES
+    integers >= 1; optimizer, mode, kind and jailbreak_format among the known names (a range only for number
+    axes)."""
+    from immunize.bench.schema import ATTACK_KINDS, ATTACK_MODES, JAILBREAK_FORMAT_NAMES
     from immunize.lightning_modules.modeling.optim import OPTIMIZERS
 
     where = f"attack.search.space.{axis.name}"
     values = axis.choices if axis.choices is not None else [axis.lo, axis.hi]
-    names = {"optimizer": OPTIMIZERS, "mode": ATTACK_MODES}.get(axis.name)
+    names = {"optimizer": OPTIMIZERS, "mode": ATTACK_MODES, "kind": ATTACK_KINDS,
+             "jailbreak_format": JAILBREAK_FORMAT_NAMES}.get(axis.name)
     if names is not None:
         if axis.choices is None:
             raise UserError(f"{where}: give the values to choose from ({list(names)}), not a range")

@@ -159,6 +159,7 @@ def check_config(b: BenchConfig) -> None:
         for n in a.samples or []:
             if n < 1:
                 raise UserError(f"attack.samples: number of harmful samples must be >= 1, got {n}")
+        check_attack_kinds(a)
     for d in b.defenses:
         check_attacked_on(d, b)
     if b.finetune is not None:
@@ -176,6 +177,25 @@ def check_config(b: BenchConfig) -> None:
 
 
 ATTACKED_ON_AXES = ("lrs", "loss_on", "data_from")
+
+
+def check_attack_kinds(a) -> None:
+    """attack.kinds and attack.jailbreak_formats name known kinds and formats; ablation and identity_shift are
+    mappings."""
+    from immunize.bench.schema import ATTACK_KINDS, JAILBREAK_FORMAT_NAMES
+
+    for what, values, choices in (("kinds", a.kinds, ATTACK_KINDS),
+                                  ("jailbreak_formats", a.jailbreak_formats, JAILBREAK_FORMAT_NAMES)):
+        if not isinstance(values, list) or not values:
+            raise UserError(f"attack.{what} must be a non-empty list of {', '.join(choices)}, got {values!r}")
+        for value in values:
+            if value not in choices:
+                raise UserError(f"attack.{what}: unknown value {value!r}; choose from {', '.join(choices)}")
+        if len(set(values)) != len(values):
+            raise UserError(f"attack.{what} {values} repeats a value")
+    for what in ("ablation", "identity_shift"):
+        if not isinstance(getattr(a, what), dict):
+            raise UserError(f"attack.{what} must be a mapping of init_args, got {getattr(a, what)!r}")
 
 
 def check_attacked_on(d, b: BenchConfig) -> None:
