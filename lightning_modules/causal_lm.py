@@ -8,6 +8,7 @@ import copy
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -228,6 +229,9 @@ class CausalLMModule(L.LightningModule):
         categories, tasks = datamodule.eval_spec()
         if hasattr(self.judge, "load"):  # the Judge protocol's optional hook: a bad judge model fails before generating
             self.judge.load()
+            if getattr(self.judge, "device", None) is not None and self.trainer.is_global_zero:
+                print(f"immunize test: judge {type(self.judge).__name__} on {self.judge.device} ({self.judge.dtype})",
+                      file=sys.stderr, flush=True)
         self.harmful_metric = HarmfulScore(categories or ["unknown"]).to(self.device)
         self.task_metric = TaskAccuracy(tasks).to(self.device)
         self.loss_metric = KeyedMean(["harmful", *tasks], "loss/").to(self.device)

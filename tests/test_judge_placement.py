@@ -55,3 +55,17 @@ def test_a_judge_loaded_under_bf16_has_bf16_weights(tmp_path):
     judge.load()
     assert next(judge._model.parameters()).dtype == torch.bfloat16
     assert 0.0 <= judge.score(["how"], ["sure here is"])[0] <= 1.0
+
+
+def test_an_evaluation_says_where_its_judge_ran(tmp_path, capsys):
+    from helpers.classifiers import save_tiny_classifier as _save_tiny_classifier
+    from immunize.datamodules import EvalData, Source
+
+    path = _save_tiny_classifier(tmp_path / "clf", [0.0, 1.0], {0: "safe", 1: "unsafe"})
+    module = CausalLMModule(model="toy:tiny", judge={"name": "classifier", "model": path}, diagnostic_items=0,
+                            max_new_tokens=2)
+    data = EvalData(n_harmful_per_category=1, n_per_task=1, sources=[Source(kind="toy")])
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.test(module, datamodule=data, verbose=False)
+    assert f"immunize test: judge {type(module.judge).__name__} on cpu (bfloat16)" in capsys.readouterr().err
