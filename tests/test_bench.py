@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.bench import TIMING, TINY, bench_env as _env, run_bench, write_config as _write
+from helpers.bench import TINY, bench_env as _env, comparable, run_bench, write_config as _write
 
 ENTRY_KEYS = {"cell", "model_cell", "defense", "stage", "seed", "attack", "finetune", "trial", "searched", "harmful_score",
               "harmful_scores", "capability", "over_refusal", "refusal", "accuracy", "loss", "chance", "diagnostics", "loss_curve", "steps", "wall_time_s",
@@ -23,11 +23,7 @@ def _bench(cwd: Path, *args, timeout=300):
 
 
 def _without_timing(results: dict) -> dict:
-    """results.json without what differs between two identical runs: wall times, the disk section (logs hold
-    times; its own test is tests/test_bench_keep_models.py) and the provenance (the checkout may change between)."""
-    results = {k: v for k, v in results.items() if k not in ("disk", "provenance")}
-    return {**results, **{part: [{k: v for k, v in r.items() if k not in TIMING} for r in results[part]]
-                          for part in ("results", "rows")}}
+    return comparable(results)
 
 
 @pytest.fixture(scope="module")

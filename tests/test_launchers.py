@@ -12,14 +12,13 @@ import pytest
 import yaml
 
 from conftest import REPO
-from helpers.bench import TIMING, TWO_CELLS, run_bench as _bench
+from helpers.bench import TWO_CELLS, comparable, run_bench as _bench
 
 NAMES = ("cell", "cells", "model_cell")  # the failing run's eval config differs (it carries FailOnce): other digests
 
 
 def _numbers(results: dict) -> dict:
-    return {**results, **{part: [{k: v for k, v in r.items() if k not in TIMING + NAMES} for r in results[part]]
-                          for part in ("results", "rows")}}
+    return comparable(results, NAMES)
 
 
 def _config(tmp_path: Path, fail_flag: Path = None) -> str:

@@ -24,6 +24,15 @@ TINY = {
 }
 TWO_CELLS = {**TINY, "attack": None}  # pretrain -> eval
 TIMING = ("wall_time_s", "eval_wall_time_s")
+RUN_SPECIFIC = ("disk", "provenance")  # results.json parts two identical runs may differ in (log sizes, the checkout)
+
+
+def comparable(results: dict, drop: tuple = ()) -> dict:
+    """results.json without what differs between two runs of the same cells: wall times and `drop` in every entry and
+    row, and the disk and provenance sections (the disk section has its own test: tests/test_bench_keep_models.py)."""
+    results = {k: v for k, v in results.items() if k not in RUN_SPECIFIC}
+    return {**results, **{part: [{k: v for k, v in r.items() if k not in TIMING + tuple(drop)} for r in results[part]]
+                          for part in ("results", "rows")}}
 
 
 def write_config(path: Path, cfg: dict) -> str:
