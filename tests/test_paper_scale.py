@@ -149,10 +149,13 @@ def test_shrink_names_a_data_kind_it_has_no_file_for(tmp_path):
         validate(bench, shrink.cell)
 
 
-def _run_shrunk(config, tmp_path):
+SHRUNK_LRS = [SEAM_LRS[0], SEAM_LRS[-1]]  # the grid's ends: every lr runs the same code path, so CI runs two of five
+
+
+def _run_shrunk(config, tmp_path, *overrides):
     out = tmp_path / "out"
     run = run_cli("bench", "--config", str(config), "--shrink", "--out", str(out), "--progress", "lines",
-                  "--wandb.enabled", "false", cwd=REPO, timeout=1800)
+                  "--wandb.enabled", "false", *overrides, cwd=REPO, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "immunize bench --shrink replaced" in run.stderr
     results = json.loads((out / "results.json").read_text())
@@ -162,10 +165,10 @@ def _run_shrunk(config, tmp_path):
 
 @pytest.mark.slow
 def test_seam_paper_shrunk_end_to_end(tmp_path):
-    results, report = _run_shrunk(SEAM, tmp_path)
+    results, report = _run_shrunk(SEAM, tmp_path, "--attack.lrs", f"[{', '.join(SHRUNK_LRS)}]")
     rows = {(m["defense"], m["stage"], (m.get("attack") or {}).get("lr")) for m in results["results"]}
     expected = {(d, "defended", None) for d in ("undefended", "seam")} | \
-        {(d, "attack", float(lr)) for d in ("undefended", "seam") for lr in SEAM_LRS}
+        {(d, "attack", float(lr)) for d in ("undefended", "seam") for lr in SHRUNK_LRS}
     assert rows == expected
     assert all(m["harmful_score"] is not None and m["capability_lm_eval"] is not None for m in results["results"])
     assert "seam" in report and "lr=2e-4" in report
