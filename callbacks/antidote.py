@@ -31,7 +31,6 @@ weights. A report (pruned counts per linear and per module type, time) goes to <
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
@@ -41,7 +40,6 @@ from torch import nn
 from immunize.callbacks.base import FinetuneDefense
 from immunize.datamodules.catalog import Source
 from immunize.errors import UserError
-from immunize.io import atomic_write_json
 from immunize.lightning_modules.functional.grad_math import all_reduce_mean_
 from immunize.lightning_modules.modeling.sharding import any_sharded, drop_gathered, local, shard_group, shard_sum
 
@@ -288,8 +286,4 @@ class Antidote(FinetuneDefense):
         rank_zero_info(f"Antidote: zeroed {self.report['pruned_total']} weights ({pct:.2f}% of the {self.report['target']} "
                        f"targets) in "
                        f"{self.report['seconds']:.2f} s")
-        if self.report_file is None:
-            return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective: all ranks
-        if trainer.is_global_zero:
-            atomic_write_json(out_dir / self.report_file, self.report)
+        self.write_report(trainer, self.report_file, self.report)

@@ -15,6 +15,7 @@ Panacea, random perturbation, Lisa and Antidote are such defenses; a new one ove
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Optional
 
 import lightning as L
@@ -24,6 +25,7 @@ from immunize.datamodules.catalog import Source
 from immunize.datamodules.collate import pad_right
 from immunize.datamodules.drawn import draw_indices, encode_source
 from immunize.errors import UserError
+from immunize.io import atomic_write_json
 
 USES = ("harmful", "refusal")
 
@@ -114,6 +116,16 @@ class FinetuneDefense(L.Callback):
         finally:
             pl_module.to(here)
         self._applied = True
+
+    @staticmethod
+    def write_report(trainer, file_name: Optional[str], report: dict) -> None:
+        """Write a defense's JSON report as <log dir>/file_name on rank 0 (nothing when file_name is None); every rank
+        calls it, since the trainer's log_dir is a collective."""
+        if file_name is None:
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            atomic_write_json(out_dir / file_name, report)
 
     # ----- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
@@ -40,7 +39,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from immunize.callbacks.base import FinetuneDefense
 from immunize.errors import UserError
-from immunize.io import atomic_write_json
 from immunize.lightning_modules.functional.safe_lora import (SELECT_MODES, alignment_projector, cosine_threshold,
                                                              distance_score, projected_cosine, selected_modules)
 from immunize.lightning_modules.modeling.checkpoint_tensors import CheckpointTensors
@@ -203,8 +201,4 @@ class SafeLoRA(FinetuneDefense):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
-        if self.report_file is None:
-            return
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective: all ranks
-        if trainer.is_global_zero:
-            atomic_write_json(out_dir / self.report_file, r)
+        self.write_report(trainer, self.report_file, r)

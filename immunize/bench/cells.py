@@ -179,18 +179,22 @@ def cell_info(cell: Cell, cells_dir: Path) -> dict:
     return {"steps": train.get("steps"), "wall_time_s": run.get("wall_time_s")}
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a Lightning CSVLogger file (a fit cell's csv/metrics.csv) as dicts of strings; [] when missing."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
 TRAIN_SUMMARY = ("train/sd_share", "train/est_norm", "train/cos_ab", "train/bf16_unmoved_share")
 
 
 def train_means(directory: Path) -> dict:
     """The mean over logged steps of each TRAIN_SUMMARY column in a fit cell's csv/metrics.csv (SEAM's gradient
     share and estimate norm), keyed without "train/"; {} when the cell logged none."""
-    path = Path(directory) / "csv" / "metrics.csv"
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        return {}
+    rows = metrics_rows(Path(directory) / "csv" / "metrics.csv")
     out = {}
     for column in TRAIN_SUMMARY:
         values = [float(r[column]) for r in rows if r.get(column) not in (None, "")]

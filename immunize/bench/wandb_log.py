@@ -11,14 +11,13 @@ Failures are reported as one warning line and do not fail the bench (the files o
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
 import sys
 from pathlib import Path
 
-from immunize.bench.cells import read_json
+from immunize.bench.cells import metrics_rows, read_json
 from immunize.io import atomic_write_json
 
 CELL_MARKER = "wandb_run.json"
@@ -40,13 +39,8 @@ def _number(text: str):
 
 def curve_rows(metrics_csv: Path) -> list[tuple[int, dict]]:
     """(step, {metric: value}) per row of a Lightning CSVLogger file, numbers only, rows without a step skipped."""
-    try:
-        with open(metrics_csv, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        return []
     out = []
-    for row in rows:
+    for row in metrics_rows(metrics_csv):
         step = _number(row.get("step"))
         if step is None:
             continue
