@@ -28,7 +28,7 @@ def _resources(cell):
 
 def test_seam_paper_plan_at_full_scale(tmp_path):
     bench, plan = _plan(SEAM, tmp_path)
-    cells = {c.label: c for c in plan.cells}
+    cells = {c.label: c for c in plan.cells if c.kind != "judge"}
     attacks = [f"attack {d} lr={lr}" for lr in SEAM_LRS for d in ("undefended", "seam")]
     assert list(cells) == ["defense seam", "eval undefended (no attack)", "eval seam (no attack)",
                            *[x for a in attacks for x in (a, f"eval {a}")]]
@@ -51,14 +51,19 @@ def test_seam_paper_plan_at_full_scale(tmp_path):
     assert ev["model"]["init_args"]["lm_eval"]["tasks"] == ["mmlu", "truthfulqa_mc2", "arc_easy", "arc_challenge",
                                                             "hellaswag"]
     assert ev["model"]["init_args"]["max_new_tokens"] == 50
+    judged = [c for c in plan.cells if c.kind == "judge"]  # beaver-dam on each evaluated model, on its GPU in bf16
+    assert [c.input.label for c in judged] == [label for label in cells if label.startswith("eval ")]
+    assert judged[0].config["judge"] == {"name": "beaver_dam", "model": "PKU-Alignment/beaver-dam-7b",
+                                         "device": "cuda", "dtype": "bfloat16"}
+    assert _resources(judged[0])[:2] == ("gpu", 1)
 
 
 def test_panacea_paper_plan_at_full_scale(tmp_path):
     bench, plan = _plan(PANACEA, tmp_path)
-    labels = [c.label for c in plan.cells]
+    labels = [c.label for c in plan.cells if c.kind != "judge"]
     tunes = [f"finetune {d} p={p}" for d in ("sft", "panacea", "random") for p in RATIOS]
     assert labels == ["align", "eval undefended (no attack)", *[x for t in tunes for x in (t, f"eval {t}")]]
-    cells = {c.label: c for c in plan.cells}
+    cells = {c.label: c for c in plan.cells if c.kind != "judge"}
     assert bench.model.source == "meta-llama/Llama-2-7b-hf"
     assert cells["align"].config["model"]["init_args"]["lora"]["r"] == 32
     panacea = cells["finetune panacea p=0.1"].config
@@ -76,9 +81,10 @@ def test_plan_command_at_full_scale_lists_the_cells(tmp_path):
     run = run_cli("bench", "--config", str(SEAM), "--plan", "--out", str(tmp_path / "out"), cwd=REPO, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     graph = json.loads((tmp_path / "out" / "plan.json").read_text())["cells"]
-    assert len(graph) == 23 and sum(r["kind"] == "fit" for r in graph) == 11
+    assert len(graph) == 35 and sum(r["kind"] == "fit" for r in graph) == 11
     assert "(defense-" in run.stdout and "gpu x8" in run.stdout and "gpu x4" in run.stdout
-    assert "plan: 23 cells (10 fits on gpu x4; 1 fits on gpu x8; 12 evals on gpu x1); 11 exported models" in run.stdout
+    assert ("plan: 35 cells (10 fits on gpu x4; 1 fits on gpu x8; 12 judge runs (eval.judges) on gpu x1; 12 evals on "
+            "gpu x1); 11 exported models") in run.stdout
     # the estimate: benchmarks/memory.py's prediction per fit, its hours, and the exports' disk with and without models
     cost = json.loads((tmp_path / "out" / "plan.json").read_text())["cost"]
     fits = {r["label"]: r for r in cost["fits"]}
@@ -102,6 +108,10 @@ def test_shrink_swaps_sources_sizes_and_devices_only(tmp_path):
     small = validate(bench, shrink.cell)
     assert [c.label for c in small.cells] == [c.label for c in full.cells]
     for big, tiny in zip(full.cells, small.cells):
+        if tiny.kind == "judge":  # the judge's class stays, its model is a tiny one on the CPU
+            assert tiny.config["judge"]["name"] == big.config["judge"]["name"]
+            assert tiny.config["judge"]["model"].startswith(str(tmp_path)) and "device" not in tiny.config["judge"]
+            continue
         # same classes, templates, precision, strategy class, callbacks and judge preset: only sizes/sources/devices
         for section in ("model", "data"):
             assert tiny.config[section]["class_path"] == big.config[section]["class_path"]
@@ -172,6 +182,7 @@ def test_seam_paper_shrunk_end_to_end(tmp_path):
     assert rows == expected
     assert all(m["harmful_score"] is not None and m["capability_lm_eval"] is not None for m in results["results"])
     assert "seam" in report and "lr=2e-4" in report
+    _judged_by(results, report, "beaver_dam", "deberta_harmful_qa (eval)")
 
 
 @pytest.mark.slow
@@ -183,3 +194,12 @@ def test_panacea_paper_shrunk_end_to_end(tmp_path):
     assert rows == expected
     assert all(m["harmful_score"] is not None for m in results["results"])
     assert "panacea" in report
+    _judged_by(results, report, "deberta_harmful_qa", "beaver_dam (eval)")
+
+
+def _judged_by(results, report, label, own):
+    """eval.judges ran on every evaluated model beside the eval's own judge (tiny stand-ins of both published
+    classes under the shrink) and the report compares them."""
+    assert results["judges"]["labels"] == [label] and results["judges"]["eval_judge"] == own
+    assert all(r["judges"][label]["harmful_score"] is not None for r in results["rows"])
+    assert results["judges"]["agreement"]["items"] > 0 and "## Judges: pairwise agreement" in report

@@ -11,6 +11,8 @@ Layout of a cell directory:
     model/            fits: the exported model; model/stage.json is the completion marker
     model_removed.json  fits under keep_models: false, once the model was removed (its size; also a marker)
     metrics.json      tests: the completion marker (written atomically, after generations.jsonl)
+    judged/           judge cells (another judge on an eval cell's generations, immunize.bench.judging): the
+                      `immunize judges` outputs; judged/agreement.json is the completion marker
     train.json        fits: steps and epochs (written by the recorder callback at train end)
     run.json          wall time of the subprocess (written after it exits successfully)
 """
@@ -32,17 +34,18 @@ from immunize.fingerprint import COMPUTATION_VERSIONS, computation_versions, inp
 
 FORMAT = 2  # bump when what a cell computes from the same config changes
 MODEL_KEY = "model.init_args.model"
-MARKERS = {"fit": "model/stage.json", "test": "metrics.json"}
+MARKERS = {"fit": "model/stage.json", "test": "metrics.json", "judge": "judged/agreement.json"}
 REMOVED_MODEL = "model_removed.json"  # a fit whose model keep_models: false removed (immunize.bench.disk) is finished
 CELL_REF = "cell:"  # a callback argument "cell:<cell name>" is that cell's exported model, its path set at run time
 
 
 @dataclass(eq=False)
 class Cell:
-    """kind: "fit" or "test"; stage: pretrain|align|defense|attack|benign|finetune|eval.
+    """kind: "fit", "test" or "judge"; stage: pretrain|align|defense|attack|benign|finetune|eval|judge.
 
     config: the stage config without its input model (set at run time); input: the Cell whose exported
-    model this cell reads, or a model source string (toy:<preset>, hub id, local directory).
+    model this cell reads, or a model source string (toy:<preset>, hub id, local directory); a judge cell's input
+    is the eval cell whose generations it scores.
     """
 
     kind: str
@@ -169,6 +172,20 @@ def read_json(path: Path) -> Optional[dict]:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
+
+
+def cell_jsonl(cell: Cell, cells_dir: Path, name: str) -> Optional[list[dict]]:
+    """The rows of the first file called `name` under the cell's folder, or None when there is none."""
+    path = next(iter(sorted(cell.directory(cells_dir).rglob(name))), None)
+    if path is None:
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_items(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
+    """An eval cell's per-item rows (generations.jsonl), sorted by (kind, prompt) so seeds line up."""
+    rows = cell_jsonl(cell, cells_dir, "generations.jsonl")
+    return None if rows is None else sorted(rows, key=lambda r: (r["kind"], r["prompt"]))
 
 
 def cell_info(cell: Cell, cells_dir: Path) -> dict:

@@ -70,7 +70,7 @@ def write_outputs(plan, bench: BenchConfig, out: Path, cells_dir: Path, final: b
             print(f"immunize bench: W&B run (offline) in {run_dir}; upload with `wandb sync {run_dir}`", file=sys.stderr)
     for table in tables:
         if table.key in ("resistance", "window", "resistance_summary", "search", "lm_eval", "stability", "finetune",
-                         "pairs") \
+                         "pairs", "judges", "judge_flags", "judge_agreement") \
                 or table.key.startswith("calibration_"):
             print(f"\n{table.title}\n{report.markdown_table(table)}")
     return results
@@ -80,6 +80,10 @@ def _summary(cell, cells_dir: Path) -> str:
     from immunize.bench.cells import read_json
 
     d = cell.directory(cells_dir)
+    if cell.kind == "judge":
+        from immunize.bench.judging import summary
+
+        return summary(cell, cells_dir)
     if cell.kind == "test":
         m = read_json(d / "metrics.json") or {}
         hs, cap = m.get("harmful_score"), m.get("capability")
@@ -98,7 +102,8 @@ def plan_summary(graph: list[dict]) -> str:
         return f"{res['accelerator']} x{res['devices']}{nodes}"
 
     counts = Counter((row["kind"], where(row["resources"])) for row in graph)
-    parts = [f"{n} {'fits' if kind == 'fit' else 'evals'} on {res}" for (kind, res), n in sorted(counts.items())]
+    names = {"fit": "fits", "test": "evals", "judge": "judge runs (eval.judges)"}
+    parts = [f"{n} {names.get(kind, kind)} on {res}" for (kind, res), n in sorted(counts.items())]
     fits = sum(row["kind"] == "fit" for row in graph)
     return f"plan: {len(graph)} cells ({'; '.join(parts)}); {fits} exported models (disk: {fits} x the model's size)"
 
@@ -155,10 +160,12 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
     mode = bench.progress
     if mode == "auto":
         mode = "bars" if sys.stdout.isatty() else "lines"
-    fits, tests = len(plan.fits), len(plan.cells) - len(plan.fits)
+    fits, judged = len(plan.fits), sum(c.kind == "judge" for c in plan.cells)
+    tests = len(plan.cells) - fits - judged
     done = sum(c.is_done(cells_dir) for c in plan.cells)
     if mode != "quiet":
-        print(f"immunize bench: {len(plan.cells)} cells ({fits} fits, {tests} evals), {done} already done; "
+        judges = f", {judged} judge runs" if judged else ""
+        print(f"immunize bench: {len(plan.cells)} cells ({fits} fits, {tests} evals{judges}), {done} already done; "
               f"cells in {cells_dir}, report in {out}", file=sys.stderr, flush=True)
 
     last_partial = [-PARTIAL_RESULTS_EVERY_S]

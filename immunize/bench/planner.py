@@ -2,6 +2,7 @@
 
 Stage graph:  source -> [pretrain] -> base -> [align] -> aligned -> defense d (or identity)
     each defense model: eval ("defended": stability), attack grid -> eval (resistance, generalization),
+    each eval -> one judge cell per entry of eval.judges (immunize.bench.judging),
     benign fine-tune -> eval (trainability);
     finetune.model_from's model -> fine-tune on a harmful mix with each fine-tuning-stage defense, each
     ratio p -> eval. A fine-tuning-stage callback whose init_args leave `base_model` null (SafeLoRA) gets the model
@@ -17,6 +18,7 @@ from typing import Callable, Optional, Union
 
 from immunize.bench import registry
 from immunize.bench.cells import Cell, cell_ref
+from immunize.bench.judging import judge_cell, judge_specs
 from immunize.bench.schema import DEFAULT_KIND, BenchConfig, StageSpec
 from immunize.bench.stages import (apply_heldout, deep_merge, find_file, init_args, load_stage, merge_section, read_yaml,
                                    set_dotted)
@@ -73,6 +75,7 @@ class Planner:
         self._common_trainer = self._trainer_common()
         self.models: dict[int, dict[str, ModelRef]] = {}  # seed -> defense -> its model (the attacks' input)
         self.base: Optional[ModelRef] = None  # this seed's unaligned base (what SafeLoRA's base_model names)
+        self.judges: list = []  # eval.judges as (label, spec), set by build
 
     # ----- config helpers ------------------------------------------------------------------------
     def _trainer_common(self) -> dict:
@@ -121,8 +124,11 @@ class Planner:
         if prompt_format is not None:
             cfg = copy.deepcopy(cfg)
             init_args(cfg, "data")["prompt_format"] = prompt_format
-        return self.plan.add(Cell("test", "eval", self._label(label), self._finish(cfg, input), input,
-                                  {**meta, "seed": self.seed}))
+        evaluated = self.plan.add(Cell("test", "eval", self._label(label), self._finish(cfg, input), input,
+                                       {**meta, "seed": self.seed}))
+        for name, spec in self.judges:  # eval.judges: each scores this model's generations in its own cell
+            self.plan.add(judge_cell(evaluated, name, spec, self.bench.eval.judge_threshold))
+        return evaluated
 
     def _defense_stage(self) -> Optional[dict]:
         """The alignment-defense stage (data, trainer) registry defenses are merged over, or None."""
@@ -163,6 +169,7 @@ class Planner:
     def build(self) -> Plan:
         """Every seed's stage graph, one seed after the other."""
         self._eval_cfg = self._load_eval()
+        self.judges = judge_specs(self.bench.eval.judges, self.bench.eval.judge_threshold)
         self.plan.reference = self.bench.report.reference or self.bench.defenses[0].name
         self.plan.planner = self
         for seed in self.bench.seeds:

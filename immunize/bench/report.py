@@ -13,11 +13,12 @@ from typing import Optional
 
 from immunize.bench import calibration
 from immunize.bench.disk import disk_table
+from immunize.bench.judge_results import judge_tables
 from immunize.bench.no_win import no_win_table
 from immunize.bench.planner import fmt_num, fmt_short
 from immunize.bench.rows import (  # noqa: F401 (re-exported: tables and tests read them from here)
     ATTACK_DEFAULTS, NONE, Table, _axis, _by, _ci, _delta, _interval_note, _key, _lookup, _mean, _paired_ci, _seeds_note,
-    attack_kinds, attack_label, attack_points, fmt, fmt_ci, kind_of, rows_of, split_harm, window_of)
+    attack_kinds, attack_label, attack_points, fmt, fmt_ci, kind_of, rows_of, split_harm, where_label, window_of)
 from immunize.bench.search import within_bound
 
 
@@ -395,14 +396,6 @@ def pairs_table(results: dict) -> Optional[Table]:
     return table
 
 
-def _where(r: dict, points: list[dict]) -> str:
-    if r["stage"] == "attack":
-        return attack_label(r["attack"], points)
-    if r["stage"] == "finetune":
-        return f"fine-tune p={fmt_num(float(r['finetune']['ratio']))}"
-    return {"defended": "no attack", "benign": "after benign fine-tune"}.get(r["stage"], r["stage"])
-
-
 def seed_spread(results: dict) -> Optional[Table]:
     """How far each number moves across seeds (the whole pipeline reseeded): per row, each seed's HS and
     capability and their range (max - min). None for a one-seed run."""
@@ -420,14 +413,14 @@ def seed_spread(results: dict) -> Optional[Table]:
         for metric in ("harmful_score", "capability"):
             v = [x for x in values.get(metric, []) if x is not None]
             cells += [" / ".join(fmt(x) for x in v) or NONE, fmt(max(v) - min(v)) if len(v) > 1 else NONE]
-        table.rows.append([r["defense"], _where(r, points)] + cells)
+        table.rows.append([r["defense"], where_label(r, points)] + cells)
     return table
 
 
 def build_tables(results: dict) -> list[Table]:
     """Every table that has data: resistance (+ paired differences, window, summary), stability, mechanism,
     generalization, trainability, fine-tuning stage (+ paired differences), paired comparisons, calibration,
-    and the spread over seeds."""
+    the spread over seeds, the judges of eval.judges and disk."""
     tables = []
     if _by(results, "attack") or _by(results, "defended") or _by(results, "search"):
         if _by(results, "attack"):
@@ -462,6 +455,7 @@ def build_tables(results: dict) -> list[Table]:
     spread = seed_spread(results)
     if spread is not None:
         tables.append(spread)
+    tables += judge_tables(results)
     if results.get("disk", {}).get("cells"):
         tables.append(disk_table(results["disk"]))
     return tables

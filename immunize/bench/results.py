@@ -35,8 +35,9 @@ from typing import Optional
 
 import numpy as np
 
-from immunize.bench.cells import Cell, cell_info, read_json, train_means
+from immunize.bench.cells import Cell, cell_info, cell_jsonl, read_items, read_json, train_means
 from immunize.bench.disk import disk_usage
+from immunize.bench.judge_results import collect_judges
 from immunize import statistics
 from immunize.provenance import provenance
 
@@ -56,23 +57,9 @@ def _prefixed(metrics: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sorted(metrics.items()) if k.startswith(prefix)}
 
 
-def _cell_jsonl(cell: Cell, cells_dir: Path, name: str) -> Optional[list[dict]]:
-    """The rows of the first file called `name` under the cell's folder, or None when there is none."""
-    path = next(iter(sorted(cell.directory(cells_dir).rglob(name))), None)
-    if path is None:
-        return None
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def read_items(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
-    """The eval cell's per-item rows (generations.jsonl), sorted by (kind, prompt) so seeds line up."""
-    rows = _cell_jsonl(cell, cells_dir, "generations.jsonl")
-    return None if rows is None else sorted(rows, key=lambda r: (r["kind"], r["prompt"]))
-
-
 def read_lm_eval_samples(cell: Cell, cells_dir: Path) -> Optional[list[dict]]:
     """The eval cell's lm-eval per-item records (lm_eval_samples.jsonl), or None when lm-eval did not run."""
-    return _cell_jsonl(cell, cells_dir, "lm_eval_samples.jsonl")
+    return cell_jsonl(cell, cells_dir, "lm_eval_samples.jsonl")
 
 
 def lm_eval_arrays(samples: list[dict]) -> Optional[tuple[np.ndarray, list, list]]:
@@ -316,8 +303,9 @@ def collect(plan, cells_dir: Path, heldout: list[str], threshold: float, window:
             items[e["cell"]] = arrays
     seeds = sorted({e["seed"] for e in entries})
     rows = aggregate(entries, items, plan.reference, finetune[0] if finetune else None)
+    judges = collect_judges(plan, cells_dir, entries, rows)
     planner = getattr(plan, "planner", None)
-    return {"version": VERSION, "provenance": provenance(getattr(planner, "_common_trainer", None)), "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
+    return {**({"judges": judges} if judges is not None else {}),"version": VERSION, "provenance": provenance(getattr(planner, "_common_trainer", None)), "reference": plan.reference, "defenses": defenses, "finetune_defenses": finetune,
             "heldout_categories": list(heldout), "threshold": threshold, "seeds": seeds,
             "window": dict(window or {"harm": 50.0, "capability_drop": 5.0}),
             "select": dict(select or {"stability_tolerance": 5.0, "finetune_tolerance": 2.0}),

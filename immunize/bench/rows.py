@@ -187,3 +187,12 @@ def window_of(results: dict) -> list[tuple[dict, dict, str]]:
             where = "inside"
         out.append((point, r, where))
     return out
+
+
+def where_label(r: dict, points: list[dict]) -> str:
+    """Where a row's model was evaluated: its attack (as the resistance grid names it), its fine-tune, "no attack"."""
+    if r["stage"] == "attack":
+        return attack_label(r["attack"], points)
+    if r["stage"] == "finetune":
+        return f"fine-tune p={fmt_num(float(r['finetune']['ratio']))}"
+    return {"defended": "no attack", "benign": "after benign fine-tune"}.get(r["stage"], r["stage"])

@@ -1,7 +1,8 @@
-"""Run cells as `python -m immunize fit|test --config <cell>/cell.yaml` subprocesses, resumably.
+"""Run cells as `python -m immunize fit|test --config <cell>/cell.yaml` subprocesses (a judge cell as
+`immunize judges`, immunize.bench.judging), resumably.
 
-A cell is done when its marker exists (model/stage.json for fits, metrics.json for tests); both are
-written atomically by `immunize fit|test`, so a cell killed at any moment is simply not done. A cell
+A cell is done when its marker exists (model/stage.json for fits, metrics.json for tests, judged/agreement.json
+for judge cells); each is written atomically by the command, so a cell killed at any moment is simply not done. A cell
 that is not done is run from scratch in a fresh directory (whatever a killed run left is removed first),
 so no state leaks between attempts or between cells. Subprocesses die with the bench (PR_SET_PDEATHSIG
 on Linux), so `kill -9` of the bench leaves no orphan writing into a cell directory.
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from immunize.bench.cells import MODEL_KEY, Cell, read_json, resolve_cell_refs
+from immunize.bench.judging import KIND as JUDGE, judge_argv
 from immunize.bench.progress import Eta, Printer
 from immunize.bench.recorder import PREFIX
 from immunize.bench.stages import REPO_ROOT, set_dotted, to_yaml
@@ -171,11 +173,14 @@ def _run_child_command(argv: list[str], env: dict, threads: Optional[int], write
             import torch
 
             torch.set_num_threads(threads)
-        from immunize.cli import main
+        judges = argv[0] == "judges"
+        if judges:
+            from immunize.judges.command import main
+        else:
+            from immunize.cli import main
 
         try:
-            main(argv)
-            code = 0
+            code = (main(argv[1:]) if judges else main(argv)) or 0
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except BaseException:  # noqa: BLE001 - report and exit like an interpreter would
@@ -297,9 +302,14 @@ class Runner:
             shutil.rmtree(d)  # leftovers of a killed or failed attempt (its fallback exports were moved out)
         d.mkdir(parents=True)
         bars = self.mode == "bars"
-        cfg = runtime_config(cell, self.cells_dir, progress_bar=bars, updates=0 if bars or self.mode == "quiet" else 4)
-        atomic_write_text(d / CELL_CONFIG, f"# {cell.label}\n" + to_yaml(cfg))
-        argv = [cell.kind, "--config", str((d / CELL_CONFIG).resolve())]
+        if cell.kind == JUDGE:  # `immunize judges` on the eval cell's generations; cell.yaml records the judge
+            atomic_write_text(d / CELL_CONFIG, f"# {cell.label}\n" + to_yaml(cell.config))
+            argv = judge_argv(cell, self.cells_dir)
+        else:
+            cfg = runtime_config(cell, self.cells_dir, progress_bar=bars,
+                                 updates=0 if bars or self.mode == "quiet" else 4)
+            atomic_write_text(d / CELL_CONFIG, f"# {cell.label}\n" + to_yaml(cfg))
+            argv = [cell.kind, "--config", str((d / CELL_CONFIG).resolve())]
         start = time.monotonic()
         rc = run_cell_process(argv, child_env(self.threads, quiet_warnings=bars), d / "log.txt", self.mode, self.threads)
         seconds = time.monotonic() - start

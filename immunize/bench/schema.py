@@ -220,6 +220,10 @@ class EvalSpec(StageSpec):
         batch_size: evaluation batch size (>= 1).
         lm_eval: capability through lm-evaluation-harness on every evaluated model (e.g. {tasks: [toy_mc]}; the
             eval extra): results.json's capability_lm_eval and lm_eval, and the report's lm-eval columns.
+        judges: more judges that score every evaluated model's generations beside `judge` (names or {name: ...,
+            label: ..., **arguments}, as `immunize judges --judge`); each (model, judge) is a cached cell, and the
+            report gives each judge's harmful score per model and their agreement (immunize.bench.judging).
+        judge_threshold: a judge flags an answer when its score is at least this (the agreement table's flags).
     """
 
     config: Optional[str] = "configs/eval/toy.yaml"
@@ -231,6 +235,8 @@ class EvalSpec(StageSpec):
     max_new_tokens: Optional[int] = None
     batch_size: Optional[int] = None
     lm_eval: Optional[dict] = None
+    judges: Optional[list[Union[str, dict]]] = None
+    judge_threshold: float = 0.5
 
 
 @dataclass

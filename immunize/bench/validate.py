@@ -322,7 +322,7 @@ def check_cells(plan, bench: BenchConfig) -> None:
     seen: set[str] = set()
     built: dict = {}
     for cell in plan.cells:
-        if cell.digest in seen:
+        if cell.digest in seen or cell.kind == "judge":  # a judge cell's spec was checked when it was planned
             continue
         seen.add(cell.digest)
         check_component(cell.config.get("model"), f"{cell.label}: model")

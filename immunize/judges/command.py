@@ -195,6 +195,11 @@ def score_with(label: str, spec: Any, items: list[dict], out: Path, progress: bo
             todo.setdefault(key, it)
     if todo:
         judge = make_judge(spec)
+        if hasattr(judge, "load") and getattr(judge, "device", None) is not None:  # a judge model: say where it runs
+            judge.load()
+            if progress:
+                print(f"immunize judges: {label}: {type(judge).__name__} on {judge.device} ({judge.dtype})",
+                      file=sys.stderr)
         keys = list(todo)
         for start in range(0, len(keys), CHUNK):
             chunk = keys[start:start + CHUNK]
