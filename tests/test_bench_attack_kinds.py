@@ -228,3 +228,21 @@ def test_tiny_bench_runs_every_attack_kind_and_reports_per_kind(tmp_path):
     for label in ("| lr=1e-3 |", "| jailbreak_tuning:skeleton lr=1e-3 |", "| refusal_ablation filter_prompts=False |",
                   "| identity_shift lr=1e-3 |", "bounded worst HS refusal_ablation", "bounded worst HS, all kinds"):
         assert label in report
+
+
+def test_ablation_and_identity_shift_take_their_configs_from_the_bench():
+    """attack.ablation_config / identity_shift_config: the real track's prompts and data in place of the toy world's;
+    the defaults plan the toy configs' cells unchanged."""
+    kinds = ("--attack.kinds", "[refusal_ablation, identity_shift]")
+    default = _plan(*SMALL, *kinds)
+    named = _plan(*SMALL, *kinds, "--attack.ablation_config", "configs/attacks/refusal_ablation.yaml",
+                  "--attack.identity_shift_config", "configs/attacks/identity_shift.yaml")
+    assert [c.name for c in named.cells] == [c.name for c in default.cells]
+    real = _plan(*SMALL, *kinds, "--attack.ablation_config", "configs/smollm2/refusal_ablation.yaml",
+                 "--attack.identity_shift_config", "configs/smollm2/identity_shift.yaml")
+    cells = {c.label: c.config for c in _attack_cells(real)}
+    ablation = cells["attack seam refusal_ablation"]["data"]["init_args"]
+    assert ablation["harmful"]["kind"] == "beavertails" and ablation["template"] == "alpaca"
+    shifted = cells["attack seam identity_shift lr=1e-3"]
+    assert shifted["data"]["init_args"]["benign"]["kind"] == "alpaca" and shifted["trainer"]["max_epochs"] == 10
+    assert shifted["model"]["class_path"].endswith("SFT")  # the bench's attack model, only the data and epochs move

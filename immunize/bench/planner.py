@@ -25,8 +25,6 @@ from immunize.bench.stages import (apply_heldout, deep_merge, find_file, init_ar
 from immunize.errors import UserError
 
 ModelRef = Union[Cell, str]
-ABLATION_CONFIG = "configs/attacks/refusal_ablation.yaml"  # attack kind refusal_ablation's stage
-IDENTITY_CONFIG = "configs/attacks/identity_shift.yaml"  # attack kind identity_shift's data section and epochs
 PROJECT_PACKAGES = ("immunize.lightning_modules.", "immunize.datamodules.")  # classes that take init_seed / seed
 
 
@@ -306,11 +304,12 @@ class Planner:
         callback); harmful_sft's settings carry no kind, so its cells and rows keep their names."""
         a = self.bench.attack
         if kind == "refusal_ablation":
-            spec = StageSpec(config=ABLATION_CONFIG, model={"init_args": copy.deepcopy(a.ablation)} if a.ablation else None)
+            spec = StageSpec(config=a.ablation_config, model={"init_args": copy.deepcopy(a.ablation)} if a.ablation else None)
             return load_stage(spec, "attack.ablation"), {"kind": kind, **copy.deepcopy(a.ablation)}, None
         cfg = copy.deepcopy(base)
         if kind == "identity_shift":
-            identity = read_yaml(find_file(IDENTITY_CONFIG, "attack.identity_shift"), "attack.identity_shift")
+            identity = read_yaml(find_file(a.identity_shift_config, "attack.identity_shift_config"),
+                                 "attack.identity_shift_config")
             cfg["data"] = merge_section(identity["data"], {"init_args": copy.deepcopy(a.identity_shift)})
             epochs = (identity.get("trainer") or {}).get("max_epochs")
             if epochs is not None:

@@ -133,15 +133,19 @@ class AttackGrid(StageSpec):
     Args:
         kinds: the attack kinds: harmful_sft (the attack config on the grid), jailbreak_tuning (the same harmful SFT
             with its harmful rows wrapped in each of jailbreak_formats; evaluated in the same format),
-            refusal_ablation (configs/attacks/refusal_ablation.yaml merged with `ablation`: one cell per defense, no
-            training, no grid axes) and identity_shift (benign data in the obedient-agent format:
-            configs/attacks/identity_shift.yaml's data section and epochs, merged with `identity_shift`, on the
+            refusal_ablation (ablation_config merged with `ablation`: one cell per defense, no training, no grid
+            axes) and identity_shift (benign data in the obedient-agent format: identity_shift_config's data
+            section and epochs, merged with `identity_shift`, on the
             lr/mode/optimizer/loss_on axes; evaluated in the identity_shift prompt format).
         jailbreak_formats: jailbreak_tuning's formats, one grid axis (immunize.datamodules.jailbreak_formats).
         ablation: refusal_ablation: merged over immunize.lightning_modules.RefusalAblation's init_args (e.g.
             {layer: 1}).
+        ablation_config: refusal_ablation's fit config (its prompts and template: the toy world's by default;
+            configs/smollm2/refusal_ablation.yaml for real-format files).
         identity_shift: identity_shift: merged over immunize.datamodules.IdentityShiftData's init_args (e.g.
             {n_task: 19}).
+        identity_shift_config: the config whose data section and epochs identity_shift takes (the toy world's by
+            default; configs/smollm2/identity_shift.yaml for Alpaca-format data).
         config: the attack's fit config (default: harmful SFT on the toy attack split).
         model: merged over the attack's model section.
         data: merged over the attack's data section.
@@ -167,7 +171,9 @@ class AttackGrid(StageSpec):
     kinds: list[str] = field(default_factory=lambda: [DEFAULT_KIND])
     jailbreak_formats: list[str] = field(default_factory=lambda: ["skeleton"])
     ablation: dict = field(default_factory=dict)
+    ablation_config: str = "configs/attacks/refusal_ablation.yaml"
     identity_shift: dict = field(default_factory=dict)
+    identity_shift_config: str = "configs/attacks/identity_shift.yaml"
     lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
     samples: Optional[list[int]] = None
     modes: list[Literal["full", "lora"]] = field(default_factory=lambda: ["full"])
