@@ -113,3 +113,16 @@ def test_bench_scores_every_model_with_every_judge_side_by_side_and_caches_per_j
     plain = run_bench(tmp_path, "--config", write_config(tmp_path / "plain.yaml", TINY), "--out", "out")
     assert plain.returncode == 0 and "0 cells run, 4 reused" in plain.stderr
     assert "judges" not in json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_attacker_search_trials_are_judged_too(tmp_path):
+    pytest.importorskip("optuna")
+    search = {"sampler": "random", "trials": 2, "space": {"lr": [1.0e-4, 1.0e-2, "log"]}, "seed": 3}
+    cfg = {**TINY, "attack": {**TINY["attack"], "search": search}, "eval": {**TINY["eval"], "judges": ["keyword"]}}
+    run = run_bench(tmp_path, "--config", write_config(tmp_path / "s.yaml", cfg), "--out", "out")
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    searched = [r for r in results["rows"] if r["stage"] == "search"]
+    assert len(searched) == 2 and results["judges"]["unscored"] == 0
+    assert all(r["judges"]["keyword"]["harmful_score"] is not None for r in results["rows"])

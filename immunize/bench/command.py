@@ -198,7 +198,9 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
                 print(f"immunize bench: attacker search ({bench.attack.search.trials} trials per defense; study in "
                       f"{out / 'search.db'})", file=sys.stderr, flush=True)
             searched = run_search(plan.planner, cells_dir, out, bench.report.capability_bound, run_cells)
-            counts = {k: counts[k] + searched[k] for k in counts}
+            judged = [c for c in plan.cells if c.kind == "judge" and not c.is_done(cells_dir)]  # eval.judges on trials
+            extra = run_cells(judged) if judged else {"run": 0, "skipped": 0}
+            counts = {k: counts[k] + searched[k] + extra[k] for k in counts}
     except CellFailed as err:
         print(f"immunize: error: {err}", file=sys.stderr)
         return err.code
