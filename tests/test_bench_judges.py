@@ -3,6 +3,7 @@ report gives each judge's harmful score per model beside the eval's own judge, w
 import json
 
 import pytest
+import yaml
 
 from helpers.bench import TINY, run_bench, write_config
 from immunize.bench.judging import judge_specs, placed
@@ -18,10 +19,10 @@ def _agreement_from_files(out):
     flag (>= 0.5), read from the cells' files."""
     same = []
     for scores in sorted(out.glob("cells/judge-*/judged/judge_scores.jsonl")):
-        rows = [json.loads(line) for line in scores.read_text().splitlines()]
-        if "keyword" not in rows[0]["scores"]:
+        if yaml.safe_load((scores.parent.parent / "cell.yaml").read_text())["judge"] != "keyword":
             continue
-        keyword = {(r["prompt"], r["answer"]): r["scores"]["keyword"] for r in rows}
+        rows = [json.loads(line) for line in scores.read_text().splitlines()]
+        keyword = {(r["prompt"], r["answer"]): next(iter(r["scores"].values())) for r in rows}
         generations = [json.loads(line) for line in open(rows[0]["source"])]
         for g in generations:
             if g["kind"] == "harmful":
@@ -44,7 +45,12 @@ def test_each_eval_cell_gets_one_judge_cell_per_judge_and_other_cells_keep_their
     for cell in judge_cells:  # each reads an eval cell's generations and runs right after it
         assert cell.input.kind == "test"
         assert judged.cells.index(cell) > judged.cells.index(cell.input)
-    assert {c.config["label"] for c in judge_cells} == {"oracle_again", "keyword"}
+    assert {c.meta["judge"] for c in judge_cells} == {"oracle_again", "keyword"}
+    relabelled = _plan(tmp_path, {**TINY, "eval": {**TINY["eval"], "judge_threshold": 0.7, "judges": [
+        {"name": "oracle", "label": "renamed"}, "keyword"]}})  # labels and the flag threshold are the report's
+    assert [c.name for c in relabelled.cells] == [c.name for c in judged.cells]
+    oracle = next(c for c in judge_cells if c.meta["judge"] == "oracle_again")
+    assert oracle.config["trainer"]["accelerator"] == "cpu"  # a judge without a model reserves no GPU
     assert judged.evals == [c for c in judged.cells if c.kind == "test"]
 
 
@@ -53,6 +59,8 @@ def test_each_eval_cell_gets_one_judge_cell_per_judge_and_other_cells_keep_their
     (["keyword", {"name": "oracle", "label": "keyword"}], 0.5, "eval.judges[1]: label 'keyword' is taken"),
     ([{"name": "deberta_harmful_qa", "batch_sise": 4}], 0.5, "takes no argument 'batch_sise'"),
     ([7], 0.5, "eval.judges[0] must be a judge name or a mapping"),
+    (["keyword", {"name": "keyword", "label": "again"}], 0.5, "eval.judges[1] is the same judge as 'keyword'"),
+    (["deberta_harmful_qa"], 0.5, "eval.judges[0]: judge 'deberta_harmful_qa' needs 'model' (published: "),
     (["keyword"], 1.5, "eval.judge_threshold must be a number in (0, 1]"),
 ])
 def test_bad_judge_lists_fail_in_one_line_naming_the_entry(judges, threshold, needle):
@@ -109,6 +117,16 @@ def test_bench_scores_every_model_with_every_judge_side_by_side_and_caches_per_j
     regrown = json.loads((out / "results.json").read_text())
     assert regrown["judges"]["labels"] == ["oracle_again", "keyword", "keyword_2"]
     assert [r["judges"]["keyword"] for r in regrown["rows"]] == [r["judges"]["keyword"] for r in results["rows"]]
+
+    # an eval cell that wrote other answers since (run again) makes its judge cells stale: they run again
+    evaluated = json.loads(next(out.glob("cells/judge-*/input.json")).read_text()) and \
+        sorted(out.glob("cells/eval-*/generations.jsonl"))[0]
+    rows = [json.loads(line) for line in evaluated.read_text().splitlines()]
+    first = next(r for r in rows if r["kind"] == "harmful")
+    first["answer"] = "i cannot help with that ."
+    evaluated.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stale = run_bench(tmp_path, "--config", write_config(tmp_path / "grown.yaml", grown), "--out", "out")
+    assert stale.returncode == 0 and "3 cells run, 7 reused" in stale.stderr, stale.stderr[-3000:]
 
     plain = run_bench(tmp_path, "--config", write_config(tmp_path / "plain.yaml", TINY), "--out", "out")
     assert plain.returncode == 0 and "0 cells run, 4 reused" in plain.stderr

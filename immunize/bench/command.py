@@ -125,6 +125,7 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
     given. Returns the exit code."""
     from immunize.bench.cells import plan_graph
     from immunize.bench.disk import ModelPruner
+    from immunize.bench.judging import refresh as refresh_judges
     from immunize.bench.plan_cost import cost_lines, plan_cost
     from immunize.bench.runner import CellFailed, Runner, lock
     from immunize.bench.validate import BENCH_MARKER, validate
@@ -184,6 +185,7 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
 
     def run_cells(cells) -> dict:
         cells = pruner.revive(cells)
+        refresh_judges(cells, cells_dir)  # a judge cell whose eval cell wrote other generations since runs again
         if bench.launcher.name != "local":
             return launcher_for(bench, out, mode).run(cells, cells_dir, mode, on_done)
         return Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(cells, on_done)

@@ -39,17 +39,18 @@ def collect_judges(plan, cells_dir: Path, entries: list[dict], rows: list[dict])
     judge_cells = [c for c in plan.cells if c.kind == KIND]
     if not judge_cells:
         return None
-    labels = list(dict.fromkeys(c.config["label"] for c in judge_cells))
-    threshold = judge_cells[0].config["threshold"]
+    labels = list(dict.fromkeys(c.meta["judge"] for c in judge_cells))
+    threshold = plan.planner.bench.eval.judge_threshold
     own = eval_judge_label(plan.evals[0].config)
     by_eval: dict[str, dict] = {}
     for c in judge_cells:
-        by_eval.setdefault(c.input.name, {})[c.config["label"]] = c
+        by_eval.setdefault(c.input.name, {})[c.meta["judge"]] = c
     evals = {c.name: c for c in plan.evals}
     pooled: dict[str, list] = {label: [] for label in [own, *labels]}
     groups: list = []
     arrays: dict[str, dict] = {}
     unscored = 0
+    pooled_cells: set[str] = set()
     for e in entries:
         harmful = _harmful(read_items(evals[e["cell"]], cells_dir) or [])
         if not harmful:
@@ -66,7 +67,8 @@ def collect_judges(plan, cells_dir: Path, entries: list[dict], rows: list[dict])
             per[label] = (_scores(judged, harmful), strata, clusters)
         arrays[e["cell"]] = per
         e["judges"] = {label: _percent(values) for label, (values, _, _) in per.items()}
-        if len(per) == len(labels):
+        if len(per) == len(labels) and e["cell"] not in pooled_cells:  # one eval cell may stand in two rows
+            pooled_cells.add(e["cell"])
             pooled[own] += [np.nan if r.get("judge_score") is None else float(r["judge_score"]) for r in harmful]
             for label, (values, _, _) in per.items():
                 pooled[label] += list(values)

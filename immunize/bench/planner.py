@@ -125,7 +125,7 @@ class Planner:
         evaluated = self.plan.add(Cell("test", "eval", self._label(label), self._finish(cfg, input), input,
                                        {**meta, "seed": self.seed}))
         for name, spec in self.judges:  # eval.judges: each scores this model's generations in its own cell
-            self.plan.add(judge_cell(evaluated, name, spec, self.bench.eval.judge_threshold))
+            self.plan.add(judge_cell(evaluated, name, spec))
         return evaluated
 
     def _defense_stage(self) -> Optional[dict]:

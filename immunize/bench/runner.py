@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from immunize.bench.cells import MODEL_KEY, Cell, read_json, resolve_cell_refs
-from immunize.bench.judging import KIND as JUDGE, judge_argv
+from immunize.bench.judging import KEPT as JUDGE_SCORES, KIND as JUDGE, judge_argv, record_input, refresh
 from immunize.bench.progress import Eta, Printer
 from immunize.bench.recorder import PREFIX
 from immunize.bench.stages import REPO_ROOT, set_dotted, to_yaml
@@ -282,6 +282,7 @@ class Runner:
         counts = {"run": 0, "skipped": 0}
         for index, cell in enumerate(cells, start=1):
             d = cell.directory(self.cells_dir)
+            refresh([cell], self.cells_dir)  # a judge cell whose eval cell just ran again is stale
             if cell.is_done(self.cells_dir):
                 printer.cached(index, cell, _shown(d))
                 counts["skipped"] += 1
@@ -297,10 +298,16 @@ class Runner:
 
     def run_cell(self, cell: Cell) -> float:
         d = cell.directory(self.cells_dir)
+        kept = None
         if d.exists():
             keep_fallbacks(d, self.cells_dir)
+            kept = keep_judge_scores(cell, d)
             shutil.rmtree(d)  # leftovers of a killed or failed attempt (its fallback exports were moved out)
         d.mkdir(parents=True)
+        if kept is not None:  # a judge's per-answer cache (keyed by its spec): the rerun scores only what is missing
+            (d / JUDGE_SCORES).parent.mkdir(parents=True)
+            os.replace(kept, d / JUDGE_SCORES)
+            kept.parent.rmdir()
         bars = self.mode == "bars"
         if cell.kind == JUDGE:  # `immunize judges` on the eval cell's generations; cell.yaml records the judge
             atomic_write_text(d / CELL_CONFIG, f"# {cell.label}\n" + to_yaml(cell.config))
@@ -318,8 +325,22 @@ class Runner:
             why = f"exit code {rc}" if rc != 0 else "it ended without its completion marker"
             raise CellFailed(f"cell '{cell.label}' failed ({why}): {message} (log: {_shown(d / 'log.txt')})",
                              code=2 if (user_error or rc == 2) else 1)
+        if cell.kind == JUDGE:
+            record_input(cell, self.cells_dir)
         atomic_write_json(d / "run.json", {"wall_time_s": round(seconds, 1), "command": ["-m", "immunize", *argv]})
         return seconds
+
+
+def keep_judge_scores(cell: Cell, cell_dir: Path) -> Optional[Path]:
+    """Move a judge cell's score cache out of its folder before the folder is cleared (None: nothing to keep)."""
+    cache = cell_dir / JUDGE_SCORES
+    if cell.kind != JUDGE or not cache.is_dir():
+        return None
+    import tempfile
+
+    holder = Path(tempfile.mkdtemp(prefix=".kept-", dir=cell_dir.parent))
+    os.replace(cache, holder / "scores")
+    return holder / "scores"
 
 
 KEPT_DIR = "kept"  # cells_dir/kept/<cell>/<fallback>: trained models whose export failed, never deleted by the bench

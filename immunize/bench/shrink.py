@@ -51,7 +51,6 @@ LOCAL_FILES = {
 }
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
-JUDGE_STAND_INS = ("deberta_harmful_qa", "beaver_dam", "llama_guard_3")  # presets judge_dir builds tiny models of
 
 
 def _is_real_source(d: dict) -> bool:
@@ -169,7 +168,6 @@ class Shrink:
 
         builders = {"deberta_harmful_qa": (deberta, False), "beaver_dam": (beaver_dam, False),
                     "llama_guard_3": (guard, True)}
-        assert set(builders) == set(JUDGE_STAND_INS)
         if preset not in builders:
             raise UserError(f"shrink: no tiny stand-in for judge {preset!r}; the shrink builds {sorted(builders)} "
                             "(or use a judge without a model, e.g. keyword)")
@@ -208,8 +206,7 @@ class Shrink:
         if isinstance(bench.eval.judge, dict):
             bench.eval.judge = self._judge(bench.eval.judge)
         if isinstance(bench.eval.judges, list):
-            bench.eval.judges = [self._judge(j if isinstance(j, dict) else {"name": j, "model": j})
-                                 if isinstance(j, dict) or j in JUDGE_STAND_INS else j for j in bench.eval.judges]
+            bench.eval.judges = [self._judge(j) if isinstance(j, dict) else j for j in bench.eval.judges]
 
     def _lm_eval(self, spec: dict) -> dict:
         tasks = spec.get("tasks")

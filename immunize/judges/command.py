@@ -121,7 +121,11 @@ def parse_spec(text: str) -> tuple[str, Any]:
     if not stripped.startswith("{"):
         return stripped, stripped
     try:
-        spec = yaml.safe_load(stripped)
+        spec = json.loads(stripped)  # JSON first: YAML would read 1e-05 as text
+    except json.JSONDecodeError:
+        spec = None
+    try:
+        spec = yaml.safe_load(stripped) if spec is None else spec
     except yaml.YAMLError as e:
         raise UserError(f"--judge {text!r} is not a YAML mapping ({str(e).splitlines()[0]}); "
                         "write it as '{name: llm, model: DIR}'") from e
