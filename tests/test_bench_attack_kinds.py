@@ -25,6 +25,11 @@ SMALL = ["--benign", "null", "--finetune", "null", "--defenses", "[{name: undefe
 DIGESTS_BEFORE = {"quickstart.yaml": (41, "e92e1008e32e013c"), "baselines.yaml": (149, "808b765ec781c2b8")}
 
 
+# the same for configs with attack kinds, computed at 84e0a22 (before attack.ablation_config and
+# identity_shift_config): their defaults must plan the very same cells.
+DIGESTS_BEFORE_KIND_CONFIGS = {"attack_kinds_undefended.yaml": (105, "05e58c3021d17839")}
+
+
 def _bench(*args, config=QUICKSTART):
     bench, _ = parse(["--config", str(config), *args])
     return bench
@@ -38,11 +43,12 @@ def _attack_cells(plan):
     return [c for c in plan.cells if c.stage == "attack"]
 
 
-@pytest.mark.parametrize("name", sorted(DIGESTS_BEFORE))
+@pytest.mark.parametrize("name", sorted(DIGESTS_BEFORE) + sorted(DIGESTS_BEFORE_KIND_CONFIGS))
 def test_configs_without_kinds_plan_the_same_cells_as_before(name):
     plan = build_plan(_bench(config=REPO / "configs" / "bench" / name))
     pairs = sorted([c.label, c.name] for c in plan.cells)
-    assert (len(plan.cells), hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]) == DIGESTS_BEFORE[name]
+    expected = {**DIGESTS_BEFORE, **DIGESTS_BEFORE_KIND_CONFIGS}[name]
+    assert (len(plan.cells), hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]) == expected
 
 
 def test_default_kind_is_harmful_sft_and_its_cells_do_not_move():
@@ -231,13 +237,9 @@ def test_tiny_bench_runs_every_attack_kind_and_reports_per_kind(tmp_path):
 
 
 def test_ablation_and_identity_shift_take_their_configs_from_the_bench():
-    """attack.ablation_config / identity_shift_config: the real track's prompts and data in place of the toy world's;
-    the defaults plan the toy configs' cells unchanged."""
+    """attack.ablation_config / identity_shift_config: the real track's prompts and data in place of the toy world's
+    (the defaults plan the toy configs' cells unchanged: DIGESTS_BEFORE_KIND_CONFIGS)."""
     kinds = ("--attack.kinds", "[refusal_ablation, identity_shift]")
-    default = _plan(*SMALL, *kinds)
-    named = _plan(*SMALL, *kinds, "--attack.ablation_config", "configs/attacks/refusal_ablation.yaml",
-                  "--attack.identity_shift_config", "configs/attacks/identity_shift.yaml")
-    assert [c.name for c in named.cells] == [c.name for c in default.cells]
     real = _plan(*SMALL, *kinds, "--attack.ablation_config", "configs/smollm2/refusal_ablation.yaml",
                  "--attack.identity_shift_config", "configs/smollm2/identity_shift.yaml")
     cells = {c.label: c.config for c in _attack_cells(real)}
