@@ -84,6 +84,8 @@ def test_judges_go_where_a_gpu_eval_puts_its_own_judge():
     assert placed("keyword", gpu_bf16) == "keyword"  # no model, no device
     assert "dtype" not in placed("beaver_dam", {"trainer": {"accelerator": "gpu", "precision": "32-true"}})
     assert placed("deberta_harmful_qa", {"trainer": {"accelerator": "cpu"}}) == "deberta_harmful_qa"
+    assert placed("deberta_harmful_qa", {"trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}}) == {
+        "name": "deberta_harmful_qa", "dtype": "bfloat16"}  # as the eval's own judge: bf16 on the CPU too
 
 
 def test_bench_scores_every_model_with_every_judge_side_by_side_and_caches_per_judge(tmp_path):

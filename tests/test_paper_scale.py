@@ -111,6 +111,7 @@ def test_shrink_swaps_sources_sizes_and_devices_only(tmp_path):
         if tiny.kind == "judge":  # the judge's class stays, its model is a tiny one on the CPU
             assert tiny.config["judge"]["name"] == big.config["judge"]["name"]
             assert tiny.config["judge"]["model"].startswith(str(tmp_path)) and "device" not in tiny.config["judge"]
+            assert tiny.config["judge"]["dtype"] == big.config["judge"]["dtype"] == "bfloat16"  # the eval's precision
             continue
         # same classes, templates, precision, strategy class, callbacks and judge preset: only sizes/sources/devices
         for section in ("model", "data"):

@@ -13,9 +13,9 @@ cell's name follows the judge's spec, not its label or the flag threshold (the r
 digest of the generations it scored (input.json): when its eval cell has been run again since, it is stale and
 runs again; a killed judge cell resumes from `immunize judges`' per-answer cache.
 
-A spec is a judge name or a mapping {name: ..., label: ..., **arguments} as `immunize judges --judge` takes it. When
-the evaluation runs on a GPU, a judge that takes a device and does not set one gets "cuda", and bfloat16 when the
-trainer runs bf16, as `immunize test` places its own judge (CausalLMModule.judge_placement).
+A spec is a judge name or a mapping {name: ..., label: ..., **arguments} as `immunize judges --judge` takes it. A
+judge that takes a device and a dtype and does not set them gets the eval's, as `immunize test` places its own judge
+(CausalLMModule.judge_placement): "cuda" when the evaluation runs on a GPU, bfloat16 when it runs bf16.
 """
 from __future__ import annotations
 
@@ -108,17 +108,17 @@ def check_arguments(spec: dict, where: str) -> None:
 
 
 def placed(spec: Any, eval_cfg: dict) -> Any:
-    """The spec with the eval's device and dtype where the judge takes them and does not set them (GPU evals only:
-    on a CPU the judges' own default, the CPU in float32, is what `immunize test` would use too)."""
+    """The spec with the eval's device and dtype where the judge takes them and does not set them, as `immunize
+    test` places its own judge: "cuda" on a GPU eval (on a CPU the judges' default device is the CPU already), and
+    bfloat16 when the eval runs bf16."""
     from immunize.judges.base import _REGISTRY, accepts
 
     trainer = eval_cfg.get("trainer") or {}
-    if str(trainer.get("accelerator", "")).lower() not in GPU_ACCELERATORS:
-        return spec
     full = {"name": spec} if isinstance(spec, str) else dict(spec)
     factory = _REGISTRY[full["name"]]
+    gpu = str(trainer.get("accelerator", "")).lower() in GPU_ACCELERATORS
     bf16 = str(trainer.get("precision", "")).startswith("bf16")
-    added = {key: value for key, value in (("device", "cuda"), ("dtype", "bfloat16" if bf16 else None))
+    added = {key: value for key, value in (("device", "cuda" if gpu else None), ("dtype", "bfloat16" if bf16 else None))
              if value is not None and key not in full and accepts(factory, key)}
     return {**full, **added} if added else spec
 
