@@ -20,7 +20,6 @@ judge that takes a device and a dtype and does not set them gets the eval's, as 
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Optional
 
 from immunize.bench.cells import Cell, read_json
 from immunize.errors import UserError
+from immunize.fingerprint import file_digest
 from immunize.io import atomic_write_json
 
 KIND = "judge"
@@ -159,14 +159,15 @@ def judge_argv(cell: Cell, cells_dir: Path) -> list[str]:
 
 def record_input(cell: Cell, cells_dir: Path) -> None:
     """After a judge cell ran: the digest of the generations it scored (a rerun eval cell makes it stale)."""
-    atomic_write_json(cell.directory(cells_dir) / INPUT, {"generations_sha256": _sha256(generations(cell, cells_dir))})
+    digest = file_digest(generations(cell, cells_dir))
+    atomic_write_json(cell.directory(cells_dir) / INPUT, {"generations_sha256": digest})
 
 
 def is_stale(cell: Cell, cells_dir: Path) -> bool:
     """A finished judge cell whose eval cell has since written other generations (it was rerun)."""
     recorded = read_json(cell.directory(cells_dir) / INPUT)
     path = generations(cell, cells_dir)
-    return recorded is not None and path.is_file() and recorded.get("generations_sha256") != _sha256(path)
+    return recorded is not None and path.is_file() and recorded.get("generations_sha256") != file_digest(path)
 
 
 def refresh(cells: list[Cell], cells_dir: Path) -> None:
@@ -174,14 +175,6 @@ def refresh(cells: list[Cell], cells_dir: Path) -> None:
     for cell in cells:
         if cell.kind == KIND and cell.is_done(cells_dir) and is_stale(cell, cells_dir):
             cell.marker(cells_dir).unlink()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def judged_scores(cell: Cell, cells_dir: Path) -> Optional[dict[tuple[str, str], Optional[float]]]:
