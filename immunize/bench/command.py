@@ -185,8 +185,8 @@ def run_bench(bench: BenchConfig, config: dict, show_plan: bool = False, plan=No
 
     def run_cells(cells) -> dict:
         cells = pruner.revive(cells)
-        if bench.launcher.name != "local":  # (the local Runner checks each judge cell as it reaches it)
-            refresh_judges(cells, cells_dir)  # a judge cell whose eval cell wrote other generations since runs again
+        refresh_judges(cells, cells_dir)  # a judge cell whose eval cell wrote other generations since runs again
+        if bench.launcher.name != "local":
             return launcher_for(bench, out, mode).run(cells, cells_dir, mode, on_done)
         return Runner(cells_dir, mode, bench.trainer.threads, quiet=mode == "quiet").run(cells, on_done)
 
